@@ -1,0 +1,46 @@
+"""Typed, user-facing errors of the exporter: each names what was received, what was expected, what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ExportError(ValueError):
+    """Base class of everything pcee-export raises on purpose."""
+
+
+class OpsetError(ExportError):
+    """The requested ONNX opset is older than the exporter supports."""
+
+
+class OutputDirectoryError(ExportError):
+    """The output path exists and is not a pcee bundle that may be replaced."""
+
+
+class TensorRTUnavailableError(ExportError):
+    """--tensorrt was asked for on a machine without the tensorrt package or without an NVIDIA GPU."""
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse a graph or build its engine."""
+
+
+@dataclass(frozen=True)
+class OutputMismatch:
+    graph: str  # "layer_02", "full"
+    output: str
+    max_abs_diff: float
+
+
+class ParityError(ExportError):
+    """The exported graphs disagree with the PyTorch model beyond the tolerance."""
+
+    def __init__(self, mismatches: list[OutputMismatch], tolerance: float):
+        self.mismatches = mismatches
+        self.tolerance = tolerance
+        details = "; ".join(f"{m.graph} {m.output}: max |diff| {m.max_abs_diff:.3g}" for m in mismatches)
+        super().__init__(
+            f"exported graphs disagree with the PyTorch model beyond tolerance {tolerance:g} ({details}). "
+            "The bundle was not written. Check that the model loads and runs in PyTorch, try the default opset, "
+            "and report the architecture if it persists."
+        )

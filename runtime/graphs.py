@@ -1,0 +1,117 @@
+"""Declarative specs of the bundle's graphs: names, dtypes and axes of every input and output.
+
+One spec drives the ONNX export (names, dynamic axes), the parity check, the manifest entries,
+and the runtime's bindings, so the four can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+HIDDEN_STATES = "hidden_states"
+ATTENTION_BIAS = "attention_bias"
+NEXT_HIDDEN_STATES = "next_hidden_states"
+LOGITS = "logits"
+ENTROPY = "normalized_entropy"
+MAX_PROBABILITY = "max_probability"
+CONFIDENCE_SCORE = "confidence_score"
+EXIT_OUTPUT_NAMES = (LOGITS, ENTROPY, MAX_PROBABILITY, CONFIDENCE_SCORE)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: int64, float32, float16
+    shape: tuple  # ints for fixed axes, BATCH / SEQUENCE for dynamic ones
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    kind: str  # "embeddings" | "layer" | "full"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [tensor.name for tensor in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """The torch.onnx.export form: {tensor name: {axis index: axis name}}."""
+        return {
+            tensor.name: {axis: dim for axis, dim in enumerate(tensor.shape) if isinstance(dim, str)}
+            for tensor in self.inputs + self.outputs
+        }
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def token_inputs(uses_token_type_ids: bool) -> tuple[TensorSpec, ...]:
+    names = (INPUT_IDS, ATTENTION_MASK) + ((TOKEN_TYPE_IDS,) if uses_token_type_ids else ())
+    return tuple(TensorSpec(name, "int64", (BATCH, SEQUENCE)) for name in names)
+
+
+def exit_outputs(num_labels: int, learned_confidence: bool) -> tuple[TensorSpec, ...]:
+    outputs = [
+        TensorSpec(LOGITS, "float32", (BATCH, num_labels)),
+        TensorSpec(ENTROPY, "float32", (BATCH,)),
+        TensorSpec(MAX_PROBABILITY, "float32", (BATCH,)),
+    ]
+    if learned_confidence:
+        outputs.append(TensorSpec(CONFIDENCE_SCORE, "float32", (BATCH,)))
+    return tuple(outputs)
+
+
+def hidden_spec(name: str, hidden_size: int, dtype: str) -> TensorSpec:
+    return TensorSpec(name, dtype, (BATCH, SEQUENCE, hidden_size))
+
+
+def bias_spec(dtype: str) -> TensorSpec:
+    return TensorSpec(ATTENTION_BIAS, dtype, (BATCH, 1, 1, SEQUENCE))
+
+
+def embeddings_spec(uses_token_type_ids: bool, hidden_size: int, dtype: str = "float32") -> GraphSpec:
+    return GraphSpec(
+        "embeddings",
+        token_inputs(uses_token_type_ids),
+        (hidden_spec(HIDDEN_STATES, hidden_size, dtype), bias_spec(dtype)),
+    )
+
+
+def layer_spec(hidden_size: int, num_labels: int, learned_confidence: bool, dtype: str = "float32") -> GraphSpec:
+    return GraphSpec(
+        "layer",
+        (hidden_spec(HIDDEN_STATES, hidden_size, dtype), bias_spec(dtype)),
+        (hidden_spec(NEXT_HIDDEN_STATES, hidden_size, dtype),) + exit_outputs(num_labels, learned_confidence),
+    )
+
+
+def full_model_spec(uses_token_type_ids: bool, num_labels: int) -> GraphSpec:
+    """The whole network as one graph (last exit only): the reference the benchmarks compare against."""
+    return GraphSpec("full", token_inputs(uses_token_type_ids), (TensorSpec(LOGITS, "float32", (BATCH, num_labels)),))
+
+
+def spec_from_dict(kind: str, data: dict) -> GraphSpec:
+    return GraphSpec(
+        kind,
+        tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+        tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+    )
+
