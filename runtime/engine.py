@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .backends import create_backend
+from .backends.base import Backend
 from .errors import InputError, PolicyError
 from .manifest import Manifest
 from .policies import ExitPolicy, ExitRecord, OperatingPoint, build_policy, softmax
@@ -225,35 +226,7 @@ class EarlyExitRuntime:
         return outcome
 
     def run_batch(self, batch: EncodedBatch, policy: ExitPolicy) -> BatchOutcome:
-        """One batch through the chain: rows exit independently and leave the batch (compaction)."""
-        count = len(batch)
-        outcome = BatchOutcome.empty(count, len(self.labels))
-        state = self.backend.begin(batch)
-        policy_state = policy.start(count, len(self.labels))
-        active = np.arange(count)
-        layers_done = 0
-        while active.size:
-            span = policy.layers_until_possible_exit(policy_state, layers_done)
-            exited = np.zeros(active.size, dtype=bool)
-            for record in self.backend.run_layers(state, layers_done, span):
-                layers_done += 1
-                leaving = policy.step(policy_state, layers_done, record) & ~exited
-                if leaving.any():
-                    rows = np.flatnonzero(leaving)
-                    probabilities = policy.exit_probabilities(policy_state, record, rows)
-                    record_exits(outcome, active[rows], layers_done, probabilities, policy.exit_confidence(record, rows))
-                    exited |= leaving
-                if layers_done == self.num_layers and not exited.all():
-                    # Never satisfied: the row takes the last exit's prediction.
-                    rows = np.flatnonzero(~exited)
-                    record_exits(outcome, active[rows], layers_done, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
-                    exited[:] = True
-            keep = ~exited
-            if keep.any():
-                state = self.backend.compact(state, keep)
-                policy_state = policy_state.select(keep)
-            active = active[keep]
-        return outcome
+        return run_early_exit(self.backend, policy, batch, len(self.labels))
 
     def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE) -> AllExits:
         """Every exit of every row, in input order (calibration's one pass over the data)."""
@@ -277,6 +250,38 @@ class EarlyExitRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome:
+    """One batch through the chain: rows exit independently and leave the batch (compaction)."""
+    count = len(batch)
+    outcome = BatchOutcome.empty(count, num_labels)
+    state = backend.begin(batch)
+    policy_state = policy.start(count, num_labels)
+    active = np.arange(count)
+    layers_done = 0
+    while active.size:
+        span = policy.layers_until_possible_exit(policy_state, layers_done)
+        exited = np.zeros(active.size, dtype=bool)
+        for record in backend.run_layers(state, layers_done, span):
+            layers_done += 1
+            leaving = policy.step(policy_state, layers_done, record) & ~exited
+            if leaving.any():
+                rows = np.flatnonzero(leaving)
+                probabilities = policy.exit_probabilities(policy_state, record, rows)
+                record_exits(outcome, active[rows], layers_done, probabilities, policy.exit_confidence(record, rows))
+                exited |= leaving
+            if layers_done == backend.num_layers and not exited.all():
+                # Never satisfied: the row takes the last exit's prediction.
+                rows = np.flatnonzero(~exited)
+                record_exits(outcome, active[rows], layers_done, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
+                exited[:] = True
+        keep = ~exited
+        if keep.any():
+            state = backend.compact(state, keep)
+            policy_state = policy_state.select(keep)
+        active = active[keep]
+    return outcome
 
 
 def record_exits(outcome: BatchOutcome, rows: np.ndarray, layer: int, probabilities: np.ndarray, confidence: np.ndarray) -> None:

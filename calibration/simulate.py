@@ -1,0 +1,119 @@
+"""Exact offline simulation of exit policies over recorded exits.
+
+`simulate` drives the runtime's own `ExitPolicy.step` over every row of an N x M x K recording,
+layer by layer, and records each row's first exit; rows never satisfied leave at layer M with its
+prediction. The runtime makes the same calls on the rows still running, and a policy's decision
+for a row depends on that row alone, so simulated and served exit layers agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pcee.modeling.metrics import task_metric
+from pcee.runtime.engine import AllExits
+from pcee.runtime.policies import ExitPolicy, OperatingPoint, build_policy, softmax
+
+from .errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class CalibrationRows:
+    """Every exit of N labelled rows (`labels` index into the bundle's labels)."""
+
+    exits: AllExits
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.labels) == 0:
+            raise CalibrationError("the calibration data has no rows; give a labelled data set with at least one row per part")
+        if self.exits.logits.shape[0] != len(self.labels):
+            raise CalibrationError(f"recorded exits cover {self.exits.logits.shape[0]} rows but {len(self.labels)} labels were given")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_layers(self) -> int:
+        return self.exits.logits.shape[1]
+
+    def subset(self, rows: np.ndarray) -> "CalibrationRows":
+        exits = self.exits
+        score = None if exits.confidence_score is None else exits.confidence_score[rows]
+        return CalibrationRows(AllExits(exits.logits[rows], exits.entropy[rows], exits.max_probability[rows], score), self.labels[rows])
+
+
+@dataclass(frozen=True)
+class SimulatedExits:
+    exit_layers: np.ndarray  # int [N], 1-based
+    probabilities: np.ndarray  # [N, K], what each row predicts when it leaves
+
+
+def simulate(policy: ExitPolicy, exits: AllExits) -> SimulatedExits:
+    """Each row's exit layer and prediction under `policy`, as the runtime would serve them."""
+    num_rows, num_layers, num_labels = exits.logits.shape
+    if policy.num_layers != num_layers:
+        raise CalibrationError(f"policy built for {policy.num_layers} layers, recording has {num_layers}")
+    state = policy.start(num_rows, num_labels)
+    exit_layers = np.zeros(num_rows, dtype=np.int64)
+    probabilities = np.zeros((num_rows, num_labels), dtype=np.float32)
+    for layer in range(1, num_layers + 1):
+        record = exits.layer(layer - 1)
+        leaving = np.flatnonzero(policy.step(state, layer, record) & (exit_layers == 0))
+        exit_layers[leaving] = layer
+        probabilities[leaving] = policy.exit_probabilities(state, record, leaving)
+        if layer == num_layers:
+            never_satisfied = np.flatnonzero(exit_layers == 0)
+            exit_layers[never_satisfied] = num_layers
+            probabilities[never_satisfied] = softmax(record.logits[never_satisfied])
+        elif exit_layers.all():
+            break
+    return SimulatedExits(exit_layers, probabilities)
+
+
+def layer_speedup(exit_layers: np.ndarray, num_layers: int) -> float:
+    """Eq. 4 of the paper: 1 - sum_i m_i / (N * M)."""
+    return 1.0 - float(exit_layers.sum()) / (len(exit_layers) * num_layers)
+
+
+def exit_histogram(exit_layers: np.ndarray, num_layers: int) -> list[int]:
+    """How many rows left at each layer, layer 1 first."""
+    return np.bincount(exit_layers, minlength=num_layers + 1)[1:].tolist()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One operating point simulated on a set of rows."""
+
+    point: OperatingPoint
+    exit_layers: np.ndarray
+    predictions: np.ndarray
+    layer_speedup: float
+    metric: float
+
+
+class Simulator:
+    """Simulates operating points on fixed rows and scores them with the task's metric."""
+
+    def __init__(self, rows: CalibrationRows, metric_name: str, has_learned_score: bool = False):
+        self.rows = rows
+        self.metric_name = metric_name
+        self.has_learned_score = has_learned_score
+
+    @property
+    def num_layers(self) -> int:
+        return self.rows.num_layers
+
+    def run(self, point: OperatingPoint) -> Outcome:
+        policy = build_policy(point, self.num_layers, self.has_learned_score)
+        simulated = simulate(policy, self.rows.exits)
+        predictions = simulated.probabilities.argmax(axis=-1)
+        return Outcome(
+            point=policy.point,
+            exit_layers=simulated.exit_layers,
+            predictions=predictions,
+            layer_speedup=layer_speedup(simulated.exit_layers, self.num_layers),
+            metric=task_metric(self.metric_name, predictions, self.rows.labels),
+        )

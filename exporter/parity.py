@@ -1,0 +1,191 @@
+"""Parity: the exported chain of graphs, run in onnxruntime, must reproduce the PyTorch model.
+
+Real sentences are tokenized with the model's own tokenizer at several batch sizes, padded to
+each batch's longest sentence and once far past it. Every exit output of every layer graph is
+compared with the PyTorch model's, and every mismatch is collected before one ParityError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from pcee.modeling.model import MultiExitClassifier
+from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, HIDDEN_STATES, LOGITS, MAX_PROBABILITY, NEXT_HIDDEN_STATES
+from pcee.runtime.manifest import GraphFile
+
+from .errors import OutputMismatch, ParityError
+from .graphs import exit_signals
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 2e-2
+BATCH_SIZES = (1, 4, 8)
+PADDED_BATCH_SIZE = 4
+PADDED_LENGTH = 48  # the extra batch is padded to this length (or max_seq_len) to exercise heavy padding
+
+SENTENCES = (
+    "A gripping, beautifully shot film.",
+    "I would not recommend this restaurant to anyone.",
+    "The plot meanders for two hours and then simply stops, leaving every question it raised unanswered.",
+    "Great!",
+    "What time does the next train to Boston leave?",
+    "The committee postponed its decision until the budget figures for the third quarter are available.",
+    "She sold her old bicycle and bought a used car with the money.",
+    "Terrible customer service; I waited 45 minutes on hold.",
+    "Is it possible to learn a new language in six months?",
+    "The actors do their best with a script that gives them nothing to work with.",
+    "Quarterly revenue rose 12% while operating costs fell slightly.",
+    "Nobody expected the quiet librarian to win the chess tournament.",
+)
+SENTENCE_PAIRS = (
+    ("How do I learn to cook?", "What is the best way to start cooking at home?"),
+    ("The cat sat on the mat.", "A dog was sleeping outside."),
+    ("Shares of the company fell 5% after the announcement.", "The company's stock dropped after it announced the news."),
+    ("Who wrote the novel?", "The novel was written in 1851 by Herman Melville, who also wrote short stories."),
+    ("It is raining.", "The streets are wet because it has been raining all morning."),
+    ("Can I return an item without a receipt?", "Returns require proof of purchase."),
+    ("He finished the marathon.", "He did not run at all."),
+    ("The meeting starts at noon.", "Lunch will be served after the meeting."),
+)
+
+TokenBatch = dict[str, np.ndarray]  # token input name -> int64 [batch, seq]
+ExitOutputs = dict[str, np.ndarray]  # exit output name -> float32 array
+
+
+@dataclass
+class ParityReport:
+    tolerance: float
+    batch_sizes: list[int]
+    sequence_lengths: list[int]
+    graphs: dict[str, dict[str, float]]  # graph name -> output name -> max |diff| over all batches
+
+    def mismatches(self) -> list[OutputMismatch]:
+        return [
+            OutputMismatch(graph, output, diff)
+            for graph, diffs in self.graphs.items()
+            for output, diff in diffs.items()
+            if not diff <= self.tolerance  # NaN counts as a mismatch
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "tolerance": self.tolerance,
+            "batch_sizes": self.batch_sizes,
+            "sequence_lengths": self.sequence_lengths,
+            "max_abs_diff": self.graphs,
+            "passed": not self.mismatches(),
+        }
+
+
+def parity_batches(tokenizer, sentence_pairs: bool, max_seq_len: int) -> list[TokenBatch]:
+    """Tokenized batches of real sentences (pairs for a pair task), padded the way the runtime pads."""
+    texts = SENTENCE_PAIRS if sentence_pairs else [(sentence,) for sentence in SENTENCES]
+    batches, start = [], 0
+    for size in BATCH_SIZES:
+        rows = [texts[(start + offset) % len(texts)] for offset in range(size)]
+        batches.append(tokenize(tokenizer, rows, max_seq_len, padding="longest"))
+        start += size
+    padded_rows = [texts[offset] for offset in range(PADDED_BATCH_SIZE)]
+    batches.append(tokenize(tokenizer, padded_rows, min(PADDED_LENGTH, max_seq_len), padding="max_length"))
+    return batches
+
+
+def tokenize(tokenizer, rows: Sequence[tuple[str, ...]], max_length: int, padding: str) -> TokenBatch:
+    first = [row[0] for row in rows]
+    second = [row[1] for row in rows] if len(rows[0]) > 1 else None
+    encoded = tokenizer(
+        first, second, padding=padding, truncation=True, max_length=max_length,
+        return_token_type_ids=True, return_tensors="np",
+    )
+    return {name: np.asarray(encoded[name], dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def torch_exit_outputs(model: MultiExitClassifier, batch: TokenBatch) -> list[ExitOutputs]:
+    """Every layer's exit outputs from the PyTorch model's own forward pass (not the export wrappers)."""
+    with torch.no_grad():
+        output = model(**{name: torch.from_numpy(values) for name, values in batch.items()})
+    per_layer = []
+    for index in range(model.num_layers):
+        logits, entropy, max_probability = exit_signals(output.logits[index])
+        outputs = {LOGITS: logits, ENTROPY: entropy, MAX_PROBABILITY: max_probability}
+        if output.confidence_scores is not None:
+            outputs[CONFIDENCE_SCORE] = output.confidence_scores[index].float()
+        per_layer.append({name: tensor.numpy() for name, tensor in outputs.items()})
+    return per_layer
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # many sessions share two cores
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxChain:
+    """The bundle's graphs in onnxruntime CPU, run one after another as the runtime does."""
+
+    def __init__(self, bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], full: GraphFile | None):
+        self.embeddings = (embeddings, cpu_session(bundle_dir / embeddings.file))
+        self.layers = [(layer, cpu_session(bundle_dir / layer.file)) for layer in layers]
+        self.full = None if full is None else (full, cpu_session(bundle_dir / full.file))
+
+    @staticmethod
+    def run(graph: tuple[GraphFile, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        graph_file, session = graph
+        values = session.run(graph_file.spec.output_names, {name: feeds[name] for name in graph_file.spec.input_names})
+        return dict(zip(graph_file.spec.output_names, values))
+
+    def exit_outputs(self, batch: TokenBatch) -> list[ExitOutputs]:
+        state = self.run(self.embeddings, batch)
+        per_layer = []
+        for layer in self.layers:
+            outputs = self.run(layer, state)
+            state = {**state, HIDDEN_STATES: outputs.pop(NEXT_HIDDEN_STATES)}
+            per_layer.append(outputs)
+        return per_layer
+
+    def full_logits(self, batch: TokenBatch) -> np.ndarray:
+        return self.run(self.full, batch)[LOGITS]
+
+
+def max_abs_diff(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64)), initial=0.0))
+
+
+def layer_graph_name(index: int) -> str:
+    return f"layer_{index + 1:02d}"
+
+
+def measure_parity(
+    chain: OnnxChain, batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+) -> ParityReport:
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for batch, expected_layers in zip(batches, reference):
+        for index, (expected, actual) in enumerate(zip(expected_layers, chain.exit_outputs(batch))):
+            for name, values in expected.items():
+                diffs.setdefault(layer_graph_name(index), {}).setdefault(name, []).append(max_abs_diff(values, actual[name]))
+        if chain.full is not None:
+            full_diff = max_abs_diff(expected_layers[-1][LOGITS], chain.full_logits(batch))
+            diffs.setdefault("full", {}).setdefault(LOGITS, []).append(full_diff)
+    return ParityReport(
+        tolerance=tolerance,
+        batch_sizes=[int(batch["input_ids"].shape[0]) for batch in batches],
+        sequence_lengths=[int(batch["input_ids"].shape[1]) for batch in batches],
+        # np.max keeps a NaN, so a graph that produced one fails the check
+        graphs={graph: {name: float(np.max(values)) for name, values in outputs.items()} for graph, outputs in diffs.items()},
+    )
+
+
+def verify_parity(
+    chain: OnnxChain, batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+) -> ParityReport:
+    """Measure every exit output of every graph; raise one ParityError listing all that exceed the tolerance."""
+    report = measure_parity(chain, batches, reference, tolerance)
+    mismatches = report.mismatches()
+    if mismatches:
+        raise ParityError(mismatches, tolerance)
+    return report
