@@ -40,9 +40,12 @@ class CalibrationRows:
         return self.exits.logits.shape[1]
 
     def subset(self, rows: np.ndarray) -> "CalibrationRows":
-        exits = self.exits
-        score = None if exits.confidence_score is None else exits.confidence_score[rows]
-        return CalibrationRows(AllExits(exits.logits[rows], exits.entropy[rows], exits.max_probability[rows], score), self.labels[rows])
+        return CalibrationRows(select_rows(self.exits, rows), self.labels[rows])
+
+
+def select_rows(exits: AllExits, rows: np.ndarray) -> AllExits:
+    score = None if exits.confidence_score is None else exits.confidence_score[rows]
+    return AllExits(exits.logits[rows], exits.entropy[rows], exits.max_probability[rows], score)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ def simulate(policy: ExitPolicy, exits: AllExits) -> SimulatedExits:
 
 
 def layer_speedup(exit_layers: np.ndarray, num_layers: int) -> float:
-    """Eq. 4 of the paper: 1 - sum_i m_i / (N * M)."""
-    return 1.0 - float(exit_layers.sum()) / (len(exit_layers) * num_layers)
+    """Eq. 4 of the paper: 1 - sum_i m_i / (N * M), as one integer division so that exact targets compare exactly."""
+    total = len(exit_layers) * num_layers
+    return (total - int(exit_layers.sum())) / total
 
 
 def exit_histogram(exit_layers: np.ndarray, num_layers: int) -> list[int]:

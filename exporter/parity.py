@@ -83,7 +83,10 @@ class ParityReport:
 
 
 def parity_batches(tokenizer, sentence_pairs: bool, max_seq_len: int) -> list[TokenBatch]:
-    """Tokenized batches of real sentences (pairs for a pair task), padded the way the runtime pads."""
+    """Tokenized batches of real sentences (pairs for a pair task), each padded to its longest row.
+
+    The last batch is padded far past its longest row; the exporter also traces the graphs on it.
+    """
     texts = SENTENCE_PAIRS if sentence_pairs else [(sentence,) for sentence in SENTENCES]
     batches, start = [], 0
     for size in BATCH_SIZES:

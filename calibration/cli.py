@@ -1,0 +1,212 @@
+"""`pcee-calibrate` and `pcee-eval`: choose a bundle's operating point from labelled data, and check it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pcee.modeling.data import DataError, TextDataset
+from pcee.runtime.backends import BACKEND_NAMES
+from pcee.runtime.engine import EarlyExitRuntime
+from pcee.runtime.errors import PceeRuntimeError
+from pcee.runtime.manifest import Manifest
+from pcee.runtime.policies import POLICY_NAMES, OperatingPoint
+
+from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest, require_labels
+from .calibrate import CalibrationResult, Objective, calibrate
+from .collect import record_all_exits
+from .errors import CalibrationError
+from .evaluate import evaluate_bundle, requested_point
+from .report import format_table, write_report
+from .search import CALIBRATION_POLICIES
+from .simulate import CalibrationRows
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+OPEN_UNIT_INTERVAL = click.FloatRange(0, 1, min_open=True, max_open=True)
+
+
+@contextmanager
+def friendly_errors():
+    """Our typed errors become one-line messages, never tracebacks."""
+    try:
+        yield
+    except (CalibrationError, PceeRuntimeError, DataError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def data_options(command: Callable) -> Callable:
+    options = [
+        click.option("--data", required=True, type=click.Path(path_type=Path),
+                     help="Labelled data: a GLUE task directory (its dev split is used), one file in that task's GLUE format, "
+                          "or a generic .csv/.tsv/.jsonl with --text-column/--label-column."),
+        click.option("--task", help="GLUE task of a GLUE file or directory (default: the bundle's task)."),
+        click.option("--text-column", help="Generic files: the column holding the text."),
+        click.option("--text-pair-column", help="Generic files: the column holding the second text of a pair."),
+        click.option("--label-column", help="Generic files: the column holding the label (names must be the bundle's labels)."),
+        click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", help="The backend the bundle will be deployed on."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Rows per batch through the runtime."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def open_labelled_data(bundle_dir: Path, options: dict) -> tuple[Manifest, TextDataset, np.ndarray]:
+    """Check the bundle's labels and the data before any model is loaded, so bad input fails fast."""
+    manifest = Manifest.load(bundle_dir, verify_hashes=False)
+    bundle_labels = require_labels(manifest, bundle_dir)
+    dataset = load_labelled_data(
+        options["data"], manifest, options["task"], options["text_column"], options["text_pair_column"], options["label_column"]
+    )
+    return manifest, dataset, bundle_label_indices(dataset, bundle_labels)
+
+
+def emit(document: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(document, indent=2) if as_json else text)
+
+
+# ------------------------------------------------------------------------------------ calibrate
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@data_options
+@click.option("--target-speedup", type=OPEN_UNIT_INTERVAL, help="Layer speed-up to reach (Eq. 4: 1 - layers run / (rows x layers)).")
+@click.option("--max-drop", type=OPEN_UNIT_INTERVAL, help="Largest accuracy drop against the full model to certify.")
+@click.option("--confidence", type=OPEN_UNIT_INTERVAL, default=0.95, help="With --max-drop: probability that the drop bound holds.")
+@click.option("--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate.")
+@click.option("--holdout-fraction", type=OPEN_UNIT_INTERVAL, default=0.2, help="Share of the rows held out of the search; the chosen point is reported on them.")
+@click.option("--seed", type=int, default=0, help="Seed of the random hold-out split.")
+@click.option("--name", help="Name of the new operating point. Default: speedup-S or max-drop-D.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the report files go. Default: the bundle.")
+@click.option("--dry-run", is_flag=True, help="Report only; leave the manifest unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def calibrate_main(bundle_dir: Path, **options) -> None:
+    """Choose the bundle's operating point (policy, tau, patience) from labelled data.
+
+    The bundle runs once over the data with every exit reported (cached in
+    BUNDLE_DIR/.pcee-cache, so calibrating again on the same data costs no model
+    time); every policy and threshold is then simulated exactly, offline.
+
+    \b
+    Two objectives:
+      --target-speedup S   for each patience, the tau reaching layer speed-up S on the
+                           search rows; of those, the point with the best task metric.
+      --max-drop D         the largest speed-up whose accuracy drop against the full
+                           model is at most D with probability --confidence (exact
+                           binomial test, fixed-sequence along the frontier; assumes
+                           the data are exchangeable with production traffic).
+
+    A --holdout-fraction of the rows is kept out of the search; the chosen point's
+    held-out layer speed-up and metric are what production will see. The point is
+    written into BUNDLE_DIR/manifest.json (earlier points stay in operating_points,
+    by name) unless --dry-run; the report (JSON, frontier CSV, plots) goes to
+    --report-dir.
+
+    \b
+    Examples:
+      pcee-calibrate runs/sst2-bundle --data glue/SST-2 --target-speedup 0.5
+      pcee-calibrate runs/sst2-bundle --data glue/SST-2 --max-drop 0.01 --confidence 0.9 --dry-run
+      pcee-calibrate runs/tickets-bundle --data tickets.jsonl --text-column text \\
+                     --label-column label --target-speedup 0.4 --json
+    """
+    if (options["target_speedup"] is None) == (options["max_drop"] is None):
+        raise click.UsageError("give exactly one of --target-speedup and --max-drop")
+    with friendly_errors():
+        run_calibration(bundle_dir, options)
+
+
+def run_calibration(bundle_dir: Path, options: dict) -> None:
+    objective = Objective(options["target_speedup"], options["max_drop"], options["confidence"])
+    manifest, dataset, labels = open_labelled_data(bundle_dir, options)
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options["backend"])
+    batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
+    recording = record_all_exits(runtime, batch, options["batch_size"], progress=not options["no_progress"])
+    result = calibrate(
+        CalibrationRows(recording.exits, labels), manifest.model.metric, objective, options["policy"],
+        options["holdout_fraction"], options["seed"], manifest.model.learned_confidence, options["name"],
+    )
+    context = {
+        "bundle": str(bundle_dir),
+        "data": {"source": dataset.source, "rows": len(dataset), "sha256": recording.data_sha256},
+        "backend": runtime.backend_name,
+        "holdout_fraction": options["holdout_fraction"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    report_files = write_report(result, options["report_dir"] or bundle_dir, context)
+    if not options["dry_run"]:
+        record_in_manifest(bundle_dir, result.point, {**result.to_dict(), **context})
+    document = {
+        **result.to_dict(), **context, "manifest_updated": not options["dry_run"],
+        "recording": {"cache_file": str(recording.cache_file), "from_cache": recording.from_cache},
+        "report_files": [str(path) for path in report_files],
+    }
+    emit(document, options["as_json"], closing_text(result, document))
+
+
+def closing_text(result: CalibrationResult, document: dict) -> str:
+    source = "cached recording" if document["recording"]["from_cache"] else "new recording"
+    outcome = "written to the manifest" if document["manifest_updated"] else "not written (--dry-run)"
+    return "\n".join([
+        format_table(result),
+        f"\nOperating point {result.point.name!r} {outcome}. Exits from the {source} {document['recording']['cache_file']}.",
+        "Report: " + ", ".join(document["report_files"]),
+    ])
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@data_options
+@click.option("--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name).")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point.")
+@click.option("--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it).")
+@click.option("--patience", type=click.IntRange(min=1), help="Consecutive confident layers needed to exit.")
+@click.option("--layer", type=click.IntRange(min=1), help="Exit layer of the budgeted policy.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_main(bundle_dir: Path, **options) -> None:
+    """Run the bundle with early exit over labelled data and report what it achieves.
+
+    Uses the real runtime, not a simulation: layer speed-up, task metric, the exit
+    layer histogram and wall time, with the full model's metric and wall time beside
+    them. The bundle's operating point is used unless --point, --policy or a knob is
+    given (a knob alone adjusts the bundle's point).
+
+    \b
+    Examples:
+      pcee-eval runs/sst2-bundle --data glue/SST-2
+      pcee-eval runs/sst2-bundle --data glue/SST-2/dev.tsv --task sst2 --policy pcee --tau 0.3 --patience 2 --json
+    """
+    with friendly_errors():
+        run_evaluation(bundle_dir, options)
+
+
+def run_evaluation(bundle_dir: Path, options: dict) -> None:
+    _, dataset, labels = open_labelled_data(bundle_dir, options)
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options["backend"])
+    point = requested_point(runtime, options["point_name"], options["policy"], options["tau"], options["patience"], options["layer"])
+    batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
+    evaluation = evaluate_bundle(runtime, batch, labels, point, options["batch_size"])
+    emit(evaluation, options["as_json"], evaluation_text(evaluation))
+
+
+def evaluation_text(evaluation: dict) -> str:
+    metric = evaluation["metric_name"]
+    histogram = "  ".join(f"L{layer}:{count}" for layer, count in enumerate(evaluation["exit_histogram"], start=1))
+    wall = "n/a" if evaluation["wall_speedup"] is None else f"{evaluation['wall_speedup']:.4f}"
+    return "\n".join([
+        f"{OperatingPoint.from_dict(evaluation['operating_point']).describe()} on {evaluation['rows']} rows ({evaluation['backend']})",
+        f"layer speed-up {evaluation['layer_speedup']:.4f}   wall-clock speed-up {wall}",
+        f"{metric} {evaluation['metric']:.4f}   (full model {evaluation['full_model']['metric']:.4f})",
+        f"wall time {evaluation['wall_time_s']:.3f} s   (full model {evaluation['full_model']['wall_time_s']:.3f} s)",
+        f"exits per layer: {histogram}",
+    ])

@@ -1,0 +1,69 @@
+"""`pcee-export`: turn a trained multi-exit model directory into a verified deployment bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .tensorrt import DEFAULT_MAX_BATCH_SIZE
+
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing bundle there is replaced only after the new one is verified.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET}).")
+@click.option("--fp16", is_flag=True, help="Half-precision layers behind a float32 interface; parity tolerance 2e-2 instead of 1e-4.")
+@click.option("--tensorrt", is_flag=True, help="Also build one TensorRT engine per graph into trt/ (needs the tensorrt package and an NVIDIA GPU).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_SIZE, help="Largest batch the TensorRT engines accept.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest input in tokens. Default: the model's own max_seq_len.")
+@click.option("--with-full-graph", is_flag=True, help="Also export the whole model as one graph (onnx/full_model.onnx) for benchmarks.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool, **options) -> None:
+    """Export MODEL_DIR (written by pcee-train) to a bundle the pcee runtime serves.
+
+    Every transformer layer becomes one ONNX graph with its exit head inside; the chain is
+    checked against PyTorch on real sentences before anything is written.
+
+    \b
+    Example:
+      pcee-export runs/sst2                       # -> runs/sst2-pcee/
+      pcee-export runs/sst2 -o bundles/sst2 --tensorrt --max-batch-size 64
+      pcee-predict runs/sst2-pcee --text "a charming, affecting journey"
+
+    \b
+    The bundle holds manifest.json, onnx/embeddings.onnx, onnx/layer_01.onnx ...,
+    tokenizer/ and, with --tensorrt, trt/. Until pcee-calibrate tunes its early-exit
+    thresholds for your data, it uses a conservative uncalibrated default.
+    """
+    from pcee.modeling.errors import ModelingError
+    from pcee.runtime.errors import PceeRuntimeError
+
+    from .bundle import ExportOptions, export_bundle
+    from .errors import ExportError
+
+    try:
+        result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options))
+    except (ExportError, ModelingError, PceeRuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot write the bundle: {error}") from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_summary(result.to_dict())
+
+
+def print_summary(result: dict) -> None:
+    parity = result["parity"]
+    click.echo(f"Parity with PyTorch (max |diff| per graph, tolerance {parity['tolerance']:g}, "
+               f"batch sizes {parity['batch_sizes']}, sequence lengths {parity['sequence_lengths']}):")
+    for graph, diffs in parity["max_abs_diff"].items():
+        click.echo(f"  {graph:<11} " + "  ".join(f"{name} {diff:.2e}" for name, diff in diffs.items()))
+    size_mb = result["total_bytes"] / 1e6
+    click.echo(f"Exported {len(result['files'])} files ({size_mb:.1f} MB, {result['precision']}) in {result['export_seconds']:.1f}s")
+    click.echo(f"Bundle written to {result['bundle']}")

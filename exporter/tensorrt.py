@@ -1,0 +1,182 @@
+"""Build one TensorRT engine per ONNX graph of a bundle, with the TensorRT 10 Python API.
+
+Each engine gets one optimization profile covering batch 1..max_batch_size and sequence
+1..max_seq_len; all builds share one timing cache, saved under trt/ for later rebuilds.
+Every boolean or None that TensorRT returns is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pcee.runtime.graphs import BATCH, SEQUENCE, GraphSpec, TensorSpec
+from pcee.runtime.manifest import GraphFile, sha256_of
+
+from .errors import EngineBuildError, TensorRTUnavailableError
+
+ENGINE_DIR = "trt"
+TIMING_CACHE_NAME = "timing.cache"
+DEFAULT_MAX_BATCH_SIZE = 32
+
+Shape = tuple[int, ...]
+
+
+def require_tensorrt() -> None:
+    """Fail before any work when --tensorrt cannot run here, naming each missing piece."""
+    missing = []
+    if importlib.util.find_spec("tensorrt") is None:
+        missing.append("the tensorrt Python package (pip install 'pcee[gpu]')")
+    if gpu_name() is None:
+        missing.append("an NVIDIA GPU (no CUDA device was found)")
+    if missing:
+        raise TensorRTUnavailableError(
+            f"--tensorrt needs {' and '.join(missing)}. Export without --tensorrt to get the ONNX bundle, "
+            "or run pcee-export on the GPU machine that will serve the engines."
+        )
+
+
+def gpu_name() -> str | None:
+    return cuda_device_name() or nvidia_smi_gpu_name()
+
+
+def cuda_device_name() -> str | None:
+    """Name of CUDA device 0 through cuda-python, or None when cuda-python or a device is missing."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            return None
+    try:
+        error, count = cudart.cudaGetDeviceCount()
+        if error != cudart.cudaError_t.cudaSuccess or count < 1:
+            return None
+        error, properties = cudart.cudaGetDeviceProperties(0)
+    except (RuntimeError, OSError):  # no driver library to load
+        return None
+    if error != cudart.cudaError_t.cudaSuccess:
+        return None
+    return bytes(properties.name).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def nvidia_smi_gpu_name() -> str | None:
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return None
+    try:
+        result = subprocess.run(
+            [executable, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = result.stdout.strip().splitlines()
+    return names[0].strip() if result.returncode == 0 and names else None
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """The dynamic axes' range every engine is built for; opt sits in the middle of each range."""
+
+    max_batch_size: int
+    max_seq_len: int
+
+    def profile_shapes(self, tensor: TensorSpec) -> tuple[Shape, Shape, Shape]:
+        """(min, opt, max) shape of one input, e.g. attention_bias [B,1,1,S] -> ((1,1,1,1), (16,1,1,64), (32,1,1,128))."""
+        ranges = {BATCH: self.max_batch_size, SEQUENCE: self.max_seq_len}
+        minimum = tuple(1 if dim in ranges else dim for dim in tensor.shape)
+        optimum = tuple(max(1, ranges[dim] // 2) if dim in ranges else dim for dim in tensor.shape)
+        maximum = tuple(ranges.get(dim, dim) for dim in tensor.shape)
+        return minimum, optimum, maximum
+
+
+class EngineBuilder:
+    """One TensorRT builder and timing cache shared by all of a bundle's engines."""
+
+    def __init__(self, shape_range: ShapeRange, fp16: bool):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.shape_range = shape_range
+        self.fp16 = fp16
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        if self.builder is None:
+            raise EngineBuildError("TensorRT could not create a builder (is the GPU visible to this process?)")
+        self.timing_cache = self.builder.create_builder_config().create_timing_cache(b"")
+        if self.timing_cache is None:
+            raise EngineBuildError("TensorRT could not create a timing cache")
+
+    def network_flags(self) -> int:
+        if int(self.trt.__version__.split(".")[0]) >= 10:
+            return 0  # explicit batch is the only mode in TensorRT 10
+        return 1 << int(self.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+    def parse(self, onnx_path: Path):
+        network = self.builder.create_network(self.network_flags())
+        parser = self.trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {errors or 'no parser message'}")
+        return network, parser  # the parser owns weights the network refers to: keep both alive
+
+    def config_for(self, spec: GraphSpec):
+        config = self.builder.create_builder_config()
+        if self.fp16:
+            config.set_flag(self.trt.BuilderFlag.FP16)
+        profile = self.builder.create_optimization_profile()
+        for tensor in spec.inputs:
+            profile.set_shape(tensor.name, *self.shape_range.profile_shapes(tensor))
+        if config.add_optimization_profile(profile) < 0:
+            raise EngineBuildError(f"TensorRT rejected the optimization profile for {spec.kind} graph inputs {spec.input_names}")
+        if not config.set_timing_cache(self.timing_cache, False):
+            raise EngineBuildError("TensorRT refused the shared timing cache")
+        return config
+
+    def build(self, onnx_path: Path, spec: GraphSpec, engine_path: Path) -> None:
+        network, _parser = self.parse(onnx_path)
+        serialized = self.builder.build_serialized_network(network, self.config_for(spec))
+        if serialized is None:
+            raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name}; its log above says why")
+        engine_path.write_bytes(memoryview(serialized))
+
+    def save_timing_cache(self, path: Path) -> None:
+        serialized = self.timing_cache.serialize()
+        if serialized is None:
+            raise EngineBuildError("TensorRT could not serialize the timing cache")
+        path.write_bytes(memoryview(serialized))
+
+
+def engine_entry(bundle_dir: Path, relative: str) -> dict:
+    return {"file": relative, "sha256": sha256_of(bundle_dir / relative)}
+
+
+def build_engines(
+    bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], shape_range: ShapeRange, fp16: bool, progress: bool
+) -> dict:
+    """Build trt/embeddings.engine and trt/layer_NN.engine next to the ONNX graphs; returns the manifest's tensorrt block."""
+    import tensorrt as trt
+
+    builder = EngineBuilder(shape_range, fp16)
+    (bundle_dir / ENGINE_DIR).mkdir(exist_ok=True)
+    entries = []
+    for graph in tqdm([embeddings, *layers], desc="tensorrt", unit="engine", disable=not progress):
+        relative = f"{ENGINE_DIR}/{Path(graph.file).stem}.engine"
+        builder.build(bundle_dir / graph.file, graph.spec, bundle_dir / relative)
+        entries.append(engine_entry(bundle_dir, relative))
+    builder.save_timing_cache(bundle_dir / ENGINE_DIR / TIMING_CACHE_NAME)
+    return {
+        "version": trt.__version__,
+        "gpu": gpu_name(),
+        "fp16": fp16,
+        "max_batch_size": shape_range.max_batch_size,
+        "max_seq_len": shape_range.max_seq_len,
+        "timing_cache": f"{ENGINE_DIR}/{TIMING_CACHE_NAME}",
+        "engines": {"embeddings": entries[0], "layers": entries[1:]},
+    }

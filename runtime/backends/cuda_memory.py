@@ -1,0 +1,286 @@
+"""Device-memory helpers shared by the GPU backends (TensorRT, onnxruntime CUDA).
+
+cuda-python is imported lazily, only when a GPU backend is created: the runtime must import
+without it. Every cudart call goes through `CudaRuntime.call`, which checks the returned
+`cudaError_t` and raises `PceeRuntimeError` naming the call and the CUDA error.
+
+Compaction is planned here in pure Python (`plan_compaction`), so both backends gather the
+kept rows the same way and the planning is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, PceeRuntimeError
+
+# CUDA_VISIBLE_DEVICES chooses which physical GPU this is.
+DEVICE_INDEX = 0
+CUDA_PYTHON_HINT = "cuda-python (pip install cuda-python)"
+
+Item = TypeVar("Item")
+
+
+# -- cudart with checked errors -----------------------------------------------------------------------
+def import_cudart():
+    """cuda-python's runtime module, or None when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            return None
+    return cudart
+
+
+class CudaRuntime:
+    """The few cudart calls the GPU backends use; every error becomes a PceeRuntimeError."""
+
+    def __init__(self, cudart):
+        self.api = cudart
+
+    @classmethod
+    def load(cls) -> "CudaRuntime":
+        """cudart on a machine with a visible GPU; BackendUnavailableError saying which of the two is missing."""
+        cudart = import_cudart()
+        if cudart is None:
+            raise BackendUnavailableError(CUDA_PYTHON_HINT)
+        runtime = cls(cudart)
+        try:
+            error, count = cudart.cudaGetDeviceCount()
+        except (RuntimeError, OSError) as failure:  # older cuda-python raises when libcuda cannot be loaded
+            raise BackendUnavailableError(f"an NVIDIA GPU driver ({failure})") from None
+        if error != cudart.cudaError_t.cudaSuccess or not count:
+            reason = runtime.describe(error) if error != cudart.cudaError_t.cudaSuccess else "0 devices"
+            raise BackendUnavailableError(f"an NVIDIA GPU (cudaGetDeviceCount: {reason})")
+        return runtime
+
+    def describe(self, error) -> str:
+        name = self.api.cudaGetErrorName(error)[1]
+        message = self.api.cudaGetErrorString(error)[1]
+        return f"{name.decode()}: {message.decode()}"
+
+    def call(self, function: str, *arguments):
+        """Call cudart `function`; return its value (None, one value, or a tuple) after checking the error."""
+        error, *values = getattr(self.api, function)(*arguments)
+        if error != self.api.cudaError_t.cudaSuccess:
+            raise PceeRuntimeError(f"CUDA call {function} failed ({self.describe(error)})")
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def device_description(self) -> str:
+        properties = self.call("cudaGetDeviceProperties", DEVICE_INDEX)
+        name = bytes(properties.name).split(b"\0", 1)[0].decode(errors="replace")
+        return f"cuda:{DEVICE_INDEX} ({name})"
+
+    # -- streams -----------------------------------------------------------------------------------
+    def create_stream(self):
+        # Non-blocking: the stream must not serialise with the legacy default stream other libraries use.
+        return self.call("cudaStreamCreateWithFlags", self.api.cudaStreamNonBlocking)
+
+    def destroy_stream(self, stream) -> None:
+        self.call("cudaStreamDestroy", stream)
+
+    def synchronize(self, stream) -> None:
+        self.call("cudaStreamSynchronize", stream)
+
+    # -- copies ------------------------------------------------------------------------------------
+    def copy_to_device(self, target: int, array: np.ndarray, stream) -> None:
+        kind = self.api.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.call("cudaMemcpyAsync", target, array.ctypes.data, array.nbytes, kind, stream)
+
+    def copy_to_host(self, target: np.ndarray, source: int, nbytes: int, stream) -> None:
+        kind = self.api.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.call("cudaMemcpyAsync", target.ctypes.data, source, nbytes, kind, stream)
+
+    def enqueue_copies(self, copies: list["PitchedCopy"], source: int, target: int, stream) -> None:
+        """Device-to-device copies of a plan, from the buffer at `source` into the one at `target`."""
+        kind = self.api.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for copy in copies:
+            self.call(
+                "cudaMemcpy2DAsync", target + copy.target_offset, copy.target_pitch, source + copy.source_offset,
+                copy.source_pitch, copy.width, copy.height, kind, stream,
+            )
+
+
+# -- memory a backend owns --------------------------------------------------------------------------
+class Allocations:
+    """Device buffers, pinned host arrays and streams created for one owner, all freed by `free_all`."""
+
+    def __init__(self, cuda: CudaRuntime):
+        self.cuda = cuda
+        self.device_pointers: list[int] = []
+        self.host_pointers: list[int] = []
+        self.streams: list = []
+
+    def device(self, nbytes: int) -> int:
+        pointer = self.cuda.call("cudaMalloc", nbytes)
+        self.device_pointers.append(pointer)
+        return pointer
+
+    def pinned(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A numpy array in page-locked host memory, so device-to-host copies into it are truly asynchronous."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        pointer = self.cuda.call("cudaMallocHost", nbytes)
+        self.host_pointers.append(pointer)
+        return np.frombuffer((ctypes.c_byte * nbytes).from_address(pointer), dtype=dtype).reshape(shape)
+
+    def stream(self):
+        stream = self.cuda.create_stream()
+        self.streams.append(stream)
+        return stream
+
+    def free_all(self) -> None:
+        """Wait for this owner's streams, then free everything it allocated."""
+        for stream in self.streams:
+            self.cuda.synchronize(stream)
+        for pointer in self.device_pointers:
+            self.cuda.call("cudaFree", pointer)
+        for pointer in self.host_pointers:
+            self.cuda.call("cudaFreeHost", pointer)
+        for stream in self.streams:
+            self.cuda.destroy_stream(stream)
+        self.device_pointers, self.host_pointers, self.streams = [], [], []
+
+
+class LeasePool(Generic[Item]):
+    """Per-caller resources (context sets, streams): one caller holds an item at a time.
+
+    Items are created on demand, so the pool grows to the number of concurrent callers and never
+    blocks; returned items are reused. `give_back` is safe from a weakref finalizer (SimpleQueue
+    is reentrant). After `close`, returned items are destroyed instead of kept.
+    """
+
+    def __init__(self, create: Callable[[], Item], destroy: Callable[[Item], None]):
+        self._create = create
+        self._destroy = destroy
+        self._idle: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def checkout(self) -> Item:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._closed:
+                raise PceeRuntimeError("this backend is closed; load the bundle again to keep predicting")
+            return self._create()
+
+    def give_back(self, item: Item) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.put(item)
+                return
+        self._destroy(item)
+
+    @contextmanager
+    def lease(self) -> Iterator[Item]:
+        item = self.checkout()
+        try:
+            yield item
+        finally:
+            self.give_back(item)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            self._destroy(item)
+
+
+# -- compaction planning ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PitchedCopy:
+    """One cudaMemcpy2DAsync: `height` blocks of `width` bytes, `source_pitch` apart in the source, `target_pitch` apart in the target."""
+
+    source_offset: int
+    target_offset: int
+    width: int
+    height: int
+    source_pitch: int
+    target_pitch: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """How a batch state shrinks: its new size and the copies that gather hidden state and bias."""
+
+    rows: int
+    sequence_length: int
+    row_extents: np.ndarray
+    hidden_copies: list[PitchedCopy]
+    bias_copies: list[PitchedCopy]
+
+
+def row_extents(attention_mask: np.ndarray) -> np.ndarray:
+    """Per row, one past its last attended position: what the row needs of the sequence axis."""
+    attended = attention_mask != 0
+    return attended.shape[1] - np.argmax(attended[:, ::-1], axis=1)
+
+
+def runs_of_true(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) of every run of consecutive true values."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [(int(start), int(stop - start)) for start, stop in zip(edges[::2], edges[1::2])]
+
+
+def plan_row_copies(keep: np.ndarray, sequence_length: int, kept_length: int, position_bytes: int) -> list[PitchedCopy]:
+    """Copies gathering the kept rows of a row-major [rows, sequence, ...] tensor, each trimmed to kept_length positions.
+
+    Adjacent kept rows form one 2D copy: source blocks sit a full row apart, target blocks a trimmed row apart.
+    """
+    source_pitch = sequence_length * position_bytes
+    target_pitch = kept_length * position_bytes
+    copies = []
+    target_row = 0
+    for first_row, count in runs_of_true(keep):
+        copies.append(PitchedCopy(first_row * source_pitch, target_row * target_pitch, target_pitch, count, source_pitch, target_pitch))
+        target_row += count
+    return copies
+
+
+def plan_compaction(
+    keep: np.ndarray, extents: np.ndarray, sequence_length: int, hidden_position_bytes: int, bias_position_bytes: int
+) -> Compaction:
+    """Keep the rows where `keep` is true; drop trailing positions no kept row attends to.
+
+    Hidden state [B, S, H] and bias [B, 1, 1, S] are both row-major with the sequence axis right
+    after the rows, so one plan shape serves both, with different bytes per position.
+    """
+    kept_extents = extents[keep]
+    kept_length = int(kept_extents.max())
+    return Compaction(
+        rows=int(keep.sum()),
+        sequence_length=kept_length,
+        row_extents=kept_extents,
+        hidden_copies=plan_row_copies(keep, sequence_length, kept_length, hidden_position_bytes),
+        bias_copies=plan_row_copies(keep, sequence_length, kept_length, bias_position_bytes),
+    )
+
+
+def require_cuda(backend: str, problems: list[str]) -> CudaRuntime:
+    """cudart for `backend`, or one BackendUnavailableError listing everything missing (given problems and CUDA's)."""
+    cuda = None
+    try:
+        cuda = CudaRuntime.load()
+    except BackendUnavailableError as error:
+        problems = [*problems, str(error)]
+    if problems:
+        raise BackendUnavailableError(f"the {backend} backend cannot run here; it needs " + "; ".join(problems))
+    return cuda
