@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pcee.runtime.engine import DEFAULT_BATCH_SIZE, AllExits, EarlyExitRuntime
 from pcee.runtime.tokenization import EncodedBatch
 
-from .files import write_file_atomically
+from ..runtime.atomic import write_file_atomically
 from .simulate import select_rows
 
 CACHE_DIRECTORY = ".pcee-cache"

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .calibrate import CalibrationResult
-from .files import write_file_atomically
+from ..runtime.atomic import write_file_atomically
 from .simulate import Outcome
 
 REPORT_JSON = "calibration-report.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pcee.modeling.cli import replace_directory
+from pcee.runtime.atomic import replace_directory
 from pcee.modeling.data import DataError, get_task
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import MultiExitClassifier

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..runtime.atomic import replace_directory
 from .config import PceeConfig, default_exit_pooling
 from .errors import ModelingError
 
@@ -43,15 +44,6 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise click.BadParameter(
             f"{output_dir} already holds files (a different model?); pass --overwrite to replace it", param_hint="--output-dir"
         )
-
-
-def replace_directory(source: Path, target: Path) -> None:
-    """Move a finished directory into place; the old one is removed only after the new one is complete."""
-    backup = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(backup)
-    source.rename(target)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def print_exit_table(task_name: str, metric_name: str, exits: list[dict]) -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_file_atomically
 from .errors import BundleError
 from .graphs import GraphSpec, spec_from_dict
 
@@ -29,19 +28,8 @@ def sha256_of(path: Path) -> str:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same directory, then rename over the target."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    payload = (json.dumps(data, indent=2) + "\n").encode()
+    write_file_atomically(Path(path), lambda handle: handle.write(payload))
 
 
 @dataclass

@@ -255,7 +255,7 @@ def test_a_crash_while_writing_the_manifest_leaves_the_old_one(bundle: Path, mon
     def crash(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pcee.runtime.manifest.os.fsync", crash)
+    monkeypatch.setattr("pcee.runtime.atomic.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         record_in_manifest(bundle, OperatingPoint("pcee", tau=0.9, patience=1, name="speedup-0.30"), {"mode": "target-speedup"})
     assert (bundle / MANIFEST_NAME).read_bytes() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None
         os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else new_file_mode())
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -28,3 +31,16 @@ def new_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move a finished directory into place; the previous one is removed only once the new one is there.
+
+    A crash between the two renames leaves the previous directory at `<target>.old`, never a mix.
+    """
+    backup = target.with_name(target.name + ".old")
+    shutil.rmtree(backup, ignore_errors=True)
+    if target.exists():
+        target.rename(backup)
+    source.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)
