@@ -234,8 +234,11 @@ class EarlyExitRuntime:
         parts = []
         for start in range(0, len(batch), batch_size):
             rows = order[start : start + batch_size]
-            records = self.backend.run_layers(self.backend.begin(batch.select(rows)), 0, self.num_layers)
-            parts.append(stack_records(records))
+            state = self.backend.begin(batch.select(rows))
+            try:
+                parts.append(stack_records(self.backend.run_layers(state, 0, self.num_layers)))
+            finally:
+                self.backend.finish(state)
         stacked = AllExits.concatenate(parts)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -254,34 +257,43 @@ class EarlyExitRuntime:
 
 def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome:
     """One batch through the chain: rows exit independently and leave the batch (compaction)."""
-    count = len(batch)
-    outcome = BatchOutcome.empty(count, num_labels)
-    state = backend.begin(batch)
-    policy_state = policy.start(count, num_labels)
-    active = np.arange(count)
+    outcome = BatchOutcome.empty(len(batch), num_labels)
+    policy_state = policy.start(len(batch), num_labels)
+    active = np.arange(len(batch))
     layers_done = 0
-    while active.size:
-        span = policy.layers_until_possible_exit(policy_state, layers_done)
-        exited = np.zeros(active.size, dtype=bool)
-        for record in backend.run_layers(state, layers_done, span):
-            layers_done += 1
-            leaving = policy.step(policy_state, layers_done, record) & ~exited
-            if leaving.any():
-                rows = np.flatnonzero(leaving)
-                probabilities = policy.exit_probabilities(policy_state, record, rows)
-                record_exits(outcome, active[rows], layers_done, probabilities, policy.exit_confidence(record, rows))
-                exited |= leaving
-            if layers_done == backend.num_layers and not exited.all():
-                # Never satisfied: the row takes the last exit's prediction.
-                rows = np.flatnonzero(~exited)
-                record_exits(outcome, active[rows], layers_done, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
-                exited[:] = True
-        keep = ~exited
-        if keep.any():
-            state = backend.compact(state, keep)
-            policy_state = policy_state.select(keep)
-        active = active[keep]
+    state = backend.begin(batch)
+    try:
+        while active.size:
+            span = policy.layers_until_possible_exit(policy_state, layers_done)
+            records = backend.run_layers(state, layers_done, span)
+            exited = settle_span(policy, policy_state, records, layers_done, backend.num_layers, outcome, active)
+            layers_done += span
+            keep = ~exited
+            if keep.any():
+                state = backend.compact(state, keep)
+                policy_state = policy_state.select(keep)
+            active = active[keep]
+    finally:
+        backend.finish(state)
     return outcome
+
+
+def settle_span(policy, policy_state, records, layers_done, num_layers, outcome, active) -> np.ndarray:
+    """Step the policy through a span's layers; record the rows that exit; return their mask."""
+    exited = np.zeros(active.size, dtype=bool)
+    for layer, record in enumerate(records, start=layers_done + 1):
+        leaving = policy.step(policy_state, layer, record) & ~exited
+        if leaving.any():
+            rows = np.flatnonzero(leaving)
+            probabilities = policy.exit_probabilities(policy_state, record, rows)
+            record_exits(outcome, active[rows], layer, probabilities, policy.exit_confidence(record, rows))
+            exited |= leaving
+        if layer == num_layers and not exited.all():
+            # Never satisfied: the row takes the last exit's prediction.
+            rows = np.flatnonzero(~exited)
+            record_exits(outcome, active[rows], layer, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
+            exited[:] = True
+    return exited
 
 
 def record_exits(outcome: BatchOutcome, rows: np.ndarray, layer: int, probabilities: np.ndarray, confidence: np.ndarray) -> None:

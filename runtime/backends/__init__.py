@@ -30,16 +30,25 @@ def create_backend(name: str, manifest: Manifest, bundle_dir: Path, intra_op_thr
     if name not in BACKEND_NAMES:
         raise PceeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
-        name = pick_automatically(manifest)
+        if pick_automatically(manifest) == "tensorrt":
+            try:
+                return create_tensorrt_backend(manifest, bundle_dir)
+            except BackendUnavailableError as error:
+                warnings.warn(f"TensorRT engines cannot run here ({error}); using onnxruntime", RuntimeWarning, stacklevel=2)
+        name = "onnxruntime"
     if name == "tensorrt":
-        from .tensorrt import TensorRTBackend
-
-        return TensorRTBackend(manifest, bundle_dir)
+        return create_tensorrt_backend(manifest, bundle_dir)
     if name == "onnxruntime-cuda" or (name == "onnxruntime" and cuda_provider_available()):
         return create_cuda_backend(manifest, bundle_dir, explicit=name == "onnxruntime-cuda")
     from .onnxruntime_cpu import OnnxRuntimeCpuBackend
 
     return OnnxRuntimeCpuBackend(manifest, bundle_dir, intra_op_threads)
+
+
+def create_tensorrt_backend(manifest: Manifest, bundle_dir: Path) -> Backend:
+    from .tensorrt import TensorRTBackend
+
+    return TensorRTBackend(manifest, bundle_dir)
 
 
 def pick_automatically(manifest: Manifest) -> str:

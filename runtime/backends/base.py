@@ -48,8 +48,15 @@ class Backend(ABC):
             raise PceeRuntimeError("compact() needs a boolean row mask")
         return state if keep.all() else self._compact_impl(state, keep)
 
+    def finish(self, state: object) -> None:
+        """The call is over: give back what `begin` took (a GPU backend's execution contexts)."""
+        self._finish_impl(state)
+
     def close(self) -> None:
         """Free what this backend created."""
+
+    def _finish_impl(self, state: object) -> None:
+        """Nothing to give back by default: the state is plain memory."""
 
     @abstractmethod
     def _begin_impl(self, batch: EncodedBatch) -> object: ...

@@ -176,6 +176,7 @@ class TensorRTBatchState:
     row_extents: np.ndarray
     hidden_index: int = 0  # which ping-pong buffer holds the current hidden state
     bias_index: int = 0
+    release: weakref.finalize | None = None  # gives the contexts back once: at finish(), or when dropped
 
     def shrink(self, plan: Compaction) -> None:
         """After the plan's copies went into the other buffers, they become the current ones."""
@@ -310,7 +311,7 @@ class TensorRTBackend(Backend):
         self.check_limits(batch)
         contexts = self.pool.checkout()
         state = TensorRTBatchState(contexts, len(batch), batch.input_ids.shape[1], row_extents(batch.attention_mask))
-        weakref.finalize(state, self.pool.give_back, contexts)
+        state.release = weakref.finalize(state, self.pool.give_back, contexts)
         contexts.enqueue_embeddings(feeds_for(self.manifest.embeddings.spec, batch))
         return state
 
@@ -329,6 +330,9 @@ class TensorRTBackend(Backend):
         state.contexts.enqueue_compaction(state, plan)
         state.shrink(plan)
         return state
+
+    def _finish_impl(self, state):
+        state.release()
 
     def close(self) -> None:
         self.pool.close()
