@@ -46,7 +46,10 @@ def exported(tmp_path_factory) -> dict[tuple, tuple[Path, bundle_module.ExportRe
     root = tmp_path_factory.mktemp("exported")
     results = {}
     for architecture, pooling, learned, task in CONFIGURATIONS:
-        model_dir = make_tiny_model_dir(root / f"{architecture}-{pooling}-{task}", architecture, pooling, learned, NUM_LAYERS, task=task)
+        model_dir = make_tiny_model_dir(
+            root / f"{architecture}-{pooling}-{task}", model_type=architecture, exit_pooling=pooling,
+            learned_confidence=learned, num_layers=NUM_LAYERS, task=task,
+        )
         results[(architecture, pooling, learned, task)] = (model_dir, export_bundle(model_dir, options=quiet()))
     return results
 
@@ -124,13 +127,13 @@ def test_layer_graph_runs_at_other_batch_and_sequence_sizes(exported):
 # -- options -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opset", [14, 20])
 def test_supported_opset_range_exports(tmp_path, opset):
-    model_dir = make_tiny_model_dir(tmp_path, "bert", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="bert", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(opset=opset))
     assert onnx.load(str(result.bundle_dir / "onnx/layer_01.onnx")).opset_import[0].version == opset
 
 
 def test_fp16_keeps_a_float32_interface_within_fp16_tolerance(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path, "bert", "mean", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="bert", exit_pooling="mean", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(fp16=True, max_seq_len=32))
     parity = result.manifest.parity
     assert result.manifest.model.precision == "fp16" and result.manifest.model.max_seq_len == 32
@@ -143,7 +146,7 @@ def test_fp16_keeps_a_float32_interface_within_fp16_tolerance(tmp_path):
 
 
 def test_full_graph_is_exported_and_verified(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path, "roberta", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="roberta", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(with_full_graph=True))
     assert result.manifest.full_graph.file == "onnx/full_model.onnx"
     assert result.manifest.parity["max_abs_diff"]["full"]["logits"] <= FP32_TOLERANCE
@@ -178,7 +181,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_parity_failure_names_every_failing_layer_and_keeps_the_previous_bundle(tmp_path, monkeypatch):
-    model_dir = make_tiny_model_dir(tmp_path, "bert", num_layers=3)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="bert", num_layers=3)
     output = tmp_path / "bundle"
     export_bundle(model_dir, output, quiet())
     before = snapshot(output)
@@ -194,7 +197,7 @@ def test_parity_failure_names_every_failing_layer_and_keeps_the_previous_bundle(
 
 
 def test_successful_export_replaces_an_existing_bundle(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path, "albert", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="albert", num_layers=2)
     output = tmp_path / "bundle"
     export_bundle(model_dir, output, quiet())
     (output / "stale.txt").write_text("from an older export")
@@ -206,7 +209,7 @@ def test_successful_export_replaces_an_existing_bundle(tmp_path):
 
 
 def test_an_empty_output_directory_is_filled(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path, "distilbert", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="distilbert", num_layers=2)
     (tmp_path / "empty").mkdir()
     assert Manifest.load(export_bundle(model_dir, tmp_path / "empty", quiet()).bundle_dir)
 
@@ -214,7 +217,7 @@ def test_an_empty_output_directory_is_filled(tmp_path):
 # -- bad input ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("bad-input"), "bert", num_layers=2)
+    return make_tiny_model_dir(tmp_path_factory.mktemp("bad-input"), model_type="bert", num_layers=2)
 
 
 def copy_model_dir(source: Path, target: Path) -> Path:
@@ -346,7 +349,7 @@ def tensorrt_available() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available(), reason="no NVIDIA GPU / TensorRT here")
 def test_tensorrt_engines_are_built_and_recorded(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path, "bert", "mean", num_layers=2)
+    model_dir = make_tiny_model_dir(tmp_path, model_type="bert", exit_pooling="mean", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(tensorrt=True, max_batch_size=8, max_seq_len=64))
     block = result.manifest.tensorrt
     assert block["max_batch_size"] == 8 and block["max_seq_len"] == 64 and block["gpu"]

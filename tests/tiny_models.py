@@ -83,17 +83,11 @@ def make_tiny_model(
     return model.eval()
 
 
-def make_tiny_model_dir(
-    tmp_path: Path,
-    model_type: str = "bert",
-    exit_pooling: str = "cls",
-    learned_confidence: bool = False,
-    num_layers: int = 3,
-    num_labels: int = 2,
-    task: str | None = None,
-) -> Path:
-    """Save a tiny random model + tokenizer as pcee-train would, under tmp_path; returns the directory."""
-    directory = Path(tmp_path) / f"tiny-{model_type}-{exit_pooling}{'-learned' if learned_confidence else ''}-{num_layers}"
-    model = make_tiny_model(model_type, exit_pooling, learned_confidence, num_layers, num_labels, task)
+def make_tiny_model_dir(tmp_path: Path, **options) -> Path:
+    """Save a tiny random model (`make_tiny_model` options) + tokenizer as pcee-train would; returns the directory."""
+    model = make_tiny_model(**options)
+    config = model.pcee_config
+    learned = "-learned" if config.learned_confidence else ""
+    directory = Path(tmp_path) / f"tiny-{model.backbone_config.model_type}-{config.exit_pooling}{learned}-{model.num_layers}"
     model.save_pretrained(directory, make_tiny_tokenizer())
     return directory
