@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pcee.runtime.atomic import replace_directory
+from pcee.modeling.config import PceeConfig
 from pcee.modeling.data import DataError, get_task
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import MultiExitClassifier
+from pcee.runtime.atomic import replace_directory
 from pcee.runtime.graphs import GraphSpec, embeddings_spec, full_model_spec, layer_spec
 from pcee.runtime.manifest import MANIFEST_NAME, GraphFile, Manifest, ModelInfo, sha256_of
 
@@ -115,28 +116,21 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def position_limit(model: MultiExitClassifier) -> int:
-    """The longest sequence the backbone's position embeddings cover."""
-    config = model.backbone_config
-    if config.model_type == "roberta":  # positions start after padding_idx
-        return config.max_position_embeddings - config.pad_token_id - 1
-    return config.max_position_embeddings
-
-
 def resolve_max_seq_len(model: MultiExitClassifier, requested: int | None) -> int:
     max_seq_len = requested or model.pcee_config.max_seq_len
-    limit = position_limit(model)
+    limit = model.adapter.max_positions(model.backbone_config)
     if not 1 <= max_seq_len <= limit:
         raise ExportError(f"--max-seq-len {max_seq_len} is outside 1..{limit}, the positions this {model.backbone_config.model_type} model has")
     return max_seq_len
 
 
-def task_type(task: str | None) -> str:
+def task_type(config: PceeConfig) -> str:
+    """Pair input when the training data had pairs, or (older models) when the GLUE task has them."""
     try:
-        is_pair = task is not None and get_task(task).is_pair
-    except DataError:  # a custom task name: nothing says it is a pair task
-        is_pair = False
-    return "sentence_pair" if is_pair else "single_sentence"
+        glue_pair = config.task is not None and get_task(config.task).is_pair
+    except DataError:  # a custom task name says nothing
+        glue_pair = False
+    return "sentence_pair" if config.sentence_pair or glue_pair else "single_sentence"
 
 
 def model_info(model: MultiExitClassifier, max_seq_len: int, fp16: bool) -> ModelInfo:
@@ -151,7 +145,7 @@ def model_info(model: MultiExitClassifier, max_seq_len: int, fp16: bool) -> Mode
         exit_pooling=config.exit_pooling,
         learned_confidence=config.learned_confidence,
         task=config.task,
-        task_type=task_type(config.task),
+        task_type=task_type(config),
         metric=config.metric,
         precision="fp16" if fp16 else "fp32",
     )

@@ -46,10 +46,22 @@ class ArchitectureAdapter:
     def has_pooler(self, backbone: nn.Module) -> bool:
         return getattr(backbone, "pooler", None) is not None
 
+    def max_positions(self, config) -> int:
+        """The longest sequence the position embeddings cover."""
+        return config.max_position_embeddings
+
     @staticmethod
     def run_layer(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         output = layer(hidden, bias)
         return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass(frozen=True)
+class RobertaAdapter(ArchitectureAdapter):
+    """RoBERTa numbers positions from padding_idx + 1, so that many positions are never used."""
+
+    def max_positions(self, config) -> int:
+        return config.max_position_embeddings - config.pad_token_id - 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,7 @@ class DistilBertAdapter(ArchitectureAdapter):
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "bert": ArchitectureAdapter("bert"),
-    "roberta": ArchitectureAdapter("roberta"),
+    "roberta": RobertaAdapter("roberta"),
     "albert": AlbertAdapter("albert"),
     "distilbert": DistilBertAdapter("distilbert"),
 }

@@ -125,6 +125,7 @@ def run_training(options: dict) -> None:
         max_seq_len=options["max_seq_len"],
         task=spec.name if spec else None,
         metric=metric_name,
+        sentence_pair=train_set.text_pairs is not None,
     )
     config = TrainingConfig(
         epochs=options["epochs"], batch_size=options["batch_size"], learning_rate=options["lr"],

@@ -27,6 +27,7 @@ class PceeConfig:
     max_seq_len: int = 128
     task: str | None = None
     metric: str = "accuracy"
+    sentence_pair: bool = False  # trained on text pairs (set by pcee-train from the data)
 
     def __post_init__(self) -> None:
         if not self.label_names:
