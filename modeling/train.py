@@ -86,7 +86,7 @@ def sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
 
 def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         (no_decay if parameter.ndim < 2 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.learning_rate)

@@ -6,7 +6,7 @@ and the runtime's bindings, so the four can never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
