@@ -8,7 +8,6 @@ leaves a half-written bundle or touches the previous one.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from pcee.modeling.config import PceeConfig
 from pcee.modeling.data import DataError, get_task
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime.atomic import replace_directory
+from pcee.runtime.atomic import replace_directory, staging_directory_for
 from pcee.runtime.graphs import GraphSpec, embeddings_spec, full_model_spec, layer_spec
 from pcee.runtime.manifest import MANIFEST_NAME, GraphFile, Manifest, ModelInfo, sha256_of
 
@@ -174,8 +173,7 @@ def check_output_dir(output_dir: Path) -> None:
 @contextmanager
 def staging_directory(output_dir: Path) -> Iterator[Path]:
     """A temporary sibling of output_dir (same filesystem, so the final rename is atomic), removed on failure."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    staging = staging_directory_for(output_dir)
     try:
         yield staging
     except BaseException:

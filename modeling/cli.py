@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
-from ..runtime.atomic import replace_directory
+from ..runtime.atomic import replace_directory, staging_directory_for
 from .config import PceeConfig, default_exit_pooling
 from .errors import ModelingError
 
@@ -157,8 +156,7 @@ def run_training(options: dict) -> None:
 
 
 def save_atomically(model, tokenizer, results: dict, output_dir: Path) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging = staging_directory_for(output_dir)
     try:
         model.save_pretrained(staging, tokenizer)
         (staging / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")

@@ -26,11 +26,26 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None
         raise
 
 
-def new_file_mode() -> int:
-    """What open() would give a new file under the process umask (mkstemp's files are 0600)."""
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def new_file_mode() -> int:
+    """What open() would give a new file under the process umask (mkstemp's files are 0600)."""
+    return 0o666 & ~current_umask()
+
+
+def staging_directory_for(target: Path) -> Path:
+    """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic).
+
+    mkdtemp makes it 0700; it gets the mode mkdir would give, since it becomes the real directory.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    os.chmod(staging, 0o777 & ~current_umask())
+    return staging
 
 
 def replace_directory(source: Path, target: Path) -> None:

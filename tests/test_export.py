@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +358,12 @@ def test_tensorrt_engines_are_built_and_recorded(tmp_path):
     assert [entry["file"] for entry in block["engines"]["layers"]] == ["trt/layer_01.engine", "trt/layer_02.engine"]
     assert (result.bundle_dir / "trt/timing.cache").is_file()
     assert Manifest.load(result.bundle_dir).tensorrt == block
+
+
+def test_bundle_gets_ordinary_permissions(tmp_path):
+    """Staging directories and temporary files start private (0700 / 0600); the bundle must not stay so."""
+    umask = os.umask(0)
+    os.umask(umask)
+    bundle = export_bundle(make_tiny_model_dir(tmp_path, num_layers=1), tmp_path / "bundle").bundle_dir
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((bundle / "manifest.json").stat().st_mode) == 0o666 & ~umask
