@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 
 from pcee.modeling.model import MultiExitClassifier
+from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
 from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, HIDDEN_STATES, LOGITS, MAX_PROBABILITY, NEXT_HIDDEN_STATES
 from pcee.runtime.manifest import GraphFile
 
@@ -123,9 +124,7 @@ def torch_exit_outputs(model: MultiExitClassifier, batch: TokenBatch) -> list[Ex
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # many sessions share two cores
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), cpu_session_options(), providers=["CPUExecutionProvider"])
 
 
 class OnnxChain:

@@ -23,6 +23,7 @@ from pcee.exporter.tensorrt import ShapeRange, gpu_name, require_tensorrt
 from pcee.modeling.adapters import attention_bias
 from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureError
 from pcee.modeling.model import MultiExitClassifier
+from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
 from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec, layer_spec
 from pcee.runtime.manifest import MANIFEST_NAME, Manifest
 from tiny_models import HIDDEN_SIZE, make_tiny_model_dir
@@ -109,7 +110,7 @@ def test_layer_graph_runs_at_other_batch_and_sequence_sizes(exported):
     """The dynamic axes are real: one layer graph at two shapes it was not traced at, against PyTorch."""
     model_dir, result = exported[("distilbert", "mean", False, None)]
     model = MultiExitClassifier.from_pretrained(model_dir)
-    session = ort.InferenceSession(str(result.bundle_dir / result.manifest.layers[1].file), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(result.bundle_dir / result.manifest.layers[1].file), cpu_session_options(), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     for batch, length in [(1, 3), (7, 29)]:
         hidden = torch.randn(batch, length, HIDDEN_SIZE, generator=generator)
@@ -154,7 +155,7 @@ def test_full_graph_is_exported_and_verified(tmp_path):
     assert result.manifest.parity["max_abs_diff"]["full"]["logits"] <= FP32_TOLERANCE
 
     standalone = export_full_graph(model_dir, tmp_path / "bench" / "full.onnx")
-    session = ort.InferenceSession(str(standalone), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(standalone), cpu_session_options(), providers=["CPUExecutionProvider"])
     ids = np.array([[2, 30, 31, 32, 3, 0]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
     (logits,) = session.run(None, feeds)

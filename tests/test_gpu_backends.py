@@ -28,7 +28,7 @@ from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, InputError, 
 from pcee.runtime.backends import cuda_memory, onnxruntime_cuda
 from pcee.runtime.backends import tensorrt as tensorrt_backend
 from pcee.runtime.backends.cuda_memory import Allocations, CudaRuntime, LeasePool, plan_compaction, plan_row_copies, row_extents, runs_of_true
-from pcee.runtime.backends.onnxruntime_cpu import longest_unmasked, open_session
+from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, longest_unmasked, open_session
 from pcee.runtime.backends.tensorrt import BoundContext
 from pcee.runtime.manifest import sha256_of
 from pcee.runtime.policies import OperatingPoint
@@ -282,7 +282,7 @@ class SoftwareTensorRT:
         return self
 
     def deserialize_cuda_engine(self, data: bytes):
-        session = open_session(self.bundle_dir / data.decode(), ort.SessionOptions(), ["CPUExecutionProvider"])
+        session = open_session(self.bundle_dir / data.decode(), cpu_session_options(), ["CPUExecutionProvider"])
         return SoftwareEngine(session, self.memory)
 
     @staticmethod
