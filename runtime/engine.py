@@ -106,18 +106,16 @@ class EarlyExitRuntime:
         operating_point: OperatingPoint | dict | str | None = None,
         verify_hashes: bool = True,
         intra_op_threads: int | None = None,
-        thread_pool: str = "shared",
     ) -> "EarlyExitRuntime":
         """Load and check a bundle.
 
         backend: 'auto', 'onnxruntime' (CPU, or CUDA when available), 'onnxruntime-cpu',
-        'onnxruntime-cuda', 'tensorrt'. thread_pool (CPU): 'shared' puts every session on
-        onnxruntime's process-wide pool (fast chains; onnxruntime then requires other sessions in
-        the process to set `use_per_session_threads = False`), 'per-session' leaves it alone.
+        'onnxruntime-cuda', 'tensorrt'. intra_op_threads: onnxruntime CPU threads per session
+        (default: one per core).
         """
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir, verify_hashes=verify_hashes)
-        runner = create_backend(backend, manifest, bundle_dir, intra_op_threads=intra_op_threads, thread_pool=thread_pool)
+        runner = create_backend(backend, manifest, bundle_dir, intra_op_threads=intra_op_threads)
         runtime = cls(bundle_dir, manifest, runner, OperatingPoint.from_dict(manifest.operating_point))
         if operating_point is not None:
             runtime.set_operating_point(operating_point)

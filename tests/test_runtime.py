@@ -36,7 +36,6 @@ def varied_point(runtime):
 
 def test_loading_reports_backend_and_device(runtime):
     assert runtime.backend_name == "onnxruntime" and runtime.device == "cpu"
-    assert runtime.backend.thread_pool == "shared"
     assert runtime.operating_point.policy == "pcee" and runtime.num_layers == 4
 
 

@@ -26,7 +26,7 @@ def tensorrt_available() -> bool:
     return True
 
 
-def create_backend(name: str, manifest: Manifest, bundle_dir: Path, intra_op_threads: int | None = None, thread_pool: str = "shared") -> Backend:
+def create_backend(name: str, manifest: Manifest, bundle_dir: Path, intra_op_threads: int | None = None) -> Backend:
     if name not in BACKEND_NAMES:
         raise PceeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
@@ -42,7 +42,7 @@ def create_backend(name: str, manifest: Manifest, bundle_dir: Path, intra_op_thr
         return create_cuda_backend(manifest, bundle_dir, explicit=name == "onnxruntime-cuda")
     from .onnxruntime_cpu import OnnxRuntimeCpuBackend
 
-    return OnnxRuntimeCpuBackend(manifest, bundle_dir, intra_op_threads, thread_pool)
+    return OnnxRuntimeCpuBackend(manifest, bundle_dir, intra_op_threads)
 
 
 def create_tensorrt_backend(manifest: Manifest, bundle_dir: Path) -> Backend:
