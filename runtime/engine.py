@@ -220,6 +220,8 @@ class EarlyExitRuntime:
 
     def run_in_chunks(self, batch: EncodedBatch, policy: ExitPolicy, batch_size: int) -> BatchOutcome:
         """Rows sorted by length into chunks of batch_size (little padding), results in input order."""
+        if len(batch) <= batch_size:  # one chunk: already padded to its own longest row
+            return self.run_batch(batch, policy)
         order = np.argsort(batch.attention_mask.sum(axis=1), kind="stable")
         outcome = BatchOutcome.empty(len(batch), len(self.labels))
         for start in range(0, len(batch), batch_size):
