@@ -21,10 +21,8 @@ from pcee.runtime.engine import DEFAULT_BATCH_SIZE, AllExits, EarlyExitRuntime
 from pcee.runtime.tokenization import EncodedBatch
 
 from ..runtime.atomic import write_file_atomically
-from .simulate import select_rows
 
 CACHE_DIRECTORY = ".pcee-cache"
-ROWS_PER_PROGRESS_STEP = 256
 EXIT_ARRAYS = ("logits", "entropy", "max_probability", "confidence_score")
 
 
@@ -68,18 +66,8 @@ def record_all_exits(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size:
 
 
 def run_with_progress(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size: int, progress: bool) -> AllExits:
-    """Rows sorted by length, as the runtime sorts them, so its batches hold the same rows; results in input order."""
-    order = np.argsort(batch.attention_mask.sum(axis=1), kind="stable")
-    step = batch_size * max(1, ROWS_PER_PROGRESS_STEP // batch_size)
-    parts = []
     with tqdm(total=len(batch), unit="rows", desc="Recording every exit", disable=not progress) as bar:
-        for start in range(0, len(batch), step):
-            rows = order[start : start + step]
-            parts.append(runtime.run_all_exits(batch.select(rows), batch_size))
-            bar.update(len(rows))
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return select_rows(AllExits.concatenate(parts), inverse)
+        return runtime.run_all_exits(batch, batch_size, on_chunk=bar.update)
 
 
 def load_exits(path: Path, num_rows: int) -> AllExits | None:

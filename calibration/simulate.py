@@ -1,9 +1,8 @@
 """Exact offline simulation of exit policies over recorded exits.
 
-`simulate` drives the runtime's own `ExitPolicy.step` over every row of an N x M x K recording,
-layer by layer, and records each row's first exit; rows never satisfied leave at layer M with its
-prediction. The runtime makes the same calls on the rows still running, and a policy's decision
-for a row depends on that row alone, so simulated and served exit layers agree by construction.
+`simulate` replays an N x M x K recording through the runtime's own early-exit loop
+(`run_early_exit` over a `RecordedExitsBackend`), so the policy steps, the spans, the compaction and
+the last-layer rule are the served ones; simulated and served exit layers agree by construction.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcee.modeling.metrics import task_metric
-from pcee.runtime.engine import AllExits
-from pcee.runtime.policies import ExitPolicy, OperatingPoint, build_policy, softmax
+from pcee.runtime.backends.recorded import RecordedExitsBackend
+from pcee.runtime.engine import AllExits, run_early_exit
+from pcee.runtime.policies import ExitPolicy, OperatingPoint, build_policy
 
 from .errors import CalibrationError
 
@@ -40,12 +40,7 @@ class CalibrationRows:
         return self.exits.logits.shape[1]
 
     def subset(self, rows: np.ndarray) -> "CalibrationRows":
-        return CalibrationRows(select_rows(self.exits, rows), self.labels[rows])
-
-
-def select_rows(exits: AllExits, rows: np.ndarray) -> AllExits:
-    score = None if exits.confidence_score is None else exits.confidence_score[rows]
-    return AllExits(exits.logits[rows], exits.entropy[rows], exits.max_probability[rows], score)
+        return CalibrationRows(self.exits.select(rows), self.labels[rows])
 
 
 @dataclass(frozen=True)
@@ -55,25 +50,13 @@ class SimulatedExits:
 
 
 def simulate(policy: ExitPolicy, exits: AllExits) -> SimulatedExits:
-    """Each row's exit layer and prediction under `policy`, as the runtime would serve them."""
-    num_rows, num_layers, num_labels = exits.logits.shape
+    """Each row's exit layer and prediction under `policy`, through the runtime's own loop."""
+    num_layers, num_labels = exits.logits.shape[1:]
     if policy.num_layers != num_layers:
         raise CalibrationError(f"policy built for {policy.num_layers} layers, recording has {num_layers}")
-    state = policy.start(num_rows, num_labels)
-    exit_layers = np.zeros(num_rows, dtype=np.int64)
-    probabilities = np.zeros((num_rows, num_labels), dtype=np.float32)
-    for layer in range(1, num_layers + 1):
-        record = exits.layer(layer - 1)
-        leaving = np.flatnonzero(policy.step(state, layer, record) & (exit_layers == 0))
-        exit_layers[leaving] = layer
-        probabilities[leaving] = policy.exit_probabilities(state, record, leaving)
-        if layer == num_layers:
-            never_satisfied = np.flatnonzero(exit_layers == 0)
-            exit_layers[never_satisfied] = num_layers
-            probabilities[never_satisfied] = softmax(record.logits[never_satisfied])
-        elif exit_layers.all():
-            break
-    return SimulatedExits(exit_layers, probabilities)
+    backend = RecordedExitsBackend(exits)
+    outcome = run_early_exit(backend, policy, backend.placeholder_batch(), num_labels)
+    return SimulatedExits(outcome.exit_layer, outcome.probabilities)
 
 
 def layer_speedup(exit_layers: np.ndarray, num_layers: int) -> float:

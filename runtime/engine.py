@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -65,6 +65,10 @@ class AllExits:
     entropy: np.ndarray  # [N, M]
     max_probability: np.ndarray  # [N, M]
     confidence_score: np.ndarray | None = None  # [N, M]
+
+    def select(self, rows: np.ndarray) -> "AllExits":
+        score = None if self.confidence_score is None else self.confidence_score[rows]
+        return AllExits(self.logits[rows], self.entropy[rows], self.max_probability[rows], score)
 
     def layer(self, index: int) -> ExitRecord:
         score = None if self.confidence_score is None else self.confidence_score[:, index]
@@ -222,10 +226,8 @@ class EarlyExitRuntime:
         """Rows sorted by length into chunks of batch_size (little padding), results in input order."""
         if len(batch) <= batch_size:  # one chunk: already padded to its own longest row
             return self.run_batch(batch, policy)
-        order = np.argsort(batch.attention_mask.sum(axis=1), kind="stable")
         outcome = BatchOutcome.empty(len(batch), len(self.labels))
-        for start in range(0, len(batch), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_sorted_chunks(batch, batch_size):
             part = self.run_batch(batch.select(rows), policy)
             outcome.exit_layer[rows] = part.exit_layer
             outcome.probabilities[rows] = part.probabilities
@@ -235,22 +237,22 @@ class EarlyExitRuntime:
     def run_batch(self, batch: EncodedBatch, policy: ExitPolicy) -> BatchOutcome:
         return run_early_exit(self.backend, policy, batch, len(self.labels))
 
-    def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE) -> AllExits:
-        """Every exit of every row, in input order (calibration's one pass over the data)."""
-        order = np.argsort(batch.attention_mask.sum(axis=1), kind="stable")
+    def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, on_chunk: Callable[[int], None] | None = None) -> AllExits:
+        """Every exit of every row, in input order (calibration's one pass over the data).
+
+        `on_chunk` hears how many rows each finished chunk held (for a progress bar).
+        """
+        chunks = length_sorted_chunks(batch, batch_size)
         parts = []
-        for start in range(0, len(batch), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in chunks:
             state = self.backend.begin(batch.select(rows))
             try:
                 parts.append(stack_records(self.backend.run_layers(state, 0, self.num_layers)))
             finally:
                 self.backend.finish(state)
-        stacked = AllExits.concatenate(parts)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        scores = None if stacked.confidence_score is None else stacked.confidence_score[inverse]
-        return AllExits(stacked.logits[inverse], stacked.entropy[inverse], stacked.max_probability[inverse], scores)
+            if on_chunk is not None:
+                on_chunk(len(rows))
+        return AllExits.concatenate(parts).select(np.argsort(np.concatenate(chunks)))
 
     def close(self) -> None:
         self.backend.close()
@@ -260,6 +262,12 @@ class EarlyExitRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def length_sorted_chunks(batch: EncodedBatch, batch_size: int) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into chunks of batch_size, so each chunk pads little."""
+    order = np.argsort(batch.attention_mask.sum(axis=1), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(batch), batch_size)]
 
 
 def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome:

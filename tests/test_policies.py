@@ -1,7 +1,7 @@
 """Rule fidelity: the runtime's exit layers equal plain loops written straight from the paper's rules.
 
 The runtime loop (`run_early_exit`, with its back-to-back spans and row compaction) is driven by
-a replay backend that serves recorded per-layer exit outputs, so every policy can be checked on
+the recorded-exits backend that calibration also uses, so every policy can be checked on
 arbitrary confidence arrays.
 """
 
@@ -12,37 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcee.runtime.backends.base import Backend
-from pcee.runtime.engine import run_early_exit
+from pcee.runtime.backends.recorded import RecordedExitsBackend
+from pcee.runtime.engine import AllExits, run_early_exit
 from pcee.runtime.errors import PolicyError
-from pcee.runtime.policies import ExitRecord, OperatingPoint, build_policy, softmax
-from pcee.runtime.tokenization import EncodedBatch
+from pcee.runtime.policies import OperatingPoint, build_policy, softmax
 
 
-class ReplayBackend(Backend):
-    """Serves recorded exit outputs [N, M, ...]; its state is the original index of each active row."""
-
-    name = "replay"
+class SpanRecordingBackend(RecordedExitsBackend):
+    """Serves recorded exits and notes each span the runtime asks for."""
 
     def __init__(self, logits, entropy, max_probability, score):
-        self.num_layers = logits.shape[1]
-        self.arrays = (logits, entropy, max_probability, score)
+        super().__init__(AllExits(logits, entropy, max_probability, score))
         self.spans: list[tuple[int, int]] = []
-
-    @property
-    def device(self) -> str:
-        return "replay"
-
-    def _begin_impl(self, batch):
-        return np.arange(len(batch))
 
     def _run_layers_impl(self, rows, first_layer, count):
         self.spans.append((first_layer, count))
-        logits, entropy, max_probability, score = self.arrays
-        return [ExitRecord(logits[rows, m], entropy[rows, m], max_probability[rows, m], score[rows, m]) for m in range(first_layer, first_layer + count)]
-
-    def _compact_impl(self, rows, keep):
-        return rows[keep]
+        return super()._run_layers_impl(rows, first_layer, count)
 
 
 def reference_exit(point: OperatingPoint, entropy, max_probability, score, argmax) -> tuple[int, bool]:
@@ -109,9 +94,8 @@ def test_runtime_exit_layers_equal_the_reference_loop(data):
     rows, layers, labels = logits.shape
     point = data.draw(operating_points(layers))
     policy = build_policy(point, layers, has_learned_score=True)
-    backend = ReplayBackend(logits, entropy, max_probability, score)
-    batch = EncodedBatch(*(np.zeros((rows, 1), np.int64) for _ in range(3)), np.zeros(rows, bool))
-    outcome = run_early_exit(backend, policy, batch, labels)
+    backend = SpanRecordingBackend(logits, entropy, max_probability, score)
+    outcome = run_early_exit(backend, policy, backend.placeholder_batch(), labels)
     argmax = logits.argmax(-1)
     for row in range(rows):
         expected, fired = reference_exit(policy.point, entropy[row], max_probability[row], score[row], argmax[row])
@@ -125,9 +109,9 @@ def test_layers_before_an_exit_run_back_to_back():
     layers = 6
     logits = np.zeros((2, layers, 2), np.float32)
     entropy = np.full((2, layers), 0.9, np.float32)
-    backend = ReplayBackend(logits, entropy, entropy, entropy)
+    backend = SpanRecordingBackend(logits, entropy, entropy, entropy)
     policy = build_policy(OperatingPoint("pcee", tau=0.5, patience=3), layers)
-    run_early_exit(backend, policy, EncodedBatch(*(np.zeros((2, 1), np.int64) for _ in range(3)), np.zeros(2, bool)), 2)
+    run_early_exit(backend, policy, backend.placeholder_batch(), 2)
     assert backend.spans[0] == (0, 3)
     assert sum(count for _, count in backend.spans) == layers
 
