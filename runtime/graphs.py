@@ -7,6 +7,7 @@ and the runtime's bindings, so the four can never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
@@ -44,11 +45,11 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    @property
+    @cached_property  # read on every layer call of the runtime's hot loop
     def input_names(self) -> list[str]:
         return [tensor.name for tensor in self.inputs]
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         return [tensor.name for tensor in self.outputs]
 
