@@ -14,7 +14,7 @@ import numpy as np
 from pcee.modeling.data import DataError, TextDataset
 from pcee.runtime.backends import BACKEND_NAMES
 from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.errors import PceeRuntimeError
+from pcee.runtime.errors import PceeError
 from pcee.runtime.manifest import Manifest
 from pcee.runtime.policies import POLICY_NAMES, OperatingPoint
 
@@ -36,7 +36,7 @@ def friendly_errors():
     """Our typed errors become one-line messages, never tracebacks."""
     try:
         yield
-    except (CalibrationError, PceeRuntimeError, DataError) as error:
+    except (CalibrationError, PceeError, DataError) as error:
         raise click.ClickException(str(error)) from None
 
 

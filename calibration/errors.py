@@ -1,5 +1,7 @@
 """Typed errors of the calibration room."""
 
+from pcee.runtime.errors import PceeError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(PceeError, ValueError):
     """Calibration cannot go on; the message says what was received, what was expected, and what to do."""

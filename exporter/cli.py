@@ -41,14 +41,14 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
     thresholds for your data, it uses a conservative uncalibrated default.
     """
     from pcee.modeling.errors import ModelingError
-    from pcee.runtime.errors import PceeRuntimeError
+    from pcee.runtime.errors import PceeError
 
     from .bundle import ExportOptions, export_bundle
     from .errors import ExportError
 
     try:
         result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options))
-    except (ExportError, ModelingError, PceeRuntimeError) as error:
+    except (ExportError, ModelingError, PceeError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot write the bundle: {error}") from None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pcee.runtime.errors import PceeError
 
-class ExportError(ValueError):
+
+class ExportError(PceeError, ValueError):
     """Base class of everything pcee-export raises on purpose."""
 
 

@@ -14,10 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcee.runtime.errors import PceeError
+
 SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
+class DataError(PceeError, ValueError):
     """A data file or data option is unusable; the message names the file, the problem and the fix."""
 
 

@@ -1,7 +1,9 @@
 """User-facing errors of the modeling room: each says what was received, what was expected, what to do."""
 
+from pcee.runtime.errors import PceeError
 
-class ModelingError(ValueError):
+
+class ModelingError(PceeError, ValueError):
     """Base class for problems with a model directory, backbone or training setup."""
 
 

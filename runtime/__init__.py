@@ -6,12 +6,12 @@
 """
 
 from .engine import AllExits, EarlyExitRuntime, PredictionResult, RowPrediction
-from .errors import BackendUnavailableError, BundleError, InputError, PceeRuntimeError, PolicyError
+from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .manifest import FORMAT_VERSION, Manifest
 from .policies import POLICY_NAMES, ExitPolicy, OperatingPoint, build_policy
 
 __all__ = [
     "AllExits", "EarlyExitRuntime", "PredictionResult", "RowPrediction",
-    "BackendUnavailableError", "BundleError", "InputError", "PceeRuntimeError", "PolicyError",
+    "BackendError", "BackendUnavailableError", "BundleError", "InputError", "PceeError", "PolicyError",
     "FORMAT_VERSION", "Manifest", "POLICY_NAMES", "ExitPolicy", "OperatingPoint", "build_policy",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import PceeRuntimeError
+from .errors import PceeError
 from .policies import POLICY_NAMES, OperatingPoint
 
 
@@ -81,7 +81,7 @@ def main(bundle_dir, texts, text_pairs, input_file, policy, tau, patience, layer
     try:
         with EarlyExitRuntime.from_bundle(bundle_dir, backend=backend) as runtime:
             result = runtime.predict(inputs, pairs, operating_point=point or point_name, batch_size=batch_size)
-    except PceeRuntimeError as error:
+    except PceeError as error:
         raise click.ClickException(str(error)) from None
     lines = "".join(json.dumps(row.to_dict()) + "\n" for row in result.predictions)
     if output:

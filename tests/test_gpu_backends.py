@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, InputError, Manifest, PceeRuntimeError
+from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, InputError, Manifest, PceeError
 from pcee.runtime.backends import cuda_memory, onnxruntime_cuda
 from pcee.runtime.backends import tensorrt as tensorrt_backend
 from pcee.runtime.backends.cuda_memory import Allocations, CudaRuntime, LeasePool, plan_compaction, plan_row_copies, row_extents, runs_of_true
@@ -472,7 +472,7 @@ def test_compaction_copies_on_a_real_gpu():
 
 def test_cuda_errors_name_the_call_and_the_error():
     cuda = CudaRuntime(SoftwareCuda())
-    with pytest.raises(PceeRuntimeError, match=r"cudaStreamSynchronize failed \(cudaErrorInvalidResourceHandle"):
+    with pytest.raises(PceeError, match=r"cudaStreamSynchronize failed \(cudaErrorInvalidResourceHandle"):
         cuda.synchronize(12345)
 
 
@@ -493,7 +493,7 @@ def test_lease_pool_reuses_grows_and_frees_on_close():
     assert destroyed == [first]
     pool.give_back(second)  # returned after close: destroyed, not kept
     assert destroyed == [first, second]
-    with pytest.raises(PceeRuntimeError, match="closed"):
+    with pytest.raises(PceeError, match="closed"):
         pool.checkout()
 
 
@@ -534,16 +534,16 @@ def test_shapes_and_addresses_are_set_only_when_they_change():
 def test_every_tensorrt_false_becomes_an_error():
     context = RecordingContext(accept=False)
     binding = bound(context)
-    with pytest.raises(PceeRuntimeError, match="optimization profile"):
+    with pytest.raises(PceeError, match="optimization profile"):
         binding.set_shape("hidden_states", (99, 5, 32))
-    with pytest.raises(PceeRuntimeError, match="refused the device address"):
+    with pytest.raises(PceeError, match="refused the device address"):
         binding.set_address("hidden_states", 100)
-    with pytest.raises(PceeRuntimeError, match="execute_async_v3 failed"):
+    with pytest.raises(PceeError, match="execute_async_v3 failed"):
         binding.execute(7)
     context.accept = True
     binding.set_shape("hidden_states", (99, 5, 32))  # a rejected shape is not remembered as set
     assert context.calls[-1] == ("shape", "hidden_states", (99, 5, 32))
-    with pytest.raises(PceeRuntimeError, match="could not create an execution context"):
+    with pytest.raises(PceeError, match="could not create an execution context"):
         BoundContext(SimpleNamespace(create_execution_context=lambda: None), "embeddings engine")
 
 
@@ -658,5 +658,5 @@ def test_close_frees_everything_the_backend_created(monkeypatch, software_engine
     runtime.close()
     assert cuda.outstanding() == (0, 0, 0)
     if backend == "tensorrt":
-        with pytest.raises(PceeRuntimeError, match="closed"):
+        with pytest.raises(PceeError, match="closed"):
             runtime.predict(texts, batch_size=4)

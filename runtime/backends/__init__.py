@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, PceeRuntimeError
+from ..errors import BackendUnavailableError, InputError
 from ..manifest import Manifest
 from .base import Backend
 
@@ -28,7 +28,7 @@ def tensorrt_available() -> bool:
 
 def create_backend(name: str, manifest: Manifest, bundle_dir: Path, intra_op_threads: int | None = None) -> Backend:
     if name not in BACKEND_NAMES:
-        raise PceeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
         if pick_automatically(manifest) == "tensorrt":
             try:

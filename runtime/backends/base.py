@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..errors import PceeRuntimeError
+from ..errors import BackendError
 from ..manifest import Manifest
 from ..policies import ExitRecord
 from ..tokenization import EncodedBatch
@@ -33,19 +33,19 @@ class Backend(ABC):
     def begin(self, batch: EncodedBatch) -> object:
         """Run the embeddings graph; returns this call's state (hidden state and attention bias)."""
         if len(batch) == 0:
-            raise PceeRuntimeError("begin() needs at least one row")
+            raise BackendError("begin() needs at least one row")
         return self._begin_impl(batch)
 
     def run_layers(self, state: object, first_layer: int, count: int) -> list[ExitRecord]:
         """Run layers first_layer..first_layer+count-1 (0-based) back to back; one host sync at the end."""
         if count < 1 or first_layer < 0 or first_layer + count > self.num_layers:
-            raise PceeRuntimeError(f"cannot run {count} layers from layer {first_layer} of {self.num_layers}")
+            raise BackendError(f"cannot run {count} layers from layer {first_layer} of {self.num_layers}")
         return self._run_layers_impl(state, first_layer, count)
 
     def compact(self, state: object, keep: np.ndarray) -> object:
         """Keep only the rows where `keep` is true, so later layers compute only those."""
         if keep.dtype != bool:
-            raise PceeRuntimeError("compact() needs a boolean row mask")
+            raise BackendError("compact() needs a boolean row mask")
         return state if keep.all() else self._compact_impl(state, keep)
 
     def finish(self, state: object) -> None:

@@ -2,7 +2,7 @@
 
 cuda-python is imported lazily, only when a GPU backend is created: the runtime must import
 without it. Every cudart call goes through `CudaRuntime.call`, which checks the returned
-`cudaError_t` and raises `PceeRuntimeError` naming the call and the CUDA error.
+`cudaError_t` and raises `PceeError` naming the call and the CUDA error.
 
 Compaction is planned here in pure Python (`plan_compaction`), so both backends gather the
 kept rows the same way and the planning is testable without a GPU.
@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, PceeRuntimeError
+from ..errors import BackendError, BackendUnavailableError
 
 # CUDA_VISIBLE_DEVICES chooses which physical GPU this is.
 DEVICE_INDEX = 0
@@ -43,7 +43,7 @@ def import_cudart():
 
 
 class CudaRuntime:
-    """The few cudart calls the GPU backends use; every error becomes a PceeRuntimeError."""
+    """The few cudart calls the GPU backends use; every error becomes a PceeError."""
 
     def __init__(self, cudart):
         self.api = cudart
@@ -73,7 +73,7 @@ class CudaRuntime:
         """Call cudart `function`; return its value (None, one value, or a tuple) after checking the error."""
         error, *values = getattr(self.api, function)(*arguments)
         if error != self.api.cudaError_t.cudaSuccess:
-            raise PceeRuntimeError(f"CUDA call {function} failed ({self.describe(error)})")
+            raise BackendError(f"CUDA call {function} failed ({self.describe(error)})")
         if not values:
             return None
         return values[0] if len(values) == 1 else tuple(values)
@@ -175,7 +175,7 @@ class LeasePool(Generic[Item]):
             pass
         with self._lock:
             if self._closed:
-                raise PceeRuntimeError("this backend is closed; load the bundle again to keep predicting")
+                raise BackendError("this backend is closed; load the bundle again to keep predicting")
             return self._create()
 
     def give_back(self, item: Item) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import graphs
-from ..errors import BackendUnavailableError, BundleError, InputError, PceeRuntimeError
+from ..errors import BackendError, BackendUnavailableError, BundleError, InputError
 from ..manifest import Manifest
 from ..policies import ExitRecord
 from ..tokenization import EncodedBatch
@@ -140,7 +140,7 @@ class BoundContext:
     def __init__(self, engine, label: str):
         self.context = engine.create_execution_context()
         if self.context is None:
-            raise PceeRuntimeError(f"TensorRT could not create an execution context for the {label} (out of GPU memory?)")
+            raise BackendError(f"TensorRT could not create an execution context for the {label} (out of GPU memory?)")
         self.label = label
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
@@ -150,7 +150,7 @@ class BoundContext:
             return
         self.shapes.pop(tensor, None)
         if not self.context.set_input_shape(tensor, shape):
-            raise PceeRuntimeError(
+            raise BackendError(
                 f"{self.label}: TensorRT rejected shape {shape} for {tensor}; it lies outside the engine's optimization profile"
             )
         self.shapes[tensor] = shape
@@ -160,12 +160,12 @@ class BoundContext:
             return
         self.addresses.pop(tensor, None)
         if not self.context.set_tensor_address(tensor, address):
-            raise PceeRuntimeError(f"{self.label}: TensorRT refused the device address for {tensor}")
+            raise BackendError(f"{self.label}: TensorRT refused the device address for {tensor}")
         self.addresses[tensor] = address
 
     def execute(self, stream) -> None:
         if not self.context.execute_async_v3(int(stream)):
-            raise PceeRuntimeError(f"{self.label}: TensorRT execute_async_v3 failed; the TensorRT log above says why")
+            raise BackendError(f"{self.label}: TensorRT execute_async_v3 failed; the TensorRT log above says why")
 
 
 @dataclass
