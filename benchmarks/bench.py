@@ -5,21 +5,33 @@ Ratios measured this way survive a noisy shared machine; absolute times do not.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ContextManager
 
 import numpy as np
 
-from pcee.runtime import graphs
-from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, open_session
-from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.policies import OperatingPoint
-from pcee.runtime.tokenization import EncodedBatch
+from pcee.runtime import (
+    EarlyExitRuntime, EncodedBatch, Manifest, OperatingPoint, PceeError, layer_speedup, open_cpu_session, replace_directory,
+    sha256_of, staging_directory_for,
+)
+from pcee.runtime.graphs import LOGITS
 
 RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers it ran (0 when not layer-based)
+SINGLE_GRAPH_FILE = "full_model.onnx"
+
+
+class BenchmarkError(PceeError, ValueError):
+    """A benchmark cannot run as asked; the message says what is missing and what to do."""
 
 
 @dataclass
@@ -27,6 +39,8 @@ class Contender:
     name: str
     run: RunChunk
     layer_based: bool = True
+    # Entered around each of its passes: process-wide knobs (torch's thread count) hold only while it runs.
+    settings: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 @dataclass
@@ -52,23 +66,22 @@ def runtime_contender(name: str, runtime: EarlyExitRuntime, point: OperatingPoin
 
 
 def single_graph_contender(path: Path, intra_op_threads: int | None) -> Contender:
-    session = open_session(path, cpu_session_options(intra_op_threads), ["CPUExecutionProvider"])
+    session = open_cpu_session(path, intra_op_threads)
     input_names = [tensor.name for tensor in session.get_inputs()]
 
     def run(chunk: EncodedBatch) -> int:
-        session.run([graphs.LOGITS], {name: getattr(chunk, name) for name in input_names})
+        session.run([LOGITS], {name: getattr(chunk, name) for name in input_names})
         return 0
 
     return Contender("single_graph_onnx", run, layer_based=False)
 
 
-def torch_contender(model_dir: Path) -> Contender | None:
-    try:
-        import torch
+def torch_contender(model_dir: Path, intra_op_threads: int | None) -> Contender:
+    """The PyTorch model at full depth, on `intra_op_threads` torch threads while it runs (default: torch's own)."""
+    import torch
 
-        from pcee.modeling.model import MultiExitClassifier
-    except ImportError:
-        return None
+    from pcee.modeling.model import MultiExitClassifier
+
     model = MultiExitClassifier.from_pretrained(model_dir)
 
     def run(chunk: EncodedBatch) -> int:
@@ -76,26 +89,54 @@ def torch_contender(model_dir: Path) -> Contender | None:
             model(*(torch.from_numpy(array) for array in (chunk.input_ids, chunk.attention_mask, chunk.token_type_ids)))
         return 0
 
-    return Contender("pytorch_eager", run, layer_based=False)
+    return Contender("pytorch_eager", run, layer_based=False, settings=functools.partial(torch_threads, intra_op_threads))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` and then restored (it is process-wide).
+
+    Inter-op threads are left alone: torch accepts that setting once per process, before any
+    parallel work, and eager inference of one model does not use them.
+    """
+    import torch
+
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def measure(contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None) -> dict[str, Timing]:
     """Repeat r runs every contender over all chunks before repeat r+1 starts, so drift hits all alike."""
     timings = {contender.name: Timing([], 0) for contender in contenders}
     for contender in contenders:  # warm-up: first calls allocate and JIT
-        contender.run(chunks[0])
+        with contender.settings():
+            contender.run(chunks[0])
     for _ in range(repeats):
         for contender in contenders:
-            seconds, layers = [], 0
-            for chunk in chunks:
-                started = time.perf_counter()
-                layers += contender.run(chunk)
-                seconds.append(time.perf_counter() - started)
+            with contender.settings():
+                seconds, layers = timed_pass(contender, chunks)
             timings[contender.name].chunk_seconds.append(seconds)
             timings[contender.name].layers_run = layers
             if progress is not None:
                 progress.update(1)
     return timings
+
+
+def timed_pass(contender: Contender, chunks: list[EncodedBatch]) -> tuple[list[float], int]:
+    """Seconds per chunk and the layers run over one pass of `contender` over every chunk."""
+    seconds, layers = [], 0
+    for chunk in chunks:
+        started = time.perf_counter()
+        layers += contender.run(chunk)
+        seconds.append(time.perf_counter() - started)
+    return seconds, layers
 
 
 def summarize(timings: dict[str, Timing], contenders: list[Contender], rows: int, batch_size: int, num_layers: int, reference: str = "single_graph_onnx") -> dict:
@@ -109,13 +150,71 @@ def summarize(timings: dict[str, Timing], contenders: list[Contender], rows: int
             latencies = np.concatenate(timing.chunk_seconds) * 1000
             entry.update(p50_ms=round(float(np.percentile(latencies, 50)), 3), p99_ms=round(float(np.percentile(latencies, 99)), 3))
         if contender.layer_based:
-            layer_speedup = 1 - timing.layers_run / (rows * num_layers)
-            entry["layer_speedup"] = round(layer_speedup, 4)
-            if layer_speedup > 0:
-                entry["efficiency"] = round(entry["wall_speedup"] / layer_speedup, 4)
+            saved = layer_speedup(timing.layers_run, rows, num_layers)
+            entry["layer_speedup"] = round(saved, 4)
+            if saved > 0:
+                entry["efficiency"] = round(entry["wall_speedup"] / saved, 4)
         figures[contender.name] = entry
     if "runtime_all_layers" in timings:
         figures["chain_overhead"] = round(timings["runtime_all_layers"].total_seconds() / base, 4)
     if "runtime_operating_point" in timings:
         figures["throughput_vs_single_graph"] = round(base / timings["runtime_operating_point"].total_seconds(), 4)
     return figures
+
+
+# -- the single-graph reference ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SingleGraph:
+    """The whole network as one ONNX graph, and where it came from: "bundle", "cache" or "exported" (just now)."""
+
+    path: Path
+    origin: str
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/pcee, else ~/.cache/pcee (the XDG base directory rule: a relative XDG_CACHE_HOME is ignored)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "pcee"
+
+
+def single_graph_for(bundle_dir: Path, manifest: Manifest, model_dir: Path | None = None, cache_dir: Path | None = None) -> SingleGraph:
+    """The bundle's own single graph, else the one exported from `model_dir` into the cache (once per model)."""
+    if manifest.full_graph is not None:
+        return SingleGraph(bundle_dir / manifest.full_graph.file, "bundle")
+    if model_dir is None:
+        raise BenchmarkError(
+            f"{bundle_dir} has no single-graph model to compare against (it was exported without --with-full-graph): "
+            "give the model directory it was exported from (pcee-bench --model-dir MODEL_DIR), "
+            "or re-export the bundle with pcee-export --with-full-graph"
+        )
+    return cached_single_graph(model_dir, cache_dir or default_cache_dir())
+
+
+def cached_single_graph(model_dir: Path, cache_dir: Path) -> SingleGraph:
+    """Exported once per model into `cache_dir`/single-graph/<model hash>/, never into the bundle."""
+    entry = cache_dir / "single-graph" / model_dir_sha256(model_dir)[:16]
+    if (entry / SINGLE_GRAPH_FILE).is_file():
+        return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
+    from pcee.exporter.bundle import export_full_graph
+
+    try:
+        staging = staging_directory_for(entry)
+    except OSError as error:
+        raise BenchmarkError(f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory") from None
+    try:
+        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE)
+        replace_directory(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return SingleGraph(entry / SINGLE_GRAPH_FILE, "exported")
+
+
+def model_dir_sha256(model_dir: Path) -> str:
+    """One hash over the files that define the model's arithmetic: its config.json and weights."""
+    from pcee.modeling.model import CONFIG_NAME, REFERENCE_WEIGHT_NAMES
+
+    files = {name: sha256_of(model_dir / name) for name in (CONFIG_NAME, *REFERENCE_WEIGHT_NAMES) if (model_dir / name).is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -9,69 +9,79 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.calibration.cli import data_options, friendly_errors, open_labelled_data
+from pcee.calibration.cli import data_options, open_labelled_data
 from pcee.calibration.collect import record_all_exits
-from pcee.calibration.errors import CalibrationError
-from pcee.calibration.simulate import layer_speedup, simulate
-from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.policies import OperatingPoint, build_policy
+from pcee.calibration.simulate import simulate
+from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, build_policy
 
-from .bench import chunks_of, measure, runtime_contender, single_graph_contender, summarize, torch_contender
-
-FULL_GRAPH_CACHE = Path(".pcee-cache") / "full_model.onnx"
-
-
-def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingPoint:
-    """The PABEE patience whose simulated layer speed-up on these rows is closest to `target`."""
-    layers = runtime.num_layers
-    candidates = [OperatingPoint("pabee", patience=p) for p in range(1, layers)]
-    speedups = [layer_speedup(simulate(build_policy(p, layers), exits).exit_layers, layers) for p in candidates]
-    return candidates[int(np.argmin([abs(s - target) for s in speedups]))]
+from .bench import (
+    BenchmarkError, Contender, SingleGraph, chunks_of, measure, runtime_contender,
+    single_graph_contender, single_graph_for, summarize, torch_contender,
+)
 
 
-def full_graph_path(runtime: EarlyExitRuntime, model_dir: Path | None) -> Path:
-    if runtime.manifest.full_graph is not None:
-        return runtime.bundle_dir / runtime.manifest.full_graph.file
-    cached = runtime.bundle_dir / FULL_GRAPH_CACHE
-    if cached.is_file():
-        return cached
-    if model_dir is None:
-        raise CalibrationError(
-            "the bundle has no single-graph model to compare against; pass --model-dir (the pcee-train output) "
-            "or re-export with pcee-export --with-full-graph"
-        )
-    from pcee.exporter.bundle import export_full_graph
+class BatchSizes(click.ParamType):
+    """A comma-separated list of positive integers, e.g. 1,32."""
 
-    return export_full_graph(model_dir, cached)
+    name = "N[,N...]"
 
-
-def parse_batch_sizes(value: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", param_hint="--batch-sizes") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter("batch sizes must be positive integers, e.g. 1,32", param_hint="--batch-sizes")
-    return sizes
+    def convert(self, value, param, context) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            sizes = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 1,32", param, context)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"{value!r}: batch sizes must be positive integers, e.g. 1,32", param, context)
+        return sizes
 
 
+def without_options(*names: str):
+    """Drop options a shared decorator adds that this command does not take."""
+
+    def drop(command: click.Command) -> click.Command:
+        command.params = [param for param in command.params if param.name not in names]
+        return command
+
+    return drop
+
+
+# data_options also brings --backend and --batch-size: pcee-bench measures the onnxruntime CPU chain
+# (its references run on the CPU too) at every size of --batch-sizes.
+@without_options("backend", "batch_size")
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
-@click.option("--batch-sizes", default="1,32", help="Comma-separated batch sizes to measure.")
-@click.option("--repeats", default=3, type=click.IntRange(min=1), help="Passes over the rows per contender (median reported).")
-@click.option("--max-rows", type=click.IntRange(min=1), help="Use only the first N rows.")
-@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), help="The pcee-train output: adds the PyTorch eager contender, and exports the single-graph model if the bundle lacks one.")
-@click.option("--intra-op-threads", type=click.IntRange(min=1), help="onnxruntime threads per session (default: all cores), the same for every contender.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the figures under results[<batch size>].")
-@click.option("--no-progress", is_flag=True)
+@click.option("--batch-sizes", type=BatchSizes(), default="1,32",
+              help="Batch sizes to measure, comma-separated. Batch 1 gives p50/p99 latency per row; larger batches "
+                   "show throughput, where rows that exit early leave the batch.")
+@click.option("--repeats", default=3, type=click.IntRange(min=1),
+              help="Interleaved passes over the rows per contender; the median pass is reported. More repeats "
+                   "steady the figures on a busy machine.")
+@click.option("--max-rows", type=click.IntRange(min=1),
+              help="Use only the first N rows of --data: a quick look. Below a few hundred rows p99 is noisy.")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The pcee-train output the bundle was exported from. Adds the PyTorch eager contender (needs "
+                   "torch). REQUIRED when the bundle has no single-graph model (exported without "
+                   "--with-full-graph): that graph is then exported from here, once, into --cache-dir.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the single-graph model exported from --model-dir is kept for later runs, keyed by the "
+                   "model's hash, outside the bundle. [default: $XDG_CACHE_HOME/pcee or ~/.cache/pcee]")
+@click.option("--intra-op-threads", type=click.IntRange(min=1),
+              help="Threads per onnxruntime session and for PyTorch, the same for every contender (default: each "
+                   "library's own, one per core). On a shared or loaded machine pass 1: threads fighting for "
+                   "busy cores slow PyTorch far more than onnxruntime and skew the comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, figures under results[<batch size>], instead of tables.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars (they go to stderr).")
 def main(bundle_dir: Path, **options) -> None:
     """Measure whether layer savings turn into wall-clock savings.
 
     \b
     Contenders, each run over the same rows, interleaved, in one process:
+      single_graph_onnx         the whole network as one ONNX graph, same onnxruntime
+                                settings (the reference)
       pytorch_eager             the PyTorch model, full depth (with --model-dir)
-      single_graph_onnx         the whole network as one ONNX graph, same onnxruntime settings
       runtime_all_layers        the per-layer chain, no early exit
       runtime_operating_point   the chain at the bundle's operating point
       runtime_pabee             PABEE at the patience closest in layer speed-up
@@ -79,49 +89,90 @@ def main(bundle_dir: Path, **options) -> None:
     wall_speedup (1 - time / single graph), chain_overhead (all layers / single
     graph), efficiency (wall speed-up / layer speed-up).
 
+    The single graph is the bundle's own (pcee-export --with-full-graph); otherwise
+    --model-dir is required and the graph is exported from it once, into --cache-dir.
+
     \b
-    Example:
-      pcee-bench runs/sst2-pcee --data glue/SST-2 --model-dir runs/sst2 --json
+    Example (pcee-export runs/sst2 wrote the bundle runs/sst2-pcee):
+      pcee-bench runs/sst2-pcee --data data/glue/SST-2 --model-dir runs/sst2 --json
     """
-    with friendly_errors():
+    try:
         report = run_benchmark(bundle_dir, options)
+    except PceeError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(json.dumps(report, indent=2) if options["as_json"] else format_report(report))
 
 
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:
-    batch_sizes = parse_batch_sizes(options["batch_sizes"])
-    _, dataset, _ = open_labelled_data(bundle_dir, options)
+    """Bad input (data, labels, model dir, missing single graph) fails before the first timing."""
+    manifest, dataset, _ = open_labelled_data(bundle_dir, options)
+    single_graph, references = reference_contenders(bundle_dir, manifest, options)
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"])
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     if options["max_rows"]:
         batch = batch.select(np.arange(min(options["max_rows"], len(batch))))
     exits = record_all_exits(runtime, batch, progress=not options["no_progress"]).exits
     point = runtime.operating_point
-    expected_speedup = layer_speedup(simulate(build_policy(point, runtime.num_layers, runtime.manifest.model.learned_confidence), exits).exit_layers, runtime.num_layers)
+    expected_speedup = simulate(build_policy(point, runtime.num_layers, manifest.model.learned_confidence), exits).layer_speedup
     pabee = closest_pabee(runtime, exits, expected_speedup)
     results = {}
-    for batch_size in batch_sizes:
-        contenders = [single_graph_contender(full_graph_path(runtime, options["model_dir"]), options["intra_op_threads"])]
-        if options["model_dir"] is not None:
-            contenders += [c for c in [torch_contender(options["model_dir"])] if c is not None]
-        contenders += [
+    for batch_size in options["batch_sizes"]:
+        contenders = references + [
             runtime_contender("runtime_all_layers", runtime, OperatingPoint("full"), batch_size),
             runtime_contender("runtime_operating_point", runtime, point, batch_size),
             runtime_contender("runtime_pabee", runtime, pabee, batch_size),
         ]
-        chunks = chunks_of(batch, batch_size)
-        with tqdm(total=options["repeats"] * len(contenders), desc=f"batch size {batch_size}", disable=options["no_progress"]) as bar:
-            timings = measure(contenders, chunks, options["repeats"], bar)
-        results[str(batch_size)] = summarize(timings, contenders, len(batch), batch_size, runtime.num_layers)
+        results[str(batch_size)] = measure_batch_size(contenders, batch, batch_size, runtime.num_layers, options)
     return {
         "bundle": str(bundle_dir), "rows": len(batch), "repeats": options["repeats"], "backend": runtime.backend_name,
-        "device": runtime.device, "operating_point": point.to_dict(), "pabee_point": pabee.to_dict(), "results": results,
+        "device": runtime.device, "intra_op_threads": options["intra_op_threads"],
+        "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
+        "operating_point": point.to_dict(), "pabee_point": pabee.to_dict(), "results": results,
     }
 
 
+def reference_contenders(bundle_dir: Path, manifest: Manifest, options: dict) -> tuple[SingleGraph, list[Contender]]:
+    """The single graph, and PyTorch eager with --model-dir, both on --intra-op-threads."""
+    model_dir, threads = options["model_dir"], options["intra_op_threads"]
+    if model_dir is not None:
+        require_torch(model_dir)
+    single_graph = single_graph_for(bundle_dir, manifest, model_dir, options["cache_dir"])
+    if single_graph.origin == "exported":
+        click.echo(f"Exported the single-graph model of {model_dir} to {single_graph.path} (reused by later runs).", err=True)
+    contenders = [single_graph_contender(single_graph.path, threads)]
+    if model_dir is not None:
+        contenders.append(torch_contender(model_dir, threads))
+    return single_graph, contenders
+
+
+def require_torch(model_dir: Path) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BenchmarkError(f"--model-dir {model_dir} needs PyTorch to run and export the model: pip install 'pcee[export]'") from None
+
+
+def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingPoint:
+    """The PABEE patience whose simulated layer speed-up on these rows is closest to `target`."""
+    layers = runtime.num_layers
+    candidates = [OperatingPoint("pabee", patience=p) for p in range(1, layers)]
+    speedups = [simulate(build_policy(p, layers), exits).layer_speedup for p in candidates]
+    return candidates[int(np.argmin([abs(s - target) for s in speedups]))]
+
+
+def measure_batch_size(contenders: list[Contender], batch, batch_size: int, num_layers: int, options: dict) -> dict:
+    with tqdm(total=options["repeats"] * len(contenders), desc=f"batch size {batch_size}", disable=options["no_progress"]) as bar:
+        timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar)
+    return summarize(timings, contenders, len(batch), batch_size, num_layers)
+
+
 def format_report(report: dict) -> str:
-    lines = [f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}; "
-             f"operating point {OperatingPoint.from_dict(report['operating_point']).describe()}, PABEE patience {report['pabee_point']['patience']}"]
+    threads = report["intra_op_threads"] or "default"
+    lines = [
+        f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads; "
+        f"operating point {OperatingPoint.from_dict(report['operating_point']).describe()}, PABEE patience {report['pabee_point']['patience']}",
+        f"single graph ({report['single_graph']['origin']}): {report['single_graph']['file']}",
+    ]
     for batch_size, figures in report["results"].items():
         lines.append(f"\nbatch size {batch_size}: chain_overhead {figures.get('chain_overhead')}, "
                      f"throughput vs single graph {figures.get('throughput_vs_single_graph')}")

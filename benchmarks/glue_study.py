@@ -14,9 +14,8 @@ on the report half, so no threshold is tuned on the rows it is scored on. Thresh
 the calibration search (the most conservative point reaching the target); budgeted exit and
 PABEE, whose single integer knob gives a few speed-ups only, take the value nearest the target.
 
-Example (from the repository root):
-    python -m pcee.benchmarks.glue_study --glue-dir ../shared/data/glue --workdir /work/runs/study \\
-        train --reuse-model sst2=/work/runs/sst2-minilm
+Example (from the repository root; data/glue holds the GLUE task directories SST-2/, CoLA/, QNLI/):
+    python -m pcee.benchmarks.glue_study --glue-dir data/glue --workdir runs/study train --reuse-model sst2=runs/sst2
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.benchmarks.bench import chunks_of, measure, runtime_contender, single_graph_contender, summarize
-from pcee.benchmarks.cli import full_graph_path
+from pcee.benchmarks.bench import chunks_of, measure, runtime_contender, single_graph_contender, single_graph_for, summarize
 from pcee.calibration.bound import FULL_MODEL
 from pcee.calibration.bundle import bundle_label_indices
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
@@ -42,9 +40,7 @@ from pcee.calibration.search import Sweep, search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Outcome, Simulator, exit_histogram
 from pcee.modeling.data import load_glue_split
 from pcee.modeling.metrics import task_metric
-from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.policies import OperatingPoint
-from pcee.runtime.tokenization import EncodedBatch
+from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 TARGETS = (0.25, 0.50, 0.75)
@@ -101,7 +97,7 @@ class Study:
         return self.workdir / task.name / "model"
 
     def bundle_dir(self, task: StudyTask) -> Path:
-        return self.workdir / task.name / "bundle"
+        return self.workdir / task.name / "model-pcee"  # pcee-export's default for model_dir: MODEL_DIR-pcee
 
     def table_file(self, task: StudyTask) -> Path:
         return self.workdir / task.name / "table.json"
@@ -122,7 +118,7 @@ def parse_tasks(value: str) -> list[StudyTask]:
 
 
 @click.group(context_settings=CONTEXT)
-@click.option("--glue-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="GLUE data root (SST-2/, CoLA/, QNLI/).")
+@click.option("--glue-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="GLUE data root holding SST-2/, CoLA/ and QNLI/ as the GLUE benchmark distributes them (gluebenchmark.com/tasks).")
 @click.option("--workdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where models, bundles and results go.")
 @click.option("--tasks", default=",".join(TASKS), help="Comma-separated tasks to run the step for.")
 @click.option("--seed", default=0, type=int, help="Seed of the QNLI train/test split, the search/report halves and the bootstrap.")
@@ -314,7 +310,7 @@ def wall_clock(rows: TaskRows, points: list[OperatingPoint], timed_rows: int, re
     sample = np.random.default_rng(rows.seed).choice(rows.report_indices, size=timed_rows, replace=False)
     runtime = rows.runtime
     contenders = [
-        single_graph_contender(full_graph_path(runtime, None), intra_op_threads),
+        single_graph_contender(single_graph_for(runtime.bundle_dir, runtime.manifest).path, intra_op_threads),
         runtime_contender(ALL_LAYERS, runtime, FULL_MODEL, 1),
     ]
     contenders += [runtime_contender(key, runtime, point, 1) for key, point in {point_key(point): point for point in points}.items()]

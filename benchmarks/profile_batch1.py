@@ -2,8 +2,8 @@
 
     python -m pcee.benchmarks.profile_batch1 BUNDLE_DIR GLUE_TSV [ROWS]
 
-BUNDLE_DIR needs onnx/full_model.onnx (pcee-export --with-full-graph); GLUE_TSV is a file whose
-first column holds the sentences (e.g. SST-2 dev.tsv).
+BUNDLE_DIR needs its own single-graph model (pcee-export --with-full-graph); GLUE_TSV is a file
+whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from pcee.runtime import EarlyExitRuntime, OperatingPoint
-from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
+from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
+
+from .bench import Contender, runtime_contender, single_graph_contender, single_graph_for
 
 
 class SessionClock:
@@ -44,30 +46,37 @@ class SessionClock:
 
 
 def main(bundle_dir: str, tsv: str, rows: int = 400, repeats: int = 3) -> None:
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir)
-    single = ort.InferenceSession(f"{bundle_dir}/onnx/full_model.onnx", cpu_session_options(), providers=["CPUExecutionProvider"])
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu")
+    single_graph = single_graph_for(Path(bundle_dir), runtime.manifest)
     texts = [line.split("\t")[0] for line in open(tsv, encoding="utf-8").read().splitlines()[1 : rows + 1]]
     batch = runtime.tokenizer.encode_texts(texts)
     singles = [batch.select(np.array([index])) for index in range(len(texts))]
-    contenders = {
-        "single-graph ONNX": lambda row: single.run(None, {name: getattr(row, name) for name in ("input_ids", "attention_mask", "token_type_ids")}),
-        "runtime, all layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
-        "runtime, operating point": lambda row: runtime.predict_encoded(row),
-    }
-    results = {name: [] for name in contenders}
+    contenders = [
+        single_graph_contender(single_graph.path, None),
+        runtime_contender("runtime_all_layers", runtime, OperatingPoint("full"), 1),
+        runtime_contender("runtime_operating_point", runtime, runtime.operating_point, 1),
+    ]
+    results: dict[str, list[tuple[float, float]]] = {contender.name: [] for contender in contenders}
     for _ in range(repeats):
-        for name, run in contenders.items():
-            with SessionClock() as clock:
-                started = time.perf_counter()
-                for row in singles:
-                    run(row)
-                total = time.perf_counter() - started
-            results[name].append((total, clock.seconds))
+        for contender in contenders:
+            results[contender.name].append(time_rows(contender, singles))
     for name, runs in results.items():
         total = statistics.median(t for t, _ in runs) / len(singles) * 1000
         inside = statistics.median(o for _, o in runs) / len(singles) * 1000
         print(f"{name:26s} {total:.3f} ms/row, {inside:.3f} in onnxruntime, {total - inside:.3f} in Python")
 
 
+def time_rows(contender: Contender, rows: list) -> tuple[float, float]:
+    """Seconds for all rows one at a time, and the part of it spent inside onnxruntime."""
+    with SessionClock() as clock:
+        started = time.perf_counter()
+        for row in rows:
+            contender.run(row)
+        return time.perf_counter() - started, clock.seconds
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(value) for value in sys.argv[3:4]))
+    try:
+        main(sys.argv[1], sys.argv[2], *(int(value) for value in sys.argv[3:4]))
+    except PceeError as error:
+        sys.exit(f"Error: {error}")

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from pcee.modeling.data import DataError, TextDataset, get_task, load_data
-from pcee.runtime.manifest import Manifest
-from pcee.runtime.policies import OperatingPoint
+from pcee.runtime import Manifest, OperatingPoint
 
 from .errors import CalibrationError
 
 INITIAL_POINT_NAME = "initial"
-
-
-def require_labels(manifest: Manifest, bundle_dir: Path) -> list[str]:
-    labels = list(manifest.model.labels)
-    if len(labels) < 2:
-        raise CalibrationError(
-            f"bundle {bundle_dir} declares labels {labels}; calibration maps the data's labels to the bundle's by name "
-            "and needs at least two. Re-export the bundle from a model trained with pcee-train"
-        )
-    return labels
 
 
 def load_labelled_data(
@@ -63,19 +53,19 @@ def bundle_label_indices(dataset: TextDataset, bundle_labels: list[str]) -> np.n
     return mapping[labels]
 
 
-def merged_points(current: dict, saved: list[dict], new: OperatingPoint) -> list[dict]:
+def merged_points(current: OperatingPoint, saved: list[OperatingPoint], new: OperatingPoint) -> list[OperatingPoint]:
     """The saved points with `new` added (replacing a namesake), and the current point kept under a name."""
-    points = [point for point in saved if point.get("name") != new.name]
-    if current and current not in saved and current.get("name") != new.name:
-        points.append(current if current.get("name") else {**current, "name": INITIAL_POINT_NAME})
-    return points + [new.to_dict()]
+    points = [point for point in saved if point.name != new.name]
+    if current not in saved and current.name != new.name:
+        points.append(current if current.name else replace(current, name=INITIAL_POINT_NAME))
+    return points + [new]
 
 
 def record_in_manifest(bundle_dir: Path, point: OperatingPoint, summary: dict) -> Manifest:
     """Make `point` the bundle's operating point, keep the earlier ones by name, in one atomic write."""
     manifest = Manifest.load(bundle_dir, verify_hashes=False)
     manifest.operating_points = merged_points(manifest.operating_point, manifest.operating_points, point)
-    manifest.operating_point = point.to_dict()
+    manifest.operating_point = point
     manifest.calibration = summary
     manifest.save(bundle_dir)
     return manifest

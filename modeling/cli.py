@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..runtime.atomic import replace_directory, staging_directory_for
+from ..runtime.errors import PceeError
 from .config import PceeConfig, default_exit_pooling
-from .errors import ModelingError
 
 EVAL_RESULTS_NAME = "eval_results.json"
 
@@ -89,11 +89,9 @@ def main(**options) -> None:
     Writes config.json (with a "pcee" block), model.safetensors, the tokenizer and
     eval_results.json (every exit's validation metric) to --output-dir.
     """
-    from .data import DataError
-
     try:
         run_training(options)
-    except (ModelingError, DataError) as error:
+    except PceeError as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -102,7 +100,7 @@ def run_training(options: dict) -> None:
 
     from .backbones import resolve_backbone
     from .model import MultiExitClassifier
-    from .train import Stopwatch, TrainingConfig, encode, evaluate_exits, predict_all_exits, seed_everything, train
+    from .train import Stopwatch, TrainingConfig, encode, evaluate_exits, predict_all_exits, seed_everything, train_model
 
     output_dir = Path(options["output_dir"])
     check_output_dir(output_dir, options["overwrite"])
@@ -141,7 +139,7 @@ def run_training(options: dict) -> None:
     )
     train_data = encode(tokenizer, train_set, config.max_seq_len)
     with Stopwatch() as clock:
-        losses = train(model, train_data, config, tokenizer.pad_token_id, progress)
+        losses = train_model(model, train_data, config, tokenizer.pad_token_id, progress)
     validation = encode(tokenizer, validation_set, config.max_seq_len)
     probabilities = predict_all_exits(model, validation, tokenizer.pad_token_id, config.eval_batch_size, progress)
     exits = evaluate_exits(probabilities, validation.labels, metric_name)

@@ -38,6 +38,12 @@ class TaskSpec:
     text_pair_column: str | None
     label_column: str
     headerless_columns: tuple[str, ...] | None = None  # column names for files shipped without a header
+    file_labels: tuple[str, ...] | None = None  # how the files write the labels (GLUE's 0/1), when not by name
+
+    @property
+    def label_values(self) -> tuple[str, ...]:
+        """The labels as the task's files write them, in the order of `label_names`."""
+        return self.file_labels or self.label_names
 
     def split_file(self, split: str) -> str:
         if split not in SPLITS:
@@ -48,16 +54,26 @@ class TaskSpec:
 _BINARY = ("0", "1")
 _ENTAILMENT = ("entailment", "not_entailment")
 
+# The 0/1 tasks are named as in GLUE's own task descriptions (and the Hugging Face glue dataset).
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("sst2", ("SST-2",), "train.tsv", "dev.tsv", _BINARY, "accuracy", False, "sentence", None, "label"),
         TaskSpec(
-            "cola", ("CoLA",), "train.tsv", "dev.tsv", _BINARY, "matthews", False, "sentence", None, "label",
-            headerless_columns=("source", "label", "original_label_mark", "sentence"),
+            "sst2", ("SST-2",), "train.tsv", "dev.tsv", ("negative", "positive"), "accuracy", False, "sentence", None,
+            "label", file_labels=_BINARY,
         ),
-        TaskSpec("mrpc", ("MRPC",), "train.tsv", "dev.tsv", _BINARY, "f1", True, "#1 String", "#2 String", "Quality"),
-        TaskSpec("qqp", ("QQP",), "train.tsv", "dev.tsv", _BINARY, "f1", True, "question1", "question2", "is_duplicate"),
+        TaskSpec(
+            "cola", ("CoLA",), "train.tsv", "dev.tsv", ("unacceptable", "acceptable"), "matthews", False, "sentence",
+            None, "label", headerless_columns=("source", "label", "original_label_mark", "sentence"), file_labels=_BINARY,
+        ),
+        TaskSpec(
+            "mrpc", ("MRPC",), "train.tsv", "dev.tsv", ("not_equivalent", "equivalent"), "f1", True, "#1 String",
+            "#2 String", "Quality", file_labels=_BINARY,
+        ),
+        TaskSpec(
+            "qqp", ("QQP",), "train.tsv", "dev.tsv", ("not_duplicate", "duplicate"), "f1", True, "question1",
+            "question2", "is_duplicate", file_labels=_BINARY,
+        ),
         TaskSpec(
             "mnli", ("MNLI",), "train.tsv", "dev_matched.tsv", ("contradiction", "entailment", "neutral"),
             "accuracy", True, "sentence1", "sentence2", "gold_label",
@@ -213,8 +229,9 @@ class _Layout:
     text_column: str
     text_pair_column: str | None
     label_column: str
-    label_names: tuple[str, ...] | None
+    label_names: tuple[str, ...] | None  # None: the sorted values found in the file
     advice: str
+    file_labels: tuple[str, ...] | None = None  # the labels as the file writes them, when not by name
 
 
 def _check_columns(path: Path, columns: list[str], layout: _Layout) -> None:
@@ -226,11 +243,51 @@ def _check_columns(path: Path, columns: list[str], layout: _Layout) -> None:
             )
 
 
-def _field(path: Path, record: _Record, column: str) -> str:
+def _raw_field(path: Path, record: _Record, column: str) -> object:
     line_number, values = record
     if column not in values:
         raise DataError(f"{path}, line {line_number}: column {column!r} is missing from this row. Fix the row.")
-    return _text_value(path, line_number, column, values[column])
+    return values[column]
+
+
+def _field(path: Path, record: _Record, column: str) -> str:
+    return _text_value(path, record[0], column, _raw_field(path, record, column))
+
+
+def _label_text(path: Path, line_number: int, column: str, value: object) -> str:
+    """A label as text: JSON numbers equal as numbers (1, 1.0) share one spelling; true/false keep JSON's."""
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise DataError(
+                f"{path}, line {line_number}: label {json.dumps(value)} in column {column!r} is not a whole number; "
+                "expected class labels (whole numbers or names). Map the values to classes first."
+            )
+        value = int(value)
+    return _text_value(path, line_number, column, value).strip()
+
+
+def _check_one_kind_of_label(path: Path, records: list[_Record], column: str) -> None:
+    """Many tools read true as 1, so a column mixing true/false with numbers has no clear classes."""
+    first_of_kind: dict[str, tuple[int, object]] = {}
+    for line_number, values in records:
+        value = values.get(column)
+        kind = "true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else None
+        if kind is not None:
+            first_of_kind.setdefault(kind, (line_number, value))
+    if len(first_of_kind) == 2:
+        (bool_line, bool_value), (number_line, number_value) = first_of_kind["true/false"], first_of_kind["number"]
+        raise DataError(
+            f"{path}: column {column!r} mixes true/false labels (line {bool_line}: {json.dumps(bool_value)}) "
+            f"with number labels (line {number_line}: {json.dumps(number_value)}); expected one kind of label. "
+            "Write every label the same way."
+        )
+
+
+def _label_values(path: Path, records: list[_Record], column: str) -> list[str]:
+    _check_one_kind_of_label(path, records, column)
+    return [_label_text(path, record[0], column, _raw_field(path, record, column)) for record in records]
 
 
 def _infer_label_names(labels: Iterable[str]) -> tuple[str, ...]:
@@ -241,12 +298,12 @@ def _infer_label_names(labels: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(unique))
 
 
-def _label_index(path: Path, line_number: int, value: str, label_names: tuple[str, ...], advice: str) -> int:
+def _label_index(path: Path, line_number: int, value: str, file_labels: tuple[str, ...], advice: str) -> int:
     try:
-        return label_names.index(value)
+        return file_labels.index(value)
     except ValueError:
         raise DataError(
-            f"{path}, line {line_number}: label {value!r} is not one of {', '.join(map(repr, label_names))}. {advice}"
+            f"{path}, line {line_number}: label {value!r} is not one of {', '.join(map(repr, file_labels))}. {advice}"
         ) from None
 
 
@@ -254,17 +311,17 @@ def _build_dataset(path: Path, columns: list[str], records: list[_Record], layou
     _check_columns(path, columns, layout)
     if not records:
         raise DataError(f"{path}: a header but no data rows. Point to a file with data.")
-    label_values = [_field(path, record, layout.label_column).strip() for record in records]
-    label_names = layout.label_names or _infer_label_names(label_values)
+    label_values = _label_values(path, records, layout.label_column)
+    file_labels = layout.file_labels or layout.label_names or _infer_label_names(label_values)
     pair_column = layout.text_pair_column
     return TextDataset(
         texts=[_field(path, record, layout.text_column) for record in records],
         text_pairs=None if pair_column is None else [_field(path, record, pair_column) for record in records],
         labels=[
-            _label_index(path, line_number, value, label_names, layout.advice)
+            _label_index(path, line_number, value, file_labels, layout.advice)
             for (line_number, _), value in zip(records, label_values)
         ],
-        label_names=label_names,
+        label_names=layout.label_names or file_labels,
         source=str(path),
     )
 
@@ -283,6 +340,7 @@ def load_glue_file(task: str, path: str | Path) -> TextDataset:
         text_pair_column=spec.text_pair_column,
         label_column=spec.label_column,
         label_names=spec.label_names,
+        file_labels=spec.label_values,
         advice=f"Check that this is a {spec.name} ({spec.directory_names[0]}) train/dev file and that the task is right.",
     )
     return _build_dataset(path, columns, records, layout)
@@ -317,8 +375,8 @@ def load_generic_file(
 ) -> TextDataset:
     """A .csv, .tsv (unquoted) or .jsonl file with named text and label columns.
 
-    Labels are read as strings; without `label_names` they are the sorted unique values
-    (numerically sorted when all are integers).
+    Labels are read as strings (JSON numbers equal as numbers, 1 and 1.0, are one label "1");
+    without `label_names` they are the sorted unique values (numerically sorted when all are integers).
     """
     path = Path(path)
     reader = _GENERIC_READERS.get(path.suffix.lower())

@@ -7,13 +7,22 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import ArrayLike
 
+from pcee.runtime.errors import PceeError
+
+
+class MetricError(PceeError, ValueError):
+    """A metric was asked for by an unknown name, or for predictions that do not pair up with the labels."""
+
 
 def _as_label_arrays(preds: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = np.asarray(preds).ravel(), np.asarray(labels).ravel()
     if preds.shape != labels.shape:
-        raise ValueError(f"got {preds.size} predictions for {labels.size} labels; expected one per label")
+        raise MetricError(
+            f"got {preds.size} predictions for {labels.size} labels; expected one prediction per label. "
+            "Score the predictions of exactly the labelled rows."
+        )
     if preds.size == 0:
-        raise ValueError("got no predictions; expected at least one")
+        raise MetricError("got no predictions; expected at least one. Score a non-empty set of rows.")
     return preds, labels
 
 
@@ -56,7 +65,7 @@ def task_metric(metric_name: str, preds: ArrayLike, labels: ArrayLike) -> float:
     """The metric called `metric_name` ('accuracy', 'f1' or 'matthews')."""
     metric = METRICS.get(metric_name)
     if metric is None:
-        raise ValueError(f"unknown metric {metric_name!r}; expected one of {', '.join(METRICS)}")
+        raise MetricError(f"unknown metric {metric_name!r}; expected one of {', '.join(METRICS)}. Pick one of those.")
     return metric(preds, labels)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from pcee.runtime.atomic import new_file_mode
+
 from .adapters import ArchitectureAdapter, attention_bias, get_adapter
+from .backbones import load_pretrained_encoder
 from .config import PceeConfig
 from .errors import ModelDirectoryError
 
@@ -142,6 +146,9 @@ class MultiExitClassifier(nn.Module):
     def config_dict(self) -> dict:
         data = self.backbone_config.to_dict()
         data["architectures"] = ["MultiExitClassifier"]
+        names = self.pcee_config.label_names
+        data["id2label"] = {str(index): name for index, name in enumerate(names)}
+        data["label2id"] = {name: index for index, name in enumerate(names)}
         data["pcee"] = self.pcee_config.to_dict()
         return data
 
@@ -151,7 +158,9 @@ class MultiExitClassifier(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-        save_model(self, str(directory / WEIGHTS_NAME))
+        weights = directory / WEIGHTS_NAME
+        save_model(self, str(weights))
+        os.chmod(weights, new_file_mode())  # safetensors creates the file 0600, unlike open()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
 
@@ -194,7 +203,7 @@ class MultiExitClassifier(nn.Module):
         backbone_config = AutoConfig.from_pretrained(str(backbone))
         get_adapter(backbone_config.model_type)
         model = cls(backbone_config, pcee_config)
-        pretrained = AutoModel.from_pretrained(str(backbone), config=backbone_config)
+        pretrained = load_pretrained_encoder(Path(backbone), backbone_config)
         model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
         model.copy_pooler_into_exit_poolers()
         return model

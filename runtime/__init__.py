@@ -3,15 +3,37 @@
     from pcee.runtime import EarlyExitRuntime
     runtime = EarlyExitRuntime.from_bundle("runs/sst2-pcee")
     result = runtime.predict(["a gripping, funny film"])
+
+This module's names are the runtime's public surface: the other rooms (exporter, calibration,
+benchmarks, serving) import from here, never from a backend module.
 """
 
-from .engine import AllExits, EarlyExitRuntime, PredictionResult, RowPrediction
+from .atomic import replace_directory, staging_directory_for, write_file_atomically
+from .backends import BACKEND_NAMES, create_backend
+from .backends.base import Backend
+from .backends.onnxruntime_cpu import open_cpu_session
+from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
-from .manifest import FORMAT_VERSION, Manifest
+from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
+from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
+from .loop import DEFAULT_BATCH_SIZE, length_sorted_chunks, record_every_exit, replay, run_early_exit, run_every_exit, run_in_chunks
+from .manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, Manifest, ModelInfo, ParityResult, TensorRTEngines, TokenizerInfo,
+    graph_chain_of, sha256_of, write_json_atomically,
+)
 from .policies import POLICY_NAMES, ExitPolicy, OperatingPoint, build_policy
+from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
-    "AllExits", "EarlyExitRuntime", "PredictionResult", "RowPrediction",
+    "replace_directory", "staging_directory_for", "write_file_atomically",
+    "BACKEND_NAMES", "Backend", "create_backend", "open_cpu_session",
+    "EarlyExitRuntime", "PredictionResult", "RowPrediction",
     "BackendError", "BackendUnavailableError", "BundleError", "InputError", "PceeError", "PolicyError",
-    "FORMAT_VERSION", "Manifest", "POLICY_NAMES", "ExitPolicy", "OperatingPoint", "build_policy",
+    "AllExits", "BatchOutcome", "ExitRecord", "layer_speedup", "softmax",
+    "EngineChain", "GraphChain", "GraphSpec", "LocatedGraph", "layer_graph_name",
+    "DEFAULT_BATCH_SIZE", "length_sorted_chunks", "record_every_exit", "replay", "run_early_exit", "run_every_exit", "run_in_chunks",
+    "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "GraphFile", "Manifest", "ModelInfo", "ParityResult", "TensorRTEngines",
+    "TokenizerInfo", "graph_chain_of", "sha256_of", "write_json_atomically",
+    "POLICY_NAMES", "ExitPolicy", "OperatingPoint", "build_policy",
+    "BundleTokenizer", "EncodedBatch",
 ]

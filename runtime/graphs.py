@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
@@ -22,7 +23,9 @@ LOGITS = "logits"
 ENTROPY = "normalized_entropy"
 MAX_PROBABILITY = "max_probability"
 CONFIDENCE_SCORE = "confidence_score"
-EXIT_OUTPUT_NAMES = (LOGITS, ENTROPY, MAX_PROBABILITY, CONFIDENCE_SCORE)
+
+EMBEDDINGS_GRAPH = "embeddings"
+GRAPH_NAME_KEY = "pcee.graph"  # ONNX metadata: which graph of the chain a file holds
 
 
 @dataclass(frozen=True)
@@ -116,3 +119,70 @@ def spec_from_dict(kind: str, data: dict) -> GraphSpec:
         tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
     )
 
+
+
+def layer_graph_name(index: int) -> str:
+    """The name of 0-based layer `index`'s graph: layer_01, layer_02, ..."""
+    return f"layer_{index + 1:02d}"
+
+
+@dataclass(frozen=True)
+class LocatedGraph:
+    """A graph file of the chain, with its name in the chain and its declared spec."""
+
+    name: str  # "embeddings", "layer_01", ...
+    path: Path
+    spec: GraphSpec
+
+
+@dataclass(frozen=True)
+class GraphChain:
+    """What a backend is built from: the embeddings graph and one graph per layer, in order."""
+
+    embeddings: LocatedGraph
+    layers: tuple[LocatedGraph, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_spec(self) -> GraphSpec:
+        return self.layers[0].spec
+
+
+@dataclass(frozen=True)
+class EngineChain:
+    """What the TensorRT backend is built from besides the graph chain: one engine file per graph."""
+
+    embeddings: Path
+    layers: tuple[Path, ...]
+    max_batch_size: int
+    max_seq_len: int
+    built_with: str  # "TensorRT 10.3.0 on NVIDIA H200": engines load only there
+
+
+def signature_mismatches(spec: GraphSpec, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> list[str]:
+    """How a graph's actual inputs and outputs differ from its spec: names, order, ranks, dtypes, fixed axes.
+
+    A dynamic axis of the spec matches anything; a fixed one (the label count, the hidden size)
+    must match exactly where the graph declares a number.
+    """
+    problems = []
+    for role, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        if [t.name for t in declared] != [t.name for t in actual]:
+            problems.append(f"{role} are {[t.name for t in actual]}, the manifest declares {[t.name for t in declared]}")
+            continue
+        for want, got in zip(declared, actual):
+            problems.extend(tensor_mismatches(want, got))
+    return problems
+
+
+def tensor_mismatches(want: TensorSpec, got: TensorSpec) -> list[str]:
+    if len(want.shape) != len(got.shape):
+        return [f"{got.name} has rank {len(got.shape)}, the manifest declares {len(want.shape)}"]
+    problems = [] if want.dtype == got.dtype else [f"{got.name} is {got.dtype}, the manifest declares {want.dtype}"]
+    for axis, (wanted, actual) in enumerate(zip(want.shape, got.shape)):
+        if isinstance(wanted, int) and isinstance(actual, int) and wanted != actual:
+            problems.append(f"{got.name} axis {axis} is {actual}, the manifest declares {wanted}")
+    return problems

@@ -7,51 +7,25 @@ N x M array, so simulated and served exit layers are the same by construction.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
 
 import numpy as np
 
 from .errors import PolicyError
+from .exits import ExitRecord, RowSelect, softmax
 
 POLICY_NAMES = ("pcee", "pcee-maxprob", "pcee-learned", "branchynet", "shallow-deep", "pabee", "budgeted", "full")
 SIGNALS = {"pcee": "entropy", "branchynet": "entropy", "pcee-maxprob": "max_probability", "shallow-deep": "max_probability", "pcee-learned": "confidence_score"}
 
 
-class LayerExits(Protocol):
-    """What one layer reports per row: logits [n, K], normalized entropy, max probability, learned score."""
-
-    logits: np.ndarray
-    entropy: np.ndarray
-    max_probability: np.ndarray
-    confidence_score: np.ndarray | None
-
-
-@dataclass
-class ExitRecord:
-    """The per-layer outputs of a set of rows (host memory)."""
-
-    logits: np.ndarray
-    entropy: np.ndarray
-    max_probability: np.ndarray
-    confidence_score: np.ndarray | None = None
-
-    def probabilities(self) -> np.ndarray:
-        return softmax(self.logits)
-
-    def select(self, rows: np.ndarray) -> "ExitRecord":
-        score = None if self.confidence_score is None else self.confidence_score[rows]
-        return ExitRecord(self.logits[rows], self.entropy[rows], self.max_probability[rows], score)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class OperatingPoint:
-    """A serialisable choice of policy and thresholds; the manifest stores these."""
+    """A serialisable choice of policy and thresholds; the manifest stores these.
+
+    Types are checked when a point is built, so a bad point never reaches a running policy.
+    Ranges depend on the model and are checked by `build_policy`.
+    """
 
     policy: str = "pcee"
     tau: float | None = None
@@ -61,16 +35,44 @@ class OperatingPoint:
     name: str | None = None
     source: str | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str):
+            raise PolicyError(f"policy must be a policy name (one of {', '.join(POLICY_NAMES)}), got {self.policy!r}")
+        if self.tau is not None:
+            object.__setattr__(self, "tau", require_real("tau", self.tau))
+        for name in ("patience", "layer"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, require_integer(name, getattr(self, name)))
+        if not isinstance(self.ensemble, (bool, np.bool_)):
+            raise PolicyError(f"ensemble must be true or false, got {self.ensemble!r}")
+        object.__setattr__(self, "ensemble", bool(self.ensemble))
+        for name in ("name", "source"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise PolicyError(f"operating point {name} must be a string, got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        """The one serialised form (manifest, reports, server): every field, unset ones as null."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "OperatingPoint":
+        if not isinstance(data, dict):
+            raise PolicyError(f"an operating point must be a JSON object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known - {"signal"}
         if unknown:
             raise PolicyError(f"operating point has unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{key: value for key, value in data.items() if key in known})
+        point = cls(**{key: value for key, value in data.items() if key in known})
+        point.check_signal(data.get("signal"))
+        return point
+
+    def check_signal(self, signal) -> None:
+        """Older manifests also name the confidence signal; it must be the one the policy reads."""
+        if signal is not None and signal != SIGNALS.get(self.policy):
+            raise PolicyError(
+                f"operating point {self.describe()} names signal {signal!r}, but policy {self.policy} reads "
+                f"{SIGNALS.get(self.policy)!r}; drop the signal field, or pick the policy that reads it"
+            )
 
     def describe(self) -> str:
         parts = [self.policy]
@@ -86,16 +88,12 @@ class OperatingPoint:
 
 
 @dataclass
-class PolicyState:
+class PolicyState(RowSelect):
     """Per-row progress: the policy's counter, the previous argmax (PABEE), the streak's probability sum."""
 
     counter: np.ndarray
     previous_argmax: np.ndarray
     streak_probabilities: np.ndarray | None = None
-
-    def select(self, rows: np.ndarray) -> "PolicyState":
-        streak = None if self.streak_probabilities is None else self.streak_probabilities[rows]
-        return PolicyState(self.counter[rows], self.previous_argmax[rows], streak)
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ class ExitPolicy:
         streak = np.zeros((num_rows, num_labels), dtype=np.float32) if self.point.ensemble else None
         return PolicyState(np.zeros(num_rows, dtype=np.int64), np.full(num_rows, -1, dtype=np.int64), streak)
 
-    def step(self, state: PolicyState, layer: int, exits: LayerExits) -> np.ndarray:
+    def step(self, state: PolicyState, layer: int, exits: ExitRecord) -> np.ndarray:
         """Update `state` in place after 1-based `layer`; return a bool mask of rows that exit now."""
         raise NotImplementedError
 
@@ -117,11 +115,11 @@ class ExitPolicy:
         """No row can exit in fewer layers than this: the runtime runs them back to back without a check."""
         return self.num_layers - layers_done
 
-    def exit_probabilities(self, state: PolicyState, exits: LayerExits, rows: np.ndarray) -> np.ndarray:
+    def exit_probabilities(self, state: PolicyState, exits: ExitRecord, rows: np.ndarray) -> np.ndarray:
         """The prediction of the rows that exit now (the cross-layer ensemble averages the streak)."""
         return softmax(exits.logits[rows])
 
-    def exit_confidence(self, exits: LayerExits, rows: np.ndarray) -> np.ndarray:
+    def exit_confidence(self, exits: ExitRecord, rows: np.ndarray) -> np.ndarray:
         return exits.entropy[rows]
 
 
@@ -135,7 +133,7 @@ class PatientConfidentPolicy(ExitPolicy):
 
     signal: str = "entropy"
 
-    def confident(self, exits: LayerExits) -> np.ndarray:
+    def confident(self, exits: ExitRecord) -> np.ndarray:
         tau = self.point.tau
         if self.signal == "entropy":
             return exits.entropy < tau
@@ -230,5 +228,17 @@ def build_confidence_policy(point: OperatingPoint, num_layers: int, has_learned_
 
 
 def require_patience(point: OperatingPoint, largest: int) -> None:
-    if not isinstance(point.patience, (int, np.integer)) or isinstance(point.patience, bool) or not 1 <= point.patience <= largest:
+    if point.patience is None or not 1 <= point.patience <= largest:
         raise PolicyError(f"policy {point.policy} needs an integer patience in 1..{largest}, got {point.patience!r}")
+
+
+def require_real(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise PolicyError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def require_integer(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise PolicyError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)

@@ -12,6 +12,8 @@ from tokenizers import Tokenizer
 from .errors import BundleError, InputError
 
 PAD_TOKEN_CANDIDATES = ("[PAD]", "<pad>", "<PAD>")
+TOKEN_TYPES = 2  # segment ids: 0 for the first sentence, 1 for the second
+PREFIX_CHARS_PER_TOKEN = 16  # a first guess at how much text max_seq_len tokens take; doubled when short
 
 
 @dataclass
@@ -57,6 +59,8 @@ class BundleTokenizer:
             raise BundleError(f"{tokenizer_file} cannot be loaded as a tokenizers file ({error}); re-export the bundle") from None
         self.max_seq_len = max_seq_len
         self.tokenizer.no_padding()
+        self.counter = Tokenizer.from_str(self.tokenizer.to_str())  # counts tokens of a prefix, untruncated
+        self.counter.no_truncation()
         self.tokenizer.enable_truncation(max_length=max_seq_len)
         self.pad_id = self.find_pad_id()
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -70,39 +74,67 @@ class BundleTokenizer:
 
     def encode_texts(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> EncodedBatch:
         check_texts(texts, "texts")
+        texts = [self.usable_prefix(text) for text in texts]
         if text_pairs is not None:
             check_texts(text_pairs, "text_pairs")
             if len(text_pairs) != len(texts):
                 raise InputError(f"got {len(texts)} texts but {len(text_pairs)} text_pairs; give one pair per text")
-            encodings = self.tokenizer.encode_batch(list(zip(texts, text_pairs)))
+            encodings = self.tokenizer.encode_batch(list(zip(texts, [self.usable_prefix(pair) for pair in text_pairs])))
         else:
-            encodings = self.tokenizer.encode_batch(list(texts))
+            encodings = self.tokenizer.encode_batch(texts)
         return pad_rows(
             [e.ids for e in encodings], [e.type_ids for e in encodings], self.pad_id,
             [bool(e.overflowing) for e in encodings],
         )
 
+    def usable_prefix(self, text: str) -> str:
+        """The shortest prefix of `text`, cut at whitespace, that still yields every token truncation can keep.
+
+        Tokenizing a whole 10 MB text to keep its first max_seq_len tokens costs gigabytes. Words
+        are tokenized independently, so a prefix cut at whitespace gives the same first tokens;
+        once it holds max_seq_len tokens the text overflows either way, and the truncated flag
+        stays right. The prefix doubles until that holds (whitespace runs hold no tokens).
+        """
+        length = self.max_seq_len * PREFIX_CHARS_PER_TOKEN
+        while length < len(text):
+            cut = text.rfind(" ", 0, length)
+            prefix = text[: cut if cut > 0 else length]
+            if len(self.counter.encode(prefix, add_special_tokens=False).ids) >= self.max_seq_len:
+                return prefix
+            length *= 2
+        return text
+
     def encode_ids(self, token_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None) -> EncodedBatch:
         """Already-tokenized input (special tokens included); rows longer than the max are truncated."""
-        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or not token_ids:
-            raise InputError(f"token_ids must be a non-empty list of lists of ints, got {type(token_ids).__name__}")
-        rows = [self.check_id_row(row, index) for index, row in enumerate(token_ids)]
-        types = [[0] * len(row) for row in rows] if token_type_ids is None else [list(t) for t in token_type_ids]
-        if len(types) != len(rows) or any(len(t) < min(len(r), self.max_seq_len) for t, r in zip(types, rows)):
-            raise InputError("token_type_ids must have one row per token_ids row, each as long as its row")
+        rows = self.check_id_rows(token_ids, "token_ids", self.vocab_size, "the vocabulary")
+        if token_type_ids is None:
+            types = [[0] * len(row) for row in rows]
+        else:
+            types = self.check_id_rows(token_type_ids, "token_type_ids", TOKEN_TYPES, "the segment ids")
+        if len(types) != len(rows) or any(len(t) != len(r) for t, r in zip(types, rows)):
+            raise InputError("token_type_ids must have one row per token_ids row, each exactly as long as its row")
         truncated = [len(row) > self.max_seq_len for row in rows]
         limit = self.max_seq_len
         return pad_rows([row[:limit] for row in rows], [t[:limit] for t in types], self.pad_id, truncated)
 
-    def check_id_row(self, row, index: int) -> list[int]:
-        if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)) or len(row) == 0:
-            raise InputError(f"token_ids[{index}] must be a non-empty list of ints, got {row!r:.60}")
-        values = np.asarray(row)
-        if values.dtype.kind not in "iu":
-            raise InputError(f"token_ids[{index}] holds {values.dtype} values; expected integers")
-        if values.min() < 0 or values.max() >= self.vocab_size:
-            raise InputError(f"token_ids[{index}] has ids outside the vocabulary 0..{self.vocab_size - 1}")
-        return values.astype(np.int64).tolist()
+    @staticmethod
+    def check_id_rows(rows, argument: str, limit: int, meaning: str) -> list[list[int]]:
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, (Sequence, np.ndarray)) or len(rows) == 0:
+            raise InputError(f"{argument} must be a non-empty list of lists of ints, got {type(rows).__name__}")
+        return [check_id_row(row, f"{argument}[{index}]", limit, meaning) for index, row in enumerate(rows)]
+
+
+def check_id_row(row, where: str, limit: int, meaning: str) -> list[int]:
+    """One row of ids: a flat, non-empty sequence of integers in 0..limit-1."""
+    if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)) or len(row) == 0:
+        raise InputError(f"{where} must be a non-empty list of ints, got {type(row).__name__}")
+    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in row):
+        offender = next(value for value in row if not isinstance(value, (int, np.integer)) or isinstance(value, bool))
+        raise InputError(f"{where} holds {offender!r:.60} ({type(offender).__name__}); expected integers")
+    values = np.asarray(row, dtype=np.int64) if all(abs(int(v)) < 2**63 for v in row) else None
+    if values is None or values.min() < 0 or values.max() >= limit:
+        raise InputError(f"{where} has values outside {meaning}, 0..{limit - 1}")
+    return values.tolist()
 
 
 def check_texts(texts, argument: str) -> None:
@@ -115,3 +147,13 @@ def check_texts(texts, argument: str) -> None:
             raise InputError(f"{argument}[{index}] is {type(text).__name__}, expected str")
         if not text.strip():
             raise InputError(f"{argument}[{index}] is empty or only whitespace; the model needs some text")
+        if not is_encodable(text):
+            raise InputError(f"{argument}[{index}] is not valid Unicode (it holds a lone surrogate); decode the input as UTF-8 first")
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -25,9 +25,7 @@ from pcee.calibration.errors import CalibrationError
 from pcee.calibration.search import search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Simulator, simulate
 from pcee.modeling.data import TextDataset
-from pcee.runtime.engine import AllExits, EarlyExitRuntime
-from pcee.runtime.manifest import MANIFEST_NAME, Manifest
-from pcee.runtime.policies import OperatingPoint, build_policy, softmax
+from pcee.runtime import MANIFEST_NAME, AllExits, EarlyExitRuntime, Manifest, OperatingPoint, build_policy, softmax
 
 WORDS = "the a movie film story good bad great awful fun dull love hate plot actors very not really".split()
 
@@ -239,12 +237,12 @@ def test_data_labels_map_to_the_bundle_by_name():
 
 
 def test_previous_points_stay_by_name():
-    initial = {"policy": "pcee", "tau": 0.3, "patience": 2}
+    initial = OperatingPoint("pcee", tau=0.3, patience=2)
     first = OperatingPoint("pcee", tau=0.5, patience=1, name="speedup-0.50")
     points = merged_points(initial, [], first)
-    assert [point["name"] for point in points] == ["initial", "speedup-0.50"]
-    again = merged_points(first.to_dict(), points, OperatingPoint("pcee", tau=0.6, patience=1, name="speedup-0.50"))
-    assert [point["name"] for point in again] == ["initial", "speedup-0.50"] and again[-1]["tau"] == 0.6
+    assert [point.name for point in points] == ["initial", "speedup-0.50"]
+    again = merged_points(first, points, OperatingPoint("pcee", tau=0.6, patience=1, name="speedup-0.50"))
+    assert [point.name for point in again] == ["initial", "speedup-0.50"] and again[-1].tau == 0.6
 
 
 def test_a_crash_while_writing_the_manifest_leaves_the_old_one(bundle: Path, monkeypatch):
@@ -257,7 +255,7 @@ def test_a_crash_while_writing_the_manifest_leaves_the_old_one(bundle: Path, mon
     with pytest.raises(OSError, match="disk full"):
         record_in_manifest(bundle, OperatingPoint("pcee", tau=0.9, patience=1, name="speedup-0.30"), {"mode": "target-speedup"})
     assert (bundle / MANIFEST_NAME).read_bytes() == before
-    assert Manifest.load(bundle).operating_point["name"] == "default"
+    assert Manifest.load(bundle).operating_point.name == "default"
     assert sorted(path.name for path in bundle.iterdir()) == ["manifest.json", "onnx", "tokenizer"]
 
 
@@ -275,8 +273,8 @@ def test_calibrate_writes_the_point_report_and_cache(bundle: Path, data_csv: Pat
     assert document["recording"]["from_cache"] is False
     assert {path.name for path in (tmp_path / "report").iterdir()} >= {"calibration-report.json", "calibration-frontier.csv"}
     manifest = Manifest.load(bundle)
-    assert manifest.operating_point["tau"] == document["operating_point"]["tau"]
-    assert [point["name"] for point in manifest.operating_points] == ["default", "speedup-0.30"]
+    assert manifest.operating_point.tau == document["operating_point"]["tau"]
+    assert [point.name for point in manifest.operating_points] == ["default", "speedup-0.30"]
     assert manifest.calibration["holdout"] == document["holdout"]
 
     def no_model_time(*_args, **_kwargs):
@@ -286,7 +284,7 @@ def test_calibrate_writes_the_point_report_and_cache(bundle: Path, data_csv: Pat
     second = calibrate_cli(*arguments[:-3], "--target-speedup", "0.2", "--dry-run", "--json")
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout)["recording"]["from_cache"] is True
-    assert Manifest.load(bundle).operating_point["name"] == "speedup-0.30"
+    assert Manifest.load(bundle).operating_point.name == "speedup-0.30"
 
 
 def test_eval_runs_the_real_runtime_at_a_given_point(bundle: Path, data_csv: Path):
@@ -309,7 +307,7 @@ def relabel_bundle(bundle: Path, labels: list[str]) -> None:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("bundle without labels", "declares labels \\[\\]"),
+        ("bundle without labels", "model.num_labels is 2 but model.labels lists 0 names"),
         ("unknown data labels", "are not labels of this bundle"),
         ("unreachable target", "reachable layer speed-ups are"),
         ("empty data set", "a header but no data rows"),

@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -125,6 +126,28 @@ def test_blank_lines_are_skipped(tmp_path):
     assert load_glue_file("sst2", path).labels == [1, 0]
 
 
+@pytest.mark.parametrize(
+    "task, directory, label_names",
+    [
+        ("sst2", "SST-2", ("negative", "positive")),
+        ("cola", "CoLA", ("unacceptable", "acceptable")),
+        ("mrpc", "MRPC", ("not_equivalent", "equivalent")),
+        ("qqp", "QQP", ("not_duplicate", "duplicate")),
+        ("mnli", "MNLI", ("contradiction", "entailment", "neutral")),
+        ("qnli", "QNLI", ("entailment", "not_entailment")),
+        ("rte", "RTE", ("entailment", "not_entailment")),
+    ],
+)
+def test_glue_tasks_carry_their_label_names(task, directory, label_names):
+    dataset = load_glue_split(task, GLUE_FIXTURES / directory, "validation")
+    assert dataset.label_names == label_names
+
+
+def test_glue_label_names_keep_the_files_label_order():
+    dataset = load_glue_file("sst2", GLUE_FIXTURES / "SST-2" / "dev.tsv")
+    assert [dataset.label_names[label] for label in dataset.labels] == ["positive", "negative", "positive"]
+
+
 # ---------------------------------------------------------------- GLUE errors
 
 
@@ -214,6 +237,43 @@ def test_generic_jsonl_with_number_labels_and_blank_line():
     assert dataset.label_names == ("0", "1")
     assert dataset.texts == ["My invoice is wrong", "Cannot log in", "Refund please"]
     assert dataset.labels == [1, 0, 1]
+
+
+def write_jsonl_labels(path: Path, labels: list) -> Path:
+    lines = [json.dumps({"text": f"row {index}", "label": label}) for index, label in enumerate(labels)]
+    return write(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    "labels, names, indices",
+    [
+        ([1, 1.0, 0, 0.0, "1"], ("0", "1"), [1, 1, 0, 0, 1]),
+        ([-1.0, 2, 10.0], ("-1", "2", "10"), [0, 1, 2]),
+        ([True, False, True], ("false", "true"), [1, 0, 1]),
+    ],
+)
+def test_generic_jsonl_labels_equal_as_numbers_are_one_class(tmp_path, labels, names, indices):
+    dataset = load_generic_file(write_jsonl_labels(tmp_path / "data.jsonl", labels), "text", "label")
+    assert dataset.label_names == names
+    assert dataset.labels == indices
+
+
+def test_generic_jsonl_integral_float_matches_given_label_names(tmp_path):
+    path = write_jsonl_labels(tmp_path / "dev.jsonl", [1.0, 0.0])
+    assert load_generic_file(path, "text", "label", label_names=["0", "1"]).labels == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([1, 0.5], r"data\.jsonl, line 2: label 0\.5 in column 'label' is not a whole number"),
+        ([1, float("nan")], r"data\.jsonl, line 2: label NaN in column 'label' is not a whole number"),
+        ([True, 0, 1], r"data\.jsonl: column 'label' mixes true/false labels \(line 1: true\) with number labels \(line 2: 0\)"),
+    ],
+)
+def test_generic_jsonl_ambiguous_number_labels_are_refused(tmp_path, labels, message):
+    with pytest.raises(DataError, match=message):
+        load_generic_file(write_jsonl_labels(tmp_path / "data.jsonl", labels), "text", "label")
 
 
 def test_generic_given_label_names_set_the_order():
@@ -315,8 +375,8 @@ def test_load_data_generic_file():
 
 
 def test_load_data_label_names_must_match_glue_task():
-    assert len(load_data(GLUE_FIXTURES / "SST-2", label_names=["0", "1"])) == 3
-    with pytest.raises(DataError, match=r"the task's labels are \['0', '1'\], but label_names \['neg', 'pos'\]"):
+    assert len(load_data(GLUE_FIXTURES / "SST-2", label_names=["negative", "positive"])) == 3
+    with pytest.raises(DataError, match=r"the task's labels are \['negative', 'positive'\], but label_names \['neg', 'pos'\]"):
         load_data(GLUE_FIXTURES / "SST-2", label_names=["neg", "pos"])
 
 

@@ -25,7 +25,7 @@ from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureErr
 from pcee.modeling.model import MultiExitClassifier
 from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
 from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec, layer_spec
-from pcee.runtime.manifest import MANIFEST_NAME, Manifest
+from pcee.runtime import MANIFEST_NAME, Manifest, OperatingPoint
 from tiny_models import HIDDEN_SIZE, make_tiny_model_dir
 
 # (architecture, exit pooling, learned confidence, task): every architecture, both poolings, one learned head, one pair task
@@ -68,13 +68,13 @@ def test_export_passes_parity_and_checker(exported, configuration):
     architecture, pooling, learned, task = configuration
     parity = result.manifest.parity
     assert result.bundle_dir == model_dir.resolve().with_name(model_dir.name + "-pcee")
-    assert parity["passed"] and parity["tolerance"] == FP32_TOLERANCE
-    assert sorted(parity["max_abs_diff"]) == [f"layer_{index:02d}" for index in range(1, NUM_LAYERS + 1)]
+    assert parity.passed and parity.tolerance == FP32_TOLERANCE
+    assert sorted(parity.max_abs_diff) == [f"layer_{index:02d}" for index in range(1, NUM_LAYERS + 1)]
     expected_outputs = {"logits", "normalized_entropy", "max_probability"} | ({"confidence_score"} if learned else set())
-    for diffs in parity["max_abs_diff"].values():
+    for diffs in parity.max_abs_diff.values():
         assert set(diffs) == expected_outputs
         assert max(diffs.values()) <= FP32_TOLERANCE
-    assert set(parity["batch_sizes"]) >= {1, 4, 8}
+    assert set(parity.batch_sizes) >= {1, 4, 8}
     for graph in result.manifest.graph_files():
         onnx.checker.check_model(str(result.bundle_dir / graph.file), full_check=True)
     info = result.manifest.model
@@ -91,10 +91,7 @@ def test_bundle_layout_and_default_operating_point(exported):
     assert {MANIFEST_NAME, "onnx/embeddings.onnx", "tokenizer/tokenizer.json"} | layers <= files
     assert not any(name.startswith("trt/") or name == "onnx/full_model.onnx" for name in files)
     point = result.manifest.operating_point
-    assert point == {
-        "name": "default", "policy": "pcee", "signal": "entropy", "tau": 0.3, "patience": 2,
-        "ensemble": False, "source": "export default (uncalibrated)",
-    }
+    assert point == OperatingPoint("pcee", tau=0.3, patience=2, name="default", source="export default (uncalibrated)")
     assert result.manifest.operating_points == [point]
 
 
@@ -140,8 +137,8 @@ def test_fp16_keeps_a_float32_interface_within_fp16_tolerance(tmp_path):
     result = export_bundle(model_dir, options=ExportOptions(fp16=True, max_seq_len=32))
     parity = result.manifest.parity
     assert result.manifest.model.precision == "fp16" and result.manifest.model.max_seq_len == 32
-    assert parity["tolerance"] == FP16_TOLERANCE and parity["passed"]
-    assert max(parity["sequence_lengths"]) <= 32
+    assert parity.tolerance == FP16_TOLERANCE and parity.passed
+    assert max(parity.sequence_lengths) <= 32
     for graph in result.manifest.graph_files():
         assert {tensor.dtype for tensor in graph.spec.inputs + graph.spec.outputs} <= {"int64", "float32"}
     weights = onnx.load(str(result.bundle_dir / "onnx/layer_01.onnx")).graph.initializer
@@ -152,7 +149,7 @@ def test_full_graph_is_exported_and_verified(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path, model_type="roberta", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(with_full_graph=True))
     assert result.manifest.full_graph.file == "onnx/full_model.onnx"
-    assert result.manifest.parity["max_abs_diff"]["full"]["logits"] <= FP32_TOLERANCE
+    assert result.manifest.parity.max_abs_diff["full"]["logits"] <= FP32_TOLERANCE
 
     standalone = export_full_graph(model_dir, tmp_path / "bench" / "full.onnx")
     session = ort.InferenceSession(str(standalone), cpu_session_options(), providers=["CPUExecutionProvider"])

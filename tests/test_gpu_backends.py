@@ -24,13 +24,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, InputError, Manifest, PceeError
+from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, FileEntry, InputError, Manifest, PceeError, TensorRTEngines
 from pcee.runtime.backends import cuda_memory, onnxruntime_cuda
 from pcee.runtime.backends import tensorrt as tensorrt_backend
 from pcee.runtime.backends.cuda_memory import Allocations, CudaRuntime, LeasePool, plan_compaction, plan_row_copies, row_extents, runs_of_true
 from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, longest_unmasked, open_session
 from pcee.runtime.backends.tensorrt import BoundContext
-from pcee.runtime.manifest import sha256_of
 from pcee.runtime.policies import OperatingPoint
 
 NO_GPU_REASON = "needs an NVIDIA GPU with TensorRT / onnxruntime-gpu; none here"
@@ -296,7 +295,7 @@ def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool) -> Softwar
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: SoftwareTensorRT(bundle_dir, cuda))
     # onnxruntime CUDA: CPU sessions and CPU OrtValues stand in for CUDA ones.
     monkeypatch.setattr(onnxruntime_cuda, "cuda_provider_problems", lambda: [])
-    monkeypatch.setattr(onnxruntime_cuda, "open_cuda_session", lambda path, options: open_session(path, options, ["CPUExecutionProvider"]))
+    monkeypatch.setattr(onnxruntime_cuda, "open_cuda_session", lambda graph, options: open_session(graph.path, options, ["CPUExecutionProvider"]))
     monkeypatch.setattr(onnxruntime_cuda, "ORT_DEVICE_TYPE", "cpu")
     return cuda
 
@@ -323,12 +322,10 @@ def software_engine_bundle(onnx_bundle, tmp_path_factory) -> Path:
     for graph in [manifest.embeddings, *manifest.layers]:
         relative = f"trt/{Path(graph.file).stem}.engine"
         (bundle / relative).write_bytes(graph.file.encode())
-        entries.append({"file": relative, "sha256": sha256_of(bundle / relative)})
-    manifest.tensorrt = {
-        "version": SoftwareTensorRT.__version__, "gpu": "Software GPU", "fp16": False,
-        "max_batch_size": MAX_BATCH_SIZE, "max_seq_len": manifest.model.max_seq_len,
-        "engines": {"embeddings": entries[0], "layers": entries[1:]},
-    }
+        entries.append(FileEntry.of(bundle, relative))
+    manifest.tensorrt = TensorRTEngines(
+        SoftwareTensorRT.__version__, "Software GPU", False, MAX_BATCH_SIZE, manifest.model.max_seq_len, entries[0], entries[1:],
+    )
     manifest.save(bundle)
     return bundle
 

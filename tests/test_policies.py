@@ -12,10 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pcee.runtime import AllExits, OperatingPoint, PolicyError, build_policy, run_early_exit, softmax
 from pcee.runtime.backends.recorded import RecordedExitsBackend
-from pcee.runtime.engine import AllExits, run_early_exit
-from pcee.runtime.errors import PolicyError
-from pcee.runtime.policies import OperatingPoint, build_policy, softmax
 
 
 class SpanRecordingBackend(RecordedExitsBackend):

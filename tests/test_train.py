@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModel
 
+import pcee.modeling.cli as cli_module
 from pcee.modeling.cli import main as train_cli
 from pcee.modeling.data import TextDataset
-from pcee.modeling.train import TrainingConfig, encode, length_grouped_batches, train
+from pcee.modeling.train import TrainingConfig, encode, length_grouped_batches, train_model
+from pcee.runtime.errors import PceeError
 from tiny_models import make_tiny_model, make_tiny_tokenizer, tiny_backbone_config, tiny_vocabulary
 
 POSITIVE = "good great fun love best".split()
@@ -61,7 +65,7 @@ def test_training_lowers_the_loss():
     dataset = TextDataset([text for text, _ in rows], None, [int(label) for _, label in rows], ("0", "1"), "memory")
     tokenizer = make_tiny_tokenizer()
     config = TrainingConfig(epochs=8, batch_size=16, learning_rate=1e-3, warmup_ratio=0.1, seed=0)
-    losses = train(model, encode(tokenizer, dataset, 32), config, tokenizer.pad_token_id, progress=False)
+    losses = train_model(model, encode(tokenizer, dataset, 32), config, tokenizer.pad_token_id, progress=False)
     assert len(losses) == 64
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
 
@@ -147,9 +151,43 @@ def test_cli_unsupported_architecture_lists_supported(tmp_path, generic_files):
 
 
 def test_cli_glue_task_directory(tiny_backbone, tmp_path):
-    from pathlib import Path
-
     glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
     result = run_train("--backbone", tiny_backbone, "--task", "sst2", "--data-dir", glue, "--output-dir", tmp_path / "m", "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m" / "eval_results.json").read_text())["task"] == "sst2"
+
+
+class NotAWeight:
+    """A class outside torch's weights-only allow-list: a pickle holding it is refused by safe loading."""
+
+
+def test_cli_refused_backbone_pickle_is_one_clear_line(tiny_backbone, generic_files, tmp_path):
+    backbone = tmp_path / "pickled-backbone"
+    shutil.copytree(tiny_backbone, backbone)
+    (backbone / "model.safetensors").unlink()
+    torch.save({"payload": NotAWeight()}, backbone / "pytorch_model.bin")
+    result = run_train(*generic_arguments(backbone, generic_files, tmp_path / "out"))
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert str(backbone / "pytorch_model.bin") in result.output and "safetensors" in result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+
+
+def test_cli_turns_any_pcee_error_into_one_line(monkeypatch, tmp_path):
+    def fail(options):
+        raise PceeError("something deliberate went wrong")
+
+    monkeypatch.setattr(cli_module, "run_training", fail)
+    result = run_train("--backbone", tmp_path, "--task", "sst2", "--output-dir", tmp_path / "out")
+    assert result.exit_code != 0
+    assert result.output.strip() == "Error: something deliberate went wrong"
+
+
+def test_cli_records_glue_label_names(tiny_backbone, tmp_path):
+    glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+    result = run_train("--backbone", tiny_backbone, "--task", "sst2", "--data-dir", glue, "--output-dir", tmp_path / "m", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["pcee"]["label_names"] == ["negative", "positive"]
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}

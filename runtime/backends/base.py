@@ -13,17 +13,15 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ..errors import BackendError
-from ..manifest import Manifest
-from ..policies import ExitRecord
+from ..exits import ExitRecord
 from ..tokenization import EncodedBatch
 
 
 class Backend(ABC):
     name: str = "abstract"
 
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
-        self.num_layers = manifest.model.num_layers
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
 
     @property
     @abstractmethod

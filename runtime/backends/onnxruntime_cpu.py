@@ -10,10 +10,12 @@ import onnxruntime as ort
 
 from .. import graphs
 from ..errors import BundleError
-from ..manifest import GraphFile, Manifest
-from ..policies import ExitRecord
+from ..exits import ExitRecord
+from ..graphs import GraphChain, GraphSpec, LocatedGraph, TensorSpec
 from ..tokenization import EncodedBatch
 from .base import Backend
+
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
 def cpu_session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
@@ -40,7 +42,35 @@ def open_session(path: Path, options: ort.SessionOptions, providers: list) -> or
         raise BundleError(f"{path} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle") from None
 
 
-def feeds_for(spec: graphs.GraphSpec, batch: EncodedBatch) -> dict[str, np.ndarray]:
+def open_cpu_session(path: str | Path, intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """One onnxruntime CPU session with the options the runtime uses (for a single-graph baseline)."""
+    return open_session(Path(path), cpu_session_options(intra_op_threads), ["CPUExecutionProvider"])
+
+
+def session_signature(node_args) -> list[TensorSpec]:
+    return [
+        TensorSpec(arg.name, ORT_DTYPES.get(arg.type, arg.type), tuple(dim if isinstance(dim, int) else "dynamic" for dim in arg.shape))
+        for arg in node_args
+    ]
+
+
+def check_session(session: ort.InferenceSession, graph: LocatedGraph) -> None:
+    """The opened graph must be the one the manifest describes, at its place in the chain."""
+    problems = graphs.signature_mismatches(graph.spec, session_signature(session.get_inputs()), session_signature(session.get_outputs()))
+    recorded_name = session.get_modelmeta().custom_metadata_map.get(graphs.GRAPH_NAME_KEY)
+    if recorded_name != graph.name:
+        problems.append(f"the file says it holds graph {recorded_name!r}, the manifest puts it at {graph.name!r}")
+    if problems:
+        raise BundleError(f"{graph.path} does not match the manifest: {'; '.join(problems)}; re-export the bundle")
+
+
+def open_checked_session(graph: LocatedGraph, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    session = open_session(graph.path, options, providers)
+    check_session(session, graph)
+    return session
+
+
+def feeds_for(spec: GraphSpec, batch: EncodedBatch) -> dict[str, np.ndarray]:
     arrays = {
         graphs.INPUT_IDS: batch.input_ids,
         graphs.ATTENTION_MASK: batch.attention_mask,
@@ -67,16 +97,12 @@ class CpuBatchState:
 class OnnxRuntimeCpuBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, intra_op_threads: int | None = None):
-        super().__init__(manifest)
+    def __init__(self, chain: GraphChain, intra_op_threads: int | None = None):
+        super().__init__(chain.num_layers)
         options = cpu_session_options(intra_op_threads)
         providers = ["CPUExecutionProvider"]
-        self.embeddings = self.load(bundle_dir, manifest.embeddings, options, providers)
-        self.layers = [self.load(bundle_dir, layer, options, providers) for layer in manifest.layers]
-
-    @staticmethod
-    def load(bundle_dir: Path, graph: GraphFile, options, providers) -> tuple[ort.InferenceSession, graphs.GraphSpec]:
-        return open_session(bundle_dir / graph.file, options, providers), graph.spec
+        self.embeddings = (open_checked_session(chain.embeddings, options, providers), chain.embeddings.spec)
+        self.layers = [(open_checked_session(layer, options, providers), layer.spec) for layer in chain.layers]
 
     @property
     def device(self) -> str:

@@ -12,18 +12,17 @@ span of layers costs one synchronisation per layer; the exit outputs are ready w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .. import graphs
 from ..errors import BackendUnavailableError
-from ..manifest import Manifest
-from ..policies import ExitRecord
+from ..exits import ExitRecord
+from ..graphs import GraphChain, LocatedGraph
 from .base import Backend
 from .cuda_memory import DEVICE_INDEX, LeasePool, plan_compaction, require_cuda, row_extents
-from .onnxruntime_cpu import cpu_session_options, exit_record, feeds_for, open_session
+from .onnxruntime_cpu import cpu_session_options, exit_record, feeds_for, open_checked_session
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 ORT_DEVICE_TYPE = "cuda"  # onnxruntime's name for the memory GPU OrtValues and bound outputs live in
@@ -39,11 +38,11 @@ def cuda_provider_problems() -> list[str]:
     ]
 
 
-def open_cuda_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    session = open_session(path, options, [(CUDA_PROVIDER, {"device_id": DEVICE_INDEX}), "CPUExecutionProvider"])
+def open_cuda_session(graph: LocatedGraph, options: ort.SessionOptions) -> ort.InferenceSession:
+    session = open_checked_session(graph, options, [(CUDA_PROVIDER, {"device_id": DEVICE_INDEX}), "CPUExecutionProvider"])
     if CUDA_PROVIDER not in session.get_providers():
         raise BackendUnavailableError(
-            f"onnxruntime fell back to the CPU for {path.name}: the {CUDA_PROVIDER} did not start, usually because the "
+            f"onnxruntime fell back to the CPU for {graph.path.name}: the {CUDA_PROVIDER} did not start, usually because the "
             f"CUDA or cuDNN libraries onnxruntime-gpu {ort.__version__} was built for are missing or of another version"
         )
     return session
@@ -64,15 +63,16 @@ class CudaBatchState:
 class OnnxRuntimeCudaBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path):
-        super().__init__(manifest)
+    def __init__(self, chain: GraphChain):
+        super().__init__(chain.num_layers)
         self.cuda = require_cuda("onnxruntime-cuda", cuda_provider_problems())
         # Only nodes that fall back to the CPU use these threads: one per session keeps a dozen
         # sessions from each starting a pool the size of the machine.
         options = cpu_session_options(intra_op_threads=1)
-        self.embeddings = open_cuda_session(bundle_dir / manifest.embeddings.file, options)
-        self.layers = [open_cuda_session(bundle_dir / layer.file, options) for layer in manifest.layers]
-        layer_spec = manifest.layers[0].spec
+        self.embeddings_spec = chain.embeddings.spec
+        self.embeddings = open_cuda_session(chain.embeddings, options)
+        self.layers = [open_cuda_session(layer, options) for layer in chain.layers]
+        layer_spec = chain.layer_spec
         self.exit_names = [name for name in layer_spec.output_names if name != graphs.NEXT_HIDDEN_STATES]
         self.hidden_dtype = input_dtype(layer_spec, graphs.HIDDEN_STATES)
         self.bias_dtype = input_dtype(layer_spec, graphs.ATTENTION_BIAS)
@@ -87,7 +87,7 @@ class OnnxRuntimeCudaBackend(Backend):
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, ORT_DEVICE_TYPE, DEVICE_INDEX)
 
     def _begin_impl(self, batch):
-        spec = self.manifest.embeddings.spec
+        spec = self.embeddings_spec
         binding = self.embeddings.io_binding()
         for name, array in feeds_for(spec, batch).items():
             binding.bind_cpu_input(name, array)

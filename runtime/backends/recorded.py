@@ -1,21 +1,16 @@
 """A backend that serves exits recorded earlier: calibration replays policies through it offline.
 
-Running a recording through the same `run_early_exit` loop the live runtime uses (spans,
+Running a recording through the same `run_early_exit` loop (`loop.replay`) the live runtime uses (spans,
 compaction, the last-layer rule) makes simulated exits the served ones by construction.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from ..policies import ExitRecord
+from ..exits import AllExits, ExitRecord
 from ..tokenization import EncodedBatch
 from .base import Backend
-
-if TYPE_CHECKING:
-    from ..engine import AllExits
 
 
 class RecordedExitsBackend(Backend):
@@ -23,10 +18,9 @@ class RecordedExitsBackend(Backend):
 
     name = "recorded"
 
-    def __init__(self, exits: "AllExits"):
-        # No manifest: everything this backend serves is already in the recording.
+    def __init__(self, exits: AllExits):
+        super().__init__(exits.num_layers)
         self.exits = exits
-        self.num_layers = exits.logits.shape[1]
 
     @property
     def device(self) -> str:

@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import graphs
 from ..errors import BackendError, BackendUnavailableError, BundleError, InputError
-from ..manifest import Manifest
-from ..policies import ExitRecord
+from ..exits import ExitRecord
+from ..graphs import EngineChain, GraphChain
 from ..tokenization import EncodedBatch
 from .base import Backend
 from .cuda_memory import Allocations, Compaction, CudaRuntime, LeasePool, plan_compaction, require_cuda, row_extents
@@ -39,13 +39,13 @@ def import_tensorrt():
     return tensorrt
 
 
-def tensorrt_problems(manifest: Manifest, trt) -> list[str]:
+def tensorrt_problems(engines: EngineChain | None, trt) -> list[str]:
     problems = []
     if trt is None:
         problems.append("the tensorrt package (pip install 'pcee[gpu]')")
     elif int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
         problems.append(f"TensorRT {MIN_TENSORRT_MAJOR} or newer (found {trt.__version__})")
-    if not manifest.tensorrt:
+    if engines is None:
         problems.append("TensorRT engines in the bundle (export it with pcee-export --tensorrt on a GPU machine)")
     return problems
 
@@ -89,37 +89,28 @@ def tensor_dtype(trt, engine, name: str) -> np.dtype:
     return np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
 
 
-def profile_limits(manifest: Manifest) -> tuple[int, int]:
-    try:
-        return int(manifest.tensorrt["max_batch_size"]), int(manifest.tensorrt["max_seq_len"])
-    except (KeyError, TypeError, ValueError):
-        raise BundleError(f"the manifest's tensorrt block lacks max_batch_size / max_seq_len; {REBUILD_HINT}") from None
-
-
-def tensor_facts(trt, manifest: Manifest, embeddings, layer) -> TensorFacts:
-    layer_spec = manifest.layers[0].spec
+def tensor_facts(trt, chain: GraphChain, engines: EngineChain, embeddings, layer) -> TensorFacts:
+    layer_spec = chain.layer_spec
     exits = {
         tensor.name: ExitLayout(tensor_dtype(trt, layer, tensor.name), tuple(tensor.shape[1:]))
         for tensor in layer_spec.outputs if tensor.name != graphs.NEXT_HIDDEN_STATES
     }
-    max_batch_size, max_seq_len = profile_limits(manifest)
     return TensorFacts(
-        token_dtypes={name: tensor_dtype(trt, embeddings, name) for name in manifest.embeddings.spec.input_names},
+        token_dtypes={name: tensor_dtype(trt, embeddings, name) for name in chain.embeddings.spec.input_names},
         hidden_dtype=tensor_dtype(trt, layer, graphs.HIDDEN_STATES),
         bias_dtype=tensor_dtype(trt, layer, graphs.ATTENTION_BIAS),
         exits=exits,
-        hidden_size=manifest.model.hidden_size,
-        num_layers=manifest.model.num_layers,
-        max_batch_size=max_batch_size,
-        max_seq_len=max_seq_len,
+        hidden_size=layer_spec.inputs[0].shape[2],
+        num_layers=chain.num_layers,
+        max_batch_size=engines.max_batch_size,
+        max_seq_len=engines.max_seq_len,
     )
 
 
 # -- engines ---------------------------------------------------------------------------------------
-def deserialize(trt, runtime, path: Path, manifest: Manifest):
+def deserialize(trt, runtime, path: Path, built: str):
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
-        built = f"TensorRT {manifest.tensorrt.get('version')} on {manifest.tensorrt.get('gpu')}"
         raise BackendUnavailableError(
             f"TensorRT {trt.__version__} cannot load {path} (built with {built}); an engine loads only with the "
             f"TensorRT version and GPU model it was built for: {REBUILD_HINT}"
@@ -261,29 +252,26 @@ class ContextSet:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path):
-        super().__init__(manifest)
+    def __init__(self, chain: GraphChain, engines: EngineChain | None):
+        super().__init__(chain.num_layers)
         trt = import_tensorrt()
-        self.cuda = require_cuda("tensorrt", tensorrt_problems(manifest, trt))
+        self.cuda = require_cuda("tensorrt", tensorrt_problems(engines, trt))
+        self.chain, self.engines = chain, engines
         self.runtime = trt.Runtime(shared_logger(trt))
         if self.runtime is None:
             raise BackendUnavailableError("TensorRT could not create a runtime (is the GPU visible to this process?)")
-        engines = manifest.tensorrt["engines"]
-        self.embeddings_engine = self.load_engine(trt, bundle_dir, engines["embeddings"]["file"], manifest.embeddings.spec)
-        self.layer_engines = [
-            self.load_engine(trt, bundle_dir, entry["file"], graph.spec) for entry, graph in zip(engines["layers"], manifest.layers)
-        ]
+        self.embeddings_engine = self.load_engine(trt, engines.embeddings, chain.embeddings.spec)
+        self.layer_engines = [self.load_engine(trt, path, graph.spec) for path, graph in zip(engines.layers, chain.layers)]
         if len(self.layer_engines) != self.num_layers:
             raise BundleError(f"the manifest lists {len(self.layer_engines)} layer engines for {self.num_layers} layers; {REBUILD_HINT}")
-        self.facts = tensor_facts(trt, manifest, self.embeddings_engine, self.layer_engines[0])
+        self.facts = tensor_facts(trt, chain, engines, self.embeddings_engine, self.layer_engines[0])
         self._device = self.cuda.device_description()
         self.pool: LeasePool[ContextSet] = LeasePool(self.create_context_set, ContextSet.destroy)
         # Build one set now, so missing GPU memory fails the load rather than the first request.
         self.pool.give_back(self.pool.checkout())
 
-    def load_engine(self, trt, bundle_dir: Path, relative: str, spec: graphs.GraphSpec):
-        path = bundle_dir / relative
-        engine = deserialize(trt, self.runtime, path, self.manifest)
+    def load_engine(self, trt, path: Path, spec: graphs.GraphSpec):
+        engine = deserialize(trt, self.runtime, path, self.engines.built_with)
         check_tensor_names(engine, spec, path)
         return engine
 
@@ -312,7 +300,7 @@ class TensorRTBackend(Backend):
         contexts = self.pool.checkout()
         state = TensorRTBatchState(contexts, len(batch), batch.input_ids.shape[1], row_extents(batch.attention_mask))
         state.release = weakref.finalize(state, self.pool.give_back, contexts)
-        contexts.enqueue_embeddings(feeds_for(self.manifest.embeddings.spec, batch))
+        contexts.enqueue_embeddings(feeds_for(self.chain.embeddings.spec, batch))
         return state
 
     def _run_layers_impl(self, state, first_layer, count):

@@ -1,0 +1,196 @@
+"""pcee-bench: thread settings, the single-graph cache outside the bundle, options, docs paths, one-line errors.
+
+Runs on a tiny random model exported once per module (with and without the single graph inside),
+over a dozen rows, one repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+torch = pytest.importorskip("torch")
+
+from bundles import SENTENCES  # noqa: E402
+from pcee.benchmarks import bench  # noqa: E402
+from pcee.benchmarks.cli import main as bench_cli  # noqa: E402
+from pcee.benchmarks.glue_study import TASKS, Study  # noqa: E402
+from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
+from pcee.modeling.model import MultiExitClassifier  # noqa: E402
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+QUICK = ["--repeats", "1", "--batch-sizes", "1,4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("bench"), task="sst2")
+
+
+@pytest.fixture(scope="module")
+def exported_bundle(model_dir: Path) -> Path:
+    """Exported as pcee-export does by default: MODEL_DIR-pcee, no single graph inside."""
+    return export_bundle(model_dir).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def bundle_with_single_graph(model_dir: Path) -> Path:
+    return export_bundle(model_dir, model_dir.with_name("with-single-graph-pcee"), ExportOptions(with_full_graph=True)).bundle_dir
+
+
+@pytest.fixture
+def bundle(exported_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy: pcee-bench caches its exit recording in the bundle."""
+    return Path(shutil.copytree(exported_bundle, tmp_path / "bundle-pcee"))
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"{text.replace(',', '')},{index % 2}\n" for index, text in enumerate(SENTENCES)))
+    return path
+
+
+def run_bench(bundle_dir: Path, data: Path, *arguments) -> Result:
+    data_arguments = ["--data", data, "--text-column", "text", "--label-column", "label"]
+    return CliRunner().invoke(bench_cli, [str(argument) for argument in (bundle_dir, *data_arguments, *QUICK, *arguments)])
+
+
+def single_error_line(result) -> str:
+    """The one `Error:` line a failed command printed; fails on a traceback or a success."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {type(result.exception).__name__}: {result.exception}"
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------ 1. threads
+
+
+def test_pytorch_runs_on_the_requested_threads_and_gets_its_own_back(bundle_with_single_graph, model_dir, data_csv, monkeypatch, tmp_path):
+    threads_seen = []
+    forward = MultiExitClassifier.forward
+
+    def counting_forward(self, *arguments, **keywords):
+        threads_seen.append(torch.get_num_threads())
+        return forward(self, *arguments, **keywords)
+
+    monkeypatch.setattr(MultiExitClassifier, "forward", counting_forward)
+    before = torch.get_num_threads()
+    requested = before + 1  # differs from torch's default whatever the machine
+    result = run_bench(bundle_with_single_graph, data_csv, "--model-dir", model_dir, "--intra-op-threads", requested, "--cache-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert threads_seen and set(threads_seen) == {requested}
+    assert torch.get_num_threads() == before
+
+
+# ------------------------------------------------------------------ 2. --model-dir when the bundle has no single graph
+
+
+def test_help_says_when_model_dir_is_required():
+    help_text = flat(CliRunner().invoke(bench_cli, ["--help"]).output)
+    assert "REQUIRED when the bundle has no single-graph model" in help_text
+
+
+def test_missing_model_dir_fails_in_one_line_before_running_the_model(bundle, data_csv, tmp_path):
+    line = single_error_line(run_bench(bundle, data_csv, "--cache-dir", tmp_path))
+    assert "--model-dir" in line and "--with-full-graph" in line
+    assert not (bundle / ".pcee-cache").exists()  # failed before recording the exits
+
+
+# ------------------------------------------------------------------ 3. the single-graph cache
+
+
+def test_single_graph_is_cached_outside_the_bundle_and_reused(bundle, model_dir, data_csv, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_bench(bundle, data_csv, "--model-dir", model_dir, "--cache-dir", cache, "--json")
+    assert first.exit_code == 0, first.output
+    cached = json.loads(first.stdout)["single_graph"]
+    assert cached["origin"] == "exported" and Path(cached["file"]).is_relative_to(cache)
+    assert cached["file"] in first.stderr  # says where it went
+    assert not list(bundle.rglob("*full_model*"))
+    second = run_bench(bundle, data_csv, "--model-dir", model_dir, "--cache-dir", cache, "--json")
+    assert json.loads(second.stdout)["single_graph"] == {**cached, "origin": "cache"}
+
+
+def test_the_bundles_own_single_graph_needs_no_model_dir(bundle_with_single_graph, data_csv, tmp_path):
+    result = run_bench(bundle_with_single_graph, data_csv, "--cache-dir", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["single_graph"]["origin"] == "bundle"
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert bench.default_cache_dir() == tmp_path / "pcee"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert bench.default_cache_dir() == Path.home() / ".cache" / "pcee"
+
+
+def test_a_failed_export_leaves_nothing_in_the_cache(model_dir, monkeypatch, tmp_path):
+    def broken_export(model, path):
+        Path(path).write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pcee.exporter.bundle.export_full_graph", broken_export)
+    with pytest.raises(KeyboardInterrupt):
+        bench.cached_single_graph(model_dir, tmp_path)
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+# ------------------------------------------------------------------ 4. options
+
+
+def test_one_batch_size_option_and_every_option_explains_itself(bundle_with_single_graph, data_csv):
+    options = {name: param for param in bench_cli.params for name in param.opts}
+    assert "--batch-sizes" in options and "--json" in options
+    assert "--batch-size" not in options and "--backend" not in options  # pcee-bench measures the CPU chain
+    assert [name for name, param in options.items() if isinstance(param, click.Option) and not param.help] == []
+    result = run_bench(bundle_with_single_graph, data_csv, "--json")
+    assert sorted(json.loads(result.stdout)["results"]) == ["1", "4"]
+
+
+# ------------------------------------------------------------------ 5. docs name no machine's paths
+
+
+@pytest.mark.parametrize("document", ["docs/RESULTS.md", "benchmarks/cli.py", "benchmarks/glue_study.py", "benchmarks/profile_batch1.py"])
+def test_docs_use_paths_relative_to_the_project(document):
+    text = (REPOSITORY / document).read_text()
+    assert re.findall(r"/work/\S*|\.\./shared\S*", text) == []
+
+
+def test_the_glue_study_names_bundles_as_pcee_export_does(tmp_path):
+    study = Study(tmp_path / "glue", tmp_path / "study", list(TASKS.values()), seed=0)
+    for task in study.tasks:
+        model_dir = study.model_dir(task)
+        assert study.bundle_dir(task) == model_dir.with_name(model_dir.name + "-pcee")
+
+
+# ------------------------------------------------------------------ 6. one-line errors
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--model-dir", "{bundle}"], "config.json"),  # a bundle is not a model directory
+    (["--batch-sizes", "0,1"], "--batch-sizes"),
+    (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json"], "--cache-dir"),
+    (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json/below"], "writable"),
+])
+def test_bad_input_gets_one_line_and_no_traceback(bundle, model_dir, data_csv, arguments, says):
+    filled = [argument.format(bundle=bundle, model_dir=model_dir) for argument in arguments]
+    assert says in single_error_line(run_bench(bundle, data_csv, *filled))
+
+
+def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
+    assert "manifest.json" in single_error_line(run_bench(tmp_path / "nowhere", data_csv))
