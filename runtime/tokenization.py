@@ -130,7 +130,8 @@ def check_id_row(row, where: str, limit: int, meaning: str) -> list[int]:
         raise InputError(f"{where} must be a non-empty list of ints, got {type(row).__name__}")
     if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in row):
         offender = next(value for value in row if not isinstance(value, (int, np.integer)) or isinstance(value, bool))
-        raise InputError(f"{where} holds {offender!r:.60} ({type(offender).__name__}); expected integers")
+        shown = f"{offender!r:.60} " if isinstance(offender, (str, float, bool)) else ""  # never repr a nested list
+        raise InputError(f"{where} holds {shown}({type(offender).__name__}); expected integers")
     values = np.asarray(row, dtype=np.int64) if all(abs(int(v)) < 2**63 for v in row) else None
     if values is None or values.min() < 0 or values.max() >= limit:
         raise InputError(f"{where} has values outside {meaning}, 0..{limit - 1}")

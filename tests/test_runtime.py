@@ -220,7 +220,8 @@ def test_predict_cli_writes_json_lines(bundle, tmp_path):
     result = CliRunner().invoke(predict_cli, [str(bundle), "--input", str(inputs), "--policy", "budgeted", "--layer", "2", "--output", str(output)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert len(rows) == 2 and all(row["exit_layer"] == 2 for row in rows)
+    assert len(rows) == 3 and rows[1] == {"line": 2, "error": "blank line: nothing to classify"}
+    assert rows[0]["exit_layer"] == rows[2]["exit_layer"] == 2
     assert set(rows[0]) == {"label", "label_index", "probabilities", "exit_layer", "confidence", "truncated"}
 
 
