@@ -80,24 +80,24 @@ def test_a_signal_that_contradicts_the_policy_is_refused(bundle, tmp_path):
 
 
 # -- 4. tokenizer files are hashed and checked against the model ------------------------------------
-def test_a_swapped_tokenizer_fails_at_load(bundle, tmp_path):
-    def swap(_, target):
-        path = target / "tokenizer" / "tokenizer.json"
-        tokenizer = json.loads(path.read_text())
-        tokenizer["model"]["vocab"]["extra-token"] = len(tokenizer["model"]["vocab"])
-        path.write_text(json.dumps(tokenizer))
+def add_tokens(target, count: int) -> None:
+    """Grow the bundle's tokenizer vocabulary by `count` new tokens."""
+    path = target / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    for index in range(count):
+        vocab[f"extra-token-{index}"] = len(vocab)
+    path.write_text(json.dumps(tokenizer))
 
+
+def test_a_swapped_tokenizer_fails_at_load(bundle, tmp_path):
     with pytest.raises(BundleError, match="tokenizer.json: sha256 does not match"):
-        EarlyExitRuntime.from_bundle(edited_copy(bundle, tmp_path, swap))
+        EarlyExitRuntime.from_bundle(edited_copy(bundle, tmp_path, lambda _, target: add_tokens(target, 1)))
 
 
 def test_a_foreign_tokenizer_with_a_larger_vocabulary_fails_at_load_even_unhashed(bundle, tmp_path):
     def grow(data, target):
-        path = target / "tokenizer" / "tokenizer.json"
-        tokenizer = json.loads(path.read_text())
-        for index in range(data["model"]["vocab_size"] + 5):
-            tokenizer["model"]["vocab"].setdefault(f"extra{index}", len(tokenizer["model"]["vocab"]))
-        path.write_text(json.dumps(tokenizer))
+        add_tokens(target, data["model"]["vocab_size"] + 5)
 
     with pytest.raises(BundleError, match="embedding table has"):
         EarlyExitRuntime.from_bundle(edited_copy(bundle, tmp_path, grow), verify_hashes=False)
