@@ -37,19 +37,6 @@ class BatchSizes(click.ParamType):
         return sizes
 
 
-def without_options(*names: str):
-    """Drop options a shared decorator adds that this command does not take."""
-
-    def drop(command: click.Command) -> click.Command:
-        command.params = [param for param in command.params if param.name not in names]
-        return command
-
-    return drop
-
-
-# data_options also brings --backend and --batch-size: pcee-bench measures the onnxruntime CPU chain
-# (its references run on the CPU too) at every size of --batch-sizes.
-@without_options("backend", "batch_size")
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options

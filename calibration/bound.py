@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcee.runtime.policies import OperatingPoint
+from pcee.runtime import OperatingPoint
 
 from .errors import CalibrationError
 from .search import Sweep, grid_outcomes, pareto_frontier

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from pcee.runtime import Manifest, OperatingPoint
 from .errors import CalibrationError
 
 INITIAL_POINT_NAME = "initial"
+MANIFEST_LOCK = ".manifest.lock"
 
 
 def load_labelled_data(
@@ -62,10 +66,23 @@ def merged_points(current: OperatingPoint, saved: list[OperatingPoint], new: Ope
 
 
 def record_in_manifest(bundle_dir: Path, point: OperatingPoint, summary: dict) -> Manifest:
-    """Make `point` the bundle's operating point, keep the earlier ones by name, in one atomic write."""
-    manifest = Manifest.load(bundle_dir, verify_hashes=False)
-    manifest.operating_points = merged_points(manifest.operating_point, manifest.operating_points, point)
-    manifest.operating_point = point
-    manifest.calibration = summary
-    manifest.save(bundle_dir)
+    """Make `point` the bundle's operating point, keep the earlier ones by name, in one atomic write.
+
+    The read-merge-write holds the bundle's manifest lock, so concurrent calibrations all keep their points.
+    """
+    with manifest_lock(bundle_dir):
+        manifest = Manifest.load(bundle_dir, verify_hashes=False)
+        manifest.operating_points = merged_points(manifest.operating_point, manifest.operating_points, point)
+        manifest.operating_point = point
+        manifest.calibration = summary
+        manifest.save(bundle_dir)
     return manifest
+
+
+@contextmanager
+def manifest_lock(bundle_dir: Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock on BUNDLE/.manifest.lock), released when the file closes,
+    also when the process dies."""
+    with open(Path(bundle_dir) / MANIFEST_LOCK, "ab") as lock_file:  # "a": create it, never truncate it
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield

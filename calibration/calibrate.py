@@ -12,14 +12,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pcee.runtime.policies import OperatingPoint
+from pcee.runtime import OperatingPoint
 
 from .bound import FULL_MODEL, Certification, certify_max_drop
 from .errors import CalibrationError
-from .search import CALIBRATION_POLICIES, grid_outcomes, pareto_frontier, search_target, sweeps_for
+from .search import CALIBRATION_POLICIES, SweepState, all_states, grid_outcomes, pareto_frontier, run_best_reaching, sweeps_for
 from .simulate import CalibrationRows, Outcome, Simulator, exit_histogram
 
-FRONTIER_GRID_SIZE = 40  # points per sweep on the reported frontiers and plots
+PATIENCE_GRID_SIZE = 40  # tau values per patience on the patience plot
 PATH_GRID_SIZE = 200  # points per sweep on the quality-bound path
 POINT_SOURCE = "pcee-calibrate"
 
@@ -68,8 +68,8 @@ class CalibrationResult:
     holdout: Outcome
     full_search: Outcome
     full_holdout: Outcome
-    frontiers: dict[str, list[Outcome]]  # per policy, on the search rows
-    grids: dict[str, list[Outcome]]  # every simulated grid point, per policy
+    frontiers: dict[str, list[SweepState]]  # per policy, exact, on the search rows
+    patience_grid: list[Outcome]  # pcee over a tau grid at every patience, on the search rows
     certification: Certification | None
     seed: int
 
@@ -87,7 +87,7 @@ class CalibrationResult:
 
     def to_dict(self) -> dict:
         return {
-            "operating_point": point_fields(self.point),
+            "operating_point": self.point.to_dict(),
             "metric_name": self.metric_name,
             "objective": self.objective.to_dict(),
             "calibration": self.summarize(self.chosen),
@@ -96,12 +96,6 @@ class CalibrationResult:
             "guarantee": None if self.certification is None else self.certification.to_dict(),
             "seed": self.seed,
         }
-
-
-def point_fields(point: OperatingPoint) -> dict:
-    """Every field of the point, unset ones as null, so readers of the JSON find a stable shape."""
-    return {"policy": point.policy, "tau": point.tau, "patience": point.patience, "layer": point.layer,
-            "ensemble": point.ensemble, "name": point.name}
 
 
 def split_rows(count: int, fraction: float, seed: int, part_names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +108,11 @@ def split_rows(count: int, fraction: float, seed: int, part_names: tuple[str, st
             f"with fraction {fraction:g}; give more labelled data"
         )
     return np.sort(order[taken:]), np.sort(order[:taken])
+
+
+def holdout_split(count: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(search rows, held-out rows): the one split of pcee-calibrate, which pcee-eval --holdout-of repeats."""
+    return split_rows(count, holdout_fraction, seed, ("search", "held-out"))
 
 
 def frontier_policies(has_learned_score: bool) -> list[str]:
@@ -134,18 +133,20 @@ def calibrate(
 
     The point is named `name`, by default after the objective ('speedup-0.50', 'max-drop-0.01').
     """
-    search_indices, holdout_indices = split_rows(len(rows), holdout_fraction, seed, ("search", "held-out"))
+    search_indices, holdout_indices = holdout_split(len(rows), holdout_fraction, seed)
     search = Simulator(rows.subset(search_indices), metric_name, has_learned_score)
     holdout = Simulator(rows.subset(holdout_indices), metric_name, has_learned_score)
+    # The calibrated policy first, so that a policy this bundle cannot run fails before any other work.
+    states = {
+        each: all_states(search, sweeps_for(each, search.rows.exits)) for each in dict.fromkeys([policy, *frontier_policies(has_learned_score)])
+    }
     certification = None
     if objective.target_speedup is not None:
-        chosen = search_target(search, sweeps_for(policy, search.rows.exits), objective.target_speedup)
+        chosen = run_best_reaching(search, states[policy], objective.target_speedup)
     else:
         certification = certify(search, objective, policy, seed)
         chosen = search.run(certification.chosen.outcome.point)
     chosen = replace(chosen, point=replace(chosen.point, name=name or objective.default_name(), source=POINT_SOURCE))
-    grids = {name: grid_outcomes(search, sweeps_for(name, search.rows.exits), FRONTIER_GRID_SIZE) for name in frontier_policies(has_learned_score)}
-    grids[policy].append(chosen)
     return CalibrationResult(
         objective=objective,
         metric_name=metric_name,
@@ -154,8 +155,8 @@ def calibrate(
         holdout=holdout.run(chosen.point),
         full_search=search.run(FULL_MODEL),
         full_holdout=holdout.run(FULL_MODEL),
-        frontiers={name: pareto_frontier(outcomes) for name, outcomes in grids.items()},
-        grids=grids,
+        frontiers={each: pareto_frontier(states[each]) for each in frontier_policies(has_learned_score)},
+        patience_grid=grid_outcomes(search, sweeps_for("pcee", search.rows.exits), PATIENCE_GRID_SIZE),
         certification=certification,
         seed=seed,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -11,37 +12,50 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pcee.modeling.data import DataError, TextDataset
-from pcee.runtime.backends import BACKEND_NAMES
-from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.errors import PceeError
-from pcee.runtime.manifest import Manifest
-from pcee.runtime.policies import POLICY_NAMES, OperatingPoint
+from pcee.modeling.data import TextDataset
+from pcee.runtime import BACKEND_NAMES, MANIFEST_NAME, POLICY_NAMES, EarlyExitRuntime, Manifest, OperatingPoint, PceeError
 
 from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest
 from .calibrate import CalibrationResult, Objective, calibrate
 from .collect import record_all_exits
-from .errors import CalibrationError
-from .evaluate import evaluate_bundle, requested_point
-from .report import format_table, write_report
+from .evaluate import evaluate_bundle, held_out_rows, requested_point
+from .report import REPORTS_DIRECTORY, format_table, load_report, report_dir_for, write_report
 from .search import CALIBRATION_POLICIES
 from .simulate import CalibrationRows
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 OPEN_UNIT_INTERVAL = click.FloatRange(0, 1, min_open=True, max_open=True)
+POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # also the name of the point's report folder
+REPORTS_DEFAULT = f"[default: BUNDLE_DIR/{REPORTS_DIRECTORY}]"
 
 
 @contextmanager
 def friendly_errors():
-    """Our typed errors become one-line messages, never tracebacks."""
+    """Our typed errors (PceeError and its subclasses) become one-line messages, never tracebacks."""
     try:
         yield
-    except (CalibrationError, PceeError, DataError) as error:
+    except PceeError as error:
         raise click.ClickException(str(error)) from None
 
 
+@contextmanager
+def writing(path: Path):
+    """A write that fails (read-only file system, full disk) becomes one line naming what was being written."""
+    try:
+        yield
+    except OSError as error:
+        raise click.ClickException(f"could not write {path}: {error.strerror or error}; make room there or make it writable, then run again") from None
+
+
+def apply_options(command: Callable, options: list[Callable]) -> Callable:
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def data_options(command: Callable) -> Callable:
-    options = [
+    """The labelled data: --data and how to read it."""
+    return apply_options(command, [
         click.option("--data", required=True, type=click.Path(path_type=Path),
                      help="Labelled data: a GLUE task directory (its dev split is used), one file in that task's GLUE format, "
                           "or a generic .csv/.tsv/.jsonl with --text-column/--label-column."),
@@ -49,12 +63,21 @@ def data_options(command: Callable) -> Callable:
         click.option("--text-column", help="Generic files: the column holding the text."),
         click.option("--text-pair-column", help="Generic files: the column holding the second text of a pair."),
         click.option("--label-column", help="Generic files: the column holding the label (names must be the bundle's labels)."),
+    ])
+
+
+def run_options(command: Callable) -> Callable:
+    """How the bundle runs: --backend and --batch-size."""
+    return apply_options(command, [
         click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", help="The backend the bundle will be deployed on."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Rows per batch through the runtime."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    ])
+
+
+def check_point_name(context: click.Context, parameter: click.Parameter, name: str | None) -> str | None:
+    if name is not None and not POINT_NAME.fullmatch(name):
+        raise click.BadParameter(f"{name!r} cannot name a point and its report folder; use letters, digits, '.', '_' and '-'")
+    return name
 
 
 def open_labelled_data(bundle_dir: Path, options: dict) -> tuple[Manifest, TextDataset, np.ndarray]:
@@ -77,14 +100,17 @@ def emit(document: dict, as_json: bool, text: str) -> None:
 @click.command(context_settings=CONTEXT)
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
+@run_options
 @click.option("--target-speedup", type=OPEN_UNIT_INTERVAL, help="Layer speed-up to reach (Eq. 4: 1 - layers run / (rows x layers)).")
 @click.option("--max-drop", type=OPEN_UNIT_INTERVAL, help="Largest accuracy drop against the full model to certify.")
 @click.option("--confidence", type=OPEN_UNIT_INTERVAL, default=0.95, help="With --max-drop: probability that the drop bound holds.")
 @click.option("--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate.")
 @click.option("--holdout-fraction", type=OPEN_UNIT_INTERVAL, default=0.2, help="Share of the rows held out of the search; the chosen point is reported on them.")
 @click.option("--seed", type=int, default=0, help="Seed of the random hold-out split.")
-@click.option("--name", help="Name of the new operating point. Default: speedup-S or max-drop-D.")
-@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the report files go. Default: the bundle.")
+@click.option("--name", callback=check_point_name,
+              help="Name of the new operating point and of its report folder. [default: speedup-S or max-drop-D]")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
+              help=f"Folder of per-point report folders: this run writes REPORT_DIR/NAME/. {REPORTS_DEFAULT}")
 @click.option("--dry-run", is_flag=True, help="Report only; leave the manifest unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -97,25 +123,33 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
 
     \b
     Two objectives:
-      --target-speedup S   for each patience, the tau reaching layer speed-up S on the
-                           search rows; of those, the point with the best task metric.
+      --target-speedup S   of every (tau, patience) whose layer speed-up on the search
+                           rows reaches S, the one with the best task metric (ties go
+                           to the higher speed-up, then the lower patience).
       --max-drop D         the largest speed-up whose accuracy drop against the full
                            model is at most D with probability --confidence (exact
                            binomial test, fixed-sequence along the frontier; assumes
                            the data are exchangeable with production traffic).
 
     A --holdout-fraction of the rows is kept out of the search; the chosen point's
-    held-out layer speed-up and metric are what production will see. The point is
+    held-out layer speed-up and metric are what production will see (run them for
+    real with: pcee-eval BUNDLE_DIR --data ... --holdout-of NAME). The point is
     written into BUNDLE_DIR/manifest.json (earlier points stay in operating_points,
-    by name) unless --dry-run; the report (JSON, frontier CSV, plots) goes to
-    --report-dir.
+    by name) unless --dry-run.
+
+    \b
+    The report goes to one folder per point name; a run replaces only its own:
+      REPORT_DIR/NAME/calibration-report.json    everything, with the hold-out split
+      REPORT_DIR/NAME/calibration-frontier.csv   exact Pareto frontier of every policy
+      REPORT_DIR/NAME/calibration-frontier.png   the frontiers (plots need matplotlib)
+      REPORT_DIR/NAME/calibration-patience.png   reachable speed-ups per patience
 
     \b
     Examples:
       pcee-calibrate runs/sst2-bundle --data glue/SST-2 --target-speedup 0.5
       pcee-calibrate runs/sst2-bundle --data glue/SST-2 --max-drop 0.01 --confidence 0.9 --dry-run
       pcee-calibrate runs/tickets-bundle --data tickets.jsonl --text-column text \\
-                     --label-column label --target-speedup 0.4 --json
+                     --label-column label --target-speedup 0.4 --name peak-hours --json
     """
     if (options["target_speedup"] is None) == (options["max_drop"] is None):
         raise click.UsageError("give exactly one of --target-speedup and --max-drop")
@@ -140,15 +174,24 @@ def run_calibration(bundle_dir: Path, options: dict) -> None:
         "holdout_fraction": options["holdout_fraction"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    report_files = write_report(result, options["report_dir"] or bundle_dir, context)
+    report_dir = report_dir_for(reports_root(bundle_dir, options), result.point.name)
+    with writing(report_dir):
+        report = write_report(result, report_dir, context)
+    for note in report.notes:
+        click.echo(note, err=True)
     if not options["dry_run"]:
-        record_in_manifest(bundle_dir, result.point, {**result.to_dict(), **context})
+        with writing(bundle_dir / MANIFEST_NAME):
+            record_in_manifest(bundle_dir, result.point, {**result.to_dict(), **context})
     document = {
         **result.to_dict(), **context, "manifest_updated": not options["dry_run"],
         "recording": {"cache_file": str(recording.cache_file), "from_cache": recording.from_cache},
-        "report_files": [str(path) for path in report_files],
+        "report_files": [str(path) for path in report.files],
     }
     emit(document, options["as_json"], closing_text(result, document))
+
+
+def reports_root(bundle_dir: Path, options: dict) -> Path:
+    return options["report_dir"] or bundle_dir / REPORTS_DIRECTORY
 
 
 def closing_text(result: CalibrationResult, document: dict) -> str:
@@ -167,6 +210,12 @@ def closing_text(result: CalibrationResult, document: dict) -> str:
 @click.command(context_settings=CONTEXT)
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
+@run_options
+@click.option("--holdout-of", metavar="NAME", callback=check_point_name,
+              help="Evaluate only the rows that the calibration of point NAME held out of its search (give the same "
+                   "--data; the split is read from NAME's report), at point NAME unless --point or --policy is given.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
+              help=f"With --holdout-of: the folder of per-point report folders pcee-calibrate wrote to. {REPORTS_DEFAULT}")
 @click.option("--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name).")
 @click.option("--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point.")
 @click.option("--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it).")
@@ -181,9 +230,12 @@ def eval_main(bundle_dir: Path, **options) -> None:
     them. The bundle's operating point is used unless --point, --policy or a knob is
     given (a knob alone adjusts the bundle's point).
 
+    The rows a calibration searched on flatter the point it chose. --holdout-of NAME
+    runs only the rows that NAME's calibration held out: the production estimate.
+
     \b
     Examples:
-      pcee-eval runs/sst2-bundle --data glue/SST-2
+      pcee-eval runs/sst2-bundle --data glue/SST-2 --holdout-of speedup-0.50
       pcee-eval runs/sst2-bundle --data glue/SST-2/dev.tsv --task sst2 --policy pcee --tau 0.3 --patience 2 --json
     """
     with friendly_errors():
@@ -193,8 +245,14 @@ def eval_main(bundle_dir: Path, **options) -> None:
 def run_evaluation(bundle_dir: Path, options: dict) -> None:
     _, dataset, labels = open_labelled_data(bundle_dir, options)
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options["backend"])
-    point = requested_point(runtime, options["point_name"], options["policy"], options["tau"], options["patience"], options["layer"])
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
+    default_point = runtime.operating_point
+    if options["holdout_of"] is not None:
+        report = load_report(report_dir_for(reports_root(bundle_dir, options), options["holdout_of"]), options["holdout_of"])
+        rows = held_out_rows(report, batch)
+        batch, labels = batch.select(rows), labels[rows]
+        default_point = OperatingPoint.from_dict(report["operating_point"])
+    point = requested_point(runtime, default_point, options["point_name"], options["policy"], options["tau"], options["patience"], options["layer"])
     evaluation = evaluate_bundle(runtime, batch, labels, point, options["batch_size"])
     emit(evaluation, options["as_json"], evaluation_text(evaluation))
 

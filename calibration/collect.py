@@ -11,6 +11,7 @@ import hashlib
 import json
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def record_all_exits(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size:
     """Every exit of every row of `batch`, from the cache when this model and data were recorded before."""
     model_hash, data_hash = model_sha256(runtime), data_sha256(batch)
     cache_file = runtime.bundle_dir / CACHE_DIRECTORY / f"exits-{model_hash[:16]}-{data_hash[:16]}.npz"
-    cached = load_exits(cache_file, len(batch)) if cache_file.is_file() else None
+    cached = load_exits(cache_file, expected_shapes(runtime, len(batch))) if cache_file.exists() else None
     if cached is not None:
         return Recording(cached, cache_file, True, model_hash, data_hash)
     exits = run_with_progress(runtime, batch, batch_size, progress)
@@ -66,14 +67,37 @@ def run_with_progress(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size
         return runtime.run_all_exits(batch, batch_size, on_chunk=bar.update)
 
 
-def load_exits(path: Path, num_rows: int) -> AllExits | None:
-    """The cached recording, or None when it is unreadable (it is then recorded again)."""
+def expected_shapes(runtime: EarlyExitRuntime, num_rows: int) -> dict[str, tuple[int, ...]]:
+    """The arrays a recording of `num_rows` rows through this model holds, with their shapes."""
+    model = runtime.manifest.model
+    per_exit = (num_rows, model.num_layers)
+    shapes = {"logits": (*per_exit, model.num_labels), "entropy": per_exit, "max_probability": per_exit}
+    return shapes | ({"confidence_score": per_exit} if model.learned_confidence else {})
+
+
+def load_exits(path: Path, shapes: dict[str, tuple[int, ...]]) -> AllExits | None:
+    """The cached recording; None, with a warning naming the file, when it is unreadable or does not fit
+    this model and data (the exits are then recorded again and the file replaced)."""
     try:
         with np.load(path) as stored:
-            exits = AllExits(*(stored[name] if name in stored else None for name in EXIT_ARRAYS))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None
-    return exits if exits.logits.shape[0] == num_rows else None
+            arrays = {name: stored[name] for name in stored.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        problem = f"it cannot be read ({type(error).__name__}: {error})"
+    else:
+        problem = shape_problem(arrays, shapes)
+    if problem is None:
+        return AllExits(**arrays)
+    warnings.warn(f"discarding the cached recording {path}: {problem}; recording the exits again", stacklevel=3)
+    return None
+
+
+def shape_problem(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    if set(arrays) != set(shapes):
+        return f"it holds the arrays {sorted(arrays)}, expected {sorted(shapes)}"
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape or not np.issubdtype(arrays[name].dtype, np.floating):
+            return f"{name} is {arrays[name].dtype} {arrays[name].shape}, expected floats of shape {shape}"
+    return None
 
 
 def save_exits(path: Path, exits: AllExits) -> None:

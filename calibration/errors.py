@@ -1,6 +1,6 @@
 """Typed errors of the calibration room."""
 
-from pcee.runtime.errors import PceeError
+from pcee.runtime import PceeError
 
 
 class CalibrationError(PceeError, ValueError):

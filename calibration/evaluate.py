@@ -7,23 +7,39 @@ from dataclasses import replace
 import numpy as np
 
 from pcee.modeling.metrics import task_metric
-from pcee.runtime.engine import EarlyExitRuntime
-from pcee.runtime.policies import OperatingPoint
-from pcee.runtime.tokenization import EncodedBatch
+from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint
 
 from .bound import FULL_MODEL
+from .calibrate import holdout_split
+from .collect import data_sha256
+from .errors import CalibrationError
 from .simulate import exit_histogram
 
 
 def requested_point(
-    runtime: EarlyExitRuntime, point_name: str | None, policy: str | None, tau: float | None, patience: int | None, layer: int | None
+    runtime: EarlyExitRuntime, default: OperatingPoint, point_name: str | None, policy: str | None,
+    tau: float | None, patience: int | None, layer: int | None,
 ) -> OperatingPoint:
-    """A new point when a policy is given; otherwise the bundle's (or the named) point with any knob overridden."""
+    """A new point when a policy is given; otherwise `default` (or the named point) with any knob overridden."""
     if policy is not None:
         return OperatingPoint(policy, tau=tau, patience=patience, layer=layer)
-    base = runtime.operating_point if point_name is None else runtime.resolve_operating_point(point_name)
+    base = default if point_name is None else runtime.resolve_operating_point(point_name)
     overrides = {name: value for name, value in (("tau", tau), ("patience", patience), ("layer", layer)) if value is not None}
     return replace(base, **overrides)
+
+
+def held_out_rows(report: dict, batch: EncodedBatch) -> np.ndarray:
+    """The rows a calibration held out of its search, found again by its seed and fraction in the same data."""
+    try:
+        name, data = report["operating_point"]["name"], report["data"]
+        if data_sha256(batch) != data["sha256"]:
+            raise CalibrationError(
+                f"--data is not the data point {name!r} was calibrated on ({data['source']}, {data['rows']} rows; compared "
+                "after tokenization); give that data to evaluate the rows its calibration held out"
+            )
+        return holdout_split(len(batch), report["holdout_fraction"], report["seed"])[1]
+    except (KeyError, TypeError) as error:
+        raise CalibrationError(f"the calibration report has no usable hold-out split ({error!r}); calibrate the point again") from None
 
 
 def run_point(runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray, point: OperatingPoint, batch_size: int) -> dict:

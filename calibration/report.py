@@ -1,74 +1,138 @@
-"""The calibration report: JSON, the Pareto frontiers as CSV, two plots, and a terminal table."""
+"""The calibration report: JSON, the Pareto frontiers as CSV, two plots, and a terminal table.
+
+One report per point name: REPORTS_ROOT/NAME/ (REPORTS_ROOT defaults to BUNDLE/reports), so a
+calibration replaces only the report of the point it saves.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .calibrate import CalibrationResult
-from ..runtime.atomic import write_file_atomically
-from .simulate import Outcome
+from pcee.runtime import write_file_atomically
 
+from .calibrate import CalibrationResult
+from .errors import CalibrationError
+from .search import best_reaching
+
+REPORTS_DIRECTORY = "reports"
 REPORT_JSON = "calibration-report.json"
 FRONTIER_CSV = "calibration-frontier.csv"
 FRONTIER_PLOT = "calibration-frontier.png"
 PATIENCE_PLOT = "calibration-patience.png"
+REPORT_FILES = (REPORT_JSON, FRONTIER_CSV, FRONTIER_PLOT, PATIENCE_PLOT)
 FRONTIER_COLUMNS = ("policy", "tau", "patience", "layer", "layer_speedup", "metric")
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'pcee[export]'"
+MAIN_POLICY_STYLE = {"linewidth": 2.6, "zorder": 3}
+BASELINE_STYLE = {"linewidth": 1.2, "zorder": 2}
+# write_file_atomically's temporary files: mkstemp's ".NAME." prefix and 8 random characters.
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+# No temporary file last written before this moment can be this process's own.
+IMPORTED_AT = time.time()
+
+
+@dataclass(frozen=True)
+class WrittenReport:
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+
+def report_dir_for(reports_root: Path, point_name: str) -> Path:
+    return reports_root / point_name
+
+
+def load_report(report_dir: Path, point_name: str) -> dict:
+    path = report_dir / REPORT_JSON
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalibrationError(
+            f"no calibration report for point {point_name!r} at {path}; calibrate it with pcee-calibrate --name {point_name}, "
+            "or give the --report-dir it was written to"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise CalibrationError(f"{path} is not a readable calibration report ({error}); calibrate point {point_name!r} again") from None
+
+
+def outcome_row(outcome) -> dict:
+    """An outcome or sweep state: its point's fields (OperatingPoint.to_dict), layer speed-up and metric."""
+    return {**outcome.point.to_dict(), "layer_speedup": round(outcome.layer_speedup, 6), "metric": round(outcome.metric, 6)}
 
 
 def frontier_rows(result: CalibrationResult) -> list[dict]:
-    rows = [outcome_row(outcome) for outcomes in result.frontiers.values() for outcome in outcomes]
+    rows = [outcome_row(state) for states in result.frontiers.values() for state in states]
     return rows + [outcome_row(result.full_search)]
 
 
-def outcome_row(outcome: Outcome) -> dict:
-    point = outcome.point
-    return {"policy": point.policy, "tau": point.tau, "patience": point.patience, "layer": point.layer,
-            "layer_speedup": round(outcome.layer_speedup, 6), "metric": round(outcome.metric, 6)}
-
-
-def frontier_csv(result: CalibrationResult) -> str:
+def frontier_csv(rows: list[dict]) -> str:
     text = io.StringIO()
-    writer = csv.DictWriter(text, FRONTIER_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, FRONTIER_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(frontier_rows(result))
+    writer.writerows(rows)
     return text.getvalue()
 
 
-def write_report(result: CalibrationResult, report_dir: Path, context: dict) -> list[Path]:
+def write_report(result: CalibrationResult, report_dir: Path, context: dict) -> WrittenReport:
     """Write every report file into `report_dir`; the plots only where matplotlib is installed."""
-    document = {**result.to_dict(), **context, "frontiers": frontier_rows(result)}
-    files = {
-        REPORT_JSON: (json.dumps(document, indent=2) + "\n").encode(),
-        FRONTIER_CSV: frontier_csv(result).encode(),
-    }
-    for name, content in files.items():
+    remove_stale_temporaries(report_dir)
+    rows = frontier_rows(result)
+    document = {**result.to_dict(), **context, "frontiers": rows}
+    contents = {REPORT_JSON: (json.dumps(document, indent=2) + "\n").encode(), FRONTIER_CSV: frontier_csv(rows).encode()}
+    for name, content in contents.items():
         write_file_atomically(report_dir / name, lambda handle, content=content: handle.write(content))
-    written = [report_dir / name for name in files]
+    written = [report_dir / name for name in contents]
     try:
         import matplotlib
     except ImportError:
-        return written
+        return WrittenReport(written, [PLOTS_SKIPPED])
     matplotlib.use("Agg")
     for name, draw in ((FRONTIER_PLOT, draw_frontiers), (PATIENCE_PLOT, draw_patience_scatter)):
         figure = draw(result)
         write_file_atomically(report_dir / name, lambda handle, figure=figure: figure.savefig(handle, format="png", dpi=120))
         written.append(report_dir / name)
-    return written
+    return WrittenReport(written)
+
+
+def remove_stale_temporaries(report_dir: Path) -> None:
+    """Remove what a killed run left of its atomic writes: temporary files of our report files, written
+    before this process could write any (a younger one may be a concurrent run's)."""
+    if not report_dir.is_dir():
+        return
+    for path in report_dir.iterdir():
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match and match["name"] in REPORT_FILES and path.is_file() and path.stat().st_mtime < IMPORTED_AT:
+            path.unlink(missing_ok=True)
+
+
+def frontier_labels(result: CalibrationResult) -> dict[str, str]:
+    """Each policy's legend label; a frontier identical to an earlier one says so, e.g. 'shallow-deep (= branchynet)'."""
+    labels: dict[str, str] = {}
+    first_with: dict[tuple, str] = {}
+    for policy, states in result.frontiers.items():
+        curve = tuple((state.layer_speedup, state.metric) for state in states)
+        labels[policy] = policy if curve not in first_with else f"{policy} (= {first_with[curve]})"
+        first_with.setdefault(curve, policy)
+    return labels
 
 
 def draw_frontiers(result: CalibrationResult):
-    """Metric against layer speed-up per policy, like Figure 3 of the PCEE-BERT paper."""
+    """Metric against layer speed-up per policy, like Figure 3 of the PCEE-BERT paper; the calibrated policy on top."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
-    for policy, outcomes in result.frontiers.items():
-        axes.plot([o.layer_speedup for o in outcomes], [o.metric for o in outcomes], marker="o", markersize=3, label=policy)
-    axes.axhline(result.full_search.metric, color="grey", linestyle="--", label="full model")
-    axes.plot([result.chosen.layer_speedup], [result.chosen.metric], marker="*", markersize=14, color="black", linestyle="none", label="chosen")
+    labels = frontier_labels(result)
+    for policy, states in result.frontiers.items():
+        style = MAIN_POLICY_STYLE if policy == result.point.policy else BASELINE_STYLE
+        axes.plot([s.layer_speedup for s in states], [s.metric for s in states], marker="o", markersize=3, label=labels[policy], **style)
+    axes.axhline(result.full_search.metric, color="grey", linestyle="--", linewidth=1.0, label="full model")
+    axes.plot([result.chosen.layer_speedup], [result.chosen.metric], marker="*", markersize=14, color="black", linestyle="none",
+              label="chosen", zorder=4)
     axes.set(xlabel="layer speed-up", ylabel=result.metric_name, title=f"Pareto frontiers on {len(result.chosen.exit_layers)} calibration rows")
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
@@ -80,7 +144,7 @@ def draw_patience_scatter(result: CalibrationResult):
     """Layer speed-ups reachable per patience over a tau grid (PCEE, entropy), like Figure 8 of the paper."""
     from matplotlib.figure import Figure
 
-    outcomes = result.grids["pcee"]
+    outcomes = result.patience_grid
     figure = Figure(figsize=(6, 4.5))
     axes = figure.add_subplot()
     dots = axes.scatter([o.point.patience for o in outcomes], [o.layer_speedup for o in outcomes], c=[o.point.tau for o in outcomes], cmap="viridis", s=14)
@@ -93,7 +157,7 @@ def draw_patience_scatter(result: CalibrationResult):
 
 
 def format_table(result: CalibrationResult) -> str:
-    """The chosen point on calibration and held-out rows, and every policy at the chosen speed-up."""
+    """The chosen point on calibration and held-out rows, and every policy's best at the chosen speed-up."""
     metric = result.metric_name
     lines = [f"Chosen operating point: {result.point.describe()}" + (f"  (name {result.point.name})" if result.point.name else "")]
     lines.append(f"{'':<22}{'rows':>7}{'layer speed-up':>16}{metric:>12}")
@@ -107,13 +171,12 @@ def format_table(result: CalibrationResult) -> str:
             f"Certified: accuracy drop <= {guarantee.max_drop:g} with confidence {guarantee.confidence:g} "
             f"({guarantee.chosen.losses} losses in {guarantee.testing_rows} testing rows, p = {guarantee.chosen.p_value:.3g})"
         )
-    lines.append(f"\nBest {metric} per policy at layer speed-up >= {result.chosen.layer_speedup:.4f} (calibration rows):")
+    lines.append(f"\nBest {metric} per policy at layer speed-up >= {result.chosen.layer_speedup:.4f} (calibration rows, every threshold):")
     lines.append(f"{'policy':<14}{'point':<34}{'layer speed-up':>16}{metric:>12}")
-    for policy, outcomes in result.frontiers.items():
-        reaching = [o for o in outcomes if o.layer_speedup >= result.chosen.layer_speedup]
-        if reaching:
-            best = max(reaching, key=lambda o: o.metric)
-            lines.append(f"{policy:<14}{best.point.describe():<34}{best.layer_speedup:>16.4f}{best.metric:>12.4f}")
-        else:
+    for policy, states in result.frontiers.items():
+        best = best_reaching(states, result.chosen.layer_speedup)
+        if best is None:
             lines.append(f"{policy:<14}{'(cannot reach this speed-up)':<34}")
+        else:
+            lines.append(f"{policy:<14}{best.point.describe():<34}{best.layer_speedup:>16.4f}{best.metric:>12.4f}")
     return "\n".join(lines)

@@ -1,10 +1,16 @@
-"""Operating-point search over simulated exits: sweeps, target speed-up, Pareto frontiers.
+"""Operating-point search over simulated exits: sweeps, their exact states, target speed-up, Pareto frontiers.
 
 A sweep turns one knob of a policy from its most conservative to its most aggressive setting,
 so layer speed-up never decreases along it: tau at a fixed patience (a larger entropy threshold,
 or a smaller max-probability / learned-score threshold, makes more rows confident, so every
 patience counter is at least as large at every layer), PABEE's patience downwards, the budgeted
-layer downwards. That monotonicity is what lets the target search bisect.
+layer downwards.
+
+A tau sweep has one threshold per split of the recorded values, but most thresholds change no
+row's exit. `sweep_states` lists the distinct states of a sweep exactly (where each begins along
+the sweep, with its layer speed-up and metric) from the recorded confidences, updating only the
+rows whose exit changes, instead of one simulation per threshold. Tests check every state against
+a replay through the runtime's loop, and the chosen point is always replayed (`Simulator.run`).
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from pcee.runtime.engine import AllExits
-from pcee.runtime.policies import SIGNALS, OperatingPoint
+from pcee.modeling.metrics import task_metric
+from pcee.runtime import SIGNALS, AllExits, OperatingPoint, layer_speedup
 
 from .errors import CalibrationError
 from .simulate import Outcome, Simulator
@@ -45,6 +52,25 @@ class Sweep:
         if self.knob == "tau":
             return OperatingPoint(self.policy, tau=value, patience=self.patience)
         return OperatingPoint(self.policy, **{self.knob: value})
+
+
+@dataclass(frozen=True)
+class SweepState:
+    """A distinct state of a sweep: from sweep index `index` up to the next state's, every row exits alike."""
+
+    sweep: Sweep
+    index: int
+    layer_speedup: float
+    metric: float
+
+    @property
+    def point(self) -> OperatingPoint:
+        return self.sweep.point(self.index)
+
+    @property
+    def patience(self) -> int:
+        """The point's patience (0 for budgeted exit), without building the point."""
+        return int(self.sweep.values[self.index]) if self.sweep.knob == "patience" else self.sweep.patience or 0
 
 
 def candidate_thresholds(signal: str, values: np.ndarray) -> np.ndarray:
@@ -81,42 +107,94 @@ def sweeps_for(policy: str, exits: AllExits) -> list[Sweep]:
     raise CalibrationError(f"policy {policy!r} cannot be calibrated; choose one of {', '.join(CALIBRATION_POLICIES)}")
 
 
-def first_reaching(sweep: Sweep, simulator: Simulator, target: float) -> Outcome | None:
-    """The most conservative point of the sweep whose layer speed-up reaches `target`, or None.
+# ------------------------------------------------------------------------------ exact sweep states
 
-    Bisection over the sweep's indices: each step is one simulation.
+
+def sweep_states(simulator: Simulator, sweep: Sweep) -> list[SweepState]:
+    """Every distinct state of the sweep, most conservative first."""
+    if sweep.knob != "tau":  # a handful of points: simulate each
+        outcomes = (simulator.run(sweep.point(index)) for index in range(len(sweep)))
+        return [SweepState(sweep, index, outcome.layer_speedup, outcome.metric) for index, outcome in enumerate(outcomes)]
+    return tau_sweep_states(simulator, sweep)
+
+
+def tau_sweep_states(simulator: Simulator, sweep: Sweep) -> list[SweepState]:
+    """Walk the sweep's indices where some row's exit changes, updating only those rows."""
+    exits, labels, num_layers = simulator.rows.exits, simulator.rows.labels, simulator.num_layers
+    earliest = earliest_streaks(sweep, exits)
+    event_rows, event_streaks = np.nonzero(earliest < len(sweep))
+    event_indices = earliest[event_rows, event_streaks]
+    order = np.argsort(event_indices, kind="stable")
+    event_rows, event_indices = event_rows[order], event_indices[order]
+    starts = np.union1d([0], event_indices)
+    firsts, ends = np.searchsorted(event_indices, starts, side="left"), np.searchsorted(event_indices, starts, side="right")
+    argmax = exits.logits.argmax(axis=-1)
+    exit_layers = np.full(len(labels), num_layers)  # before any confident streak every row runs to the last layer
+    predictions = argmax[:, -1].copy()
+    states = []
+    for index, first, end in zip(starts, firsts, ends, strict=True):
+        rows = event_rows[first:end]
+        # A row exits where its first confident streak ends; with none, at the last layer.
+        exit_layers[rows] = np.minimum(num_layers, sweep.patience + (earliest[rows] > index).sum(axis=1))
+        predictions[rows] = argmax[rows, exit_layers[rows] - 1]
+        speedup = layer_speedup(int(exit_layers.sum()), len(labels), num_layers)
+        states.append(SweepState(sweep, int(index), speedup, task_metric(simulator.metric_name, predictions, labels)))
+    return states
+
+
+def earliest_streaks(sweep: Sweep, exits: AllExits) -> np.ndarray:
+    """[rows, layers - patience + 1]: the first sweep index at which a confident streak ends at layer
+    patience + j or earlier (len(sweep) where none does); non-increasing along j."""
+    onsets = confidence_onsets(sweep, getattr(exits, SIGNALS[sweep.policy]))
+    streaks = sliding_window_view(onsets, sweep.patience, axis=1).max(axis=-1)
+    return np.minimum.accumulate(streaks, axis=1)
+
+
+def confidence_onsets(sweep: Sweep, values: np.ndarray) -> np.ndarray:
+    """Per row and layer, the first sweep index whose tau makes that exit confident (len(sweep): none).
+
+    The taus are compared in the recorded values' dtype, as the policy compares a Python float with them.
     """
-    low, high = 0, len(sweep) - 1
-    best = simulator.run(sweep.point(high))
-    if best.layer_speedup < target - SPEEDUP_TOLERANCE:
-        return None
-    while low < high:
-        middle = (low + high) // 2
-        outcome = simulator.run(sweep.point(middle))
-        if outcome.layer_speedup >= target - SPEEDUP_TOLERANCE:
-            high, best = middle, outcome
-        else:
-            low = middle + 1
-    return best
+    taus = sweep.values.astype(values.dtype)
+    if SIGNALS[sweep.policy] == "entropy":  # confident below tau; the taus ascend
+        return np.searchsorted(taus, values, side="right")
+    return len(taus) - np.searchsorted(taus[::-1], values, side="left")  # confident above tau; the taus descend
+
+
+def all_states(simulator: Simulator, sweeps: list[Sweep]) -> list[SweepState]:
+    return [state for sweep in sweeps for state in sweep_states(simulator, sweep)]
+
+
+# ------------------------------------------------------------------------------ target
 
 
 def search_target(simulator: Simulator, sweeps: list[Sweep], target: float) -> Outcome:
-    """Per sweep, the most conservative point reaching the target; of those, the best metric."""
-    reached = [outcome for sweep in sweeps if (outcome := first_reaching(sweep, simulator, target)) is not None]
-    if not reached:
-        low, high = reachable_range(simulator, sweeps)
+    """Of every point of every sweep whose layer speed-up reaches `target`, the best (see `best_reaching`), replayed."""
+    return run_best_reaching(simulator, all_states(simulator, sweeps), target)
+
+
+def run_best_reaching(simulator: Simulator, states: list[SweepState], target: float) -> Outcome:
+    best = best_reaching(states, target)
+    if best is None:
+        speedups = [state.layer_speedup for state in states]
         raise CalibrationError(
-            f"target layer speed-up {target:g} is out of reach for policy {sweeps[0].policy} on these "
-            f"{len(simulator.rows)} rows: reachable layer speed-ups are {low:.4f} to {high:.4f}. "
+            f"target layer speed-up {target:g} is out of reach for policy {states[0].sweep.policy} on these "
+            f"{len(simulator.rows)} rows: reachable layer speed-ups are {min(speedups):.4f} to {max(speedups):.4f}. "
             "Ask for a target in that range, or choose another policy"
         )
-    return max(reached, key=lambda outcome: (outcome.metric, outcome.layer_speedup))
+    return simulator.run(best.point)
 
 
-def reachable_range(simulator: Simulator, sweeps: list[Sweep]) -> tuple[float, float]:
-    low = min(simulator.run(sweep.point(0)).layer_speedup for sweep in sweeps)
-    high = max(simulator.run(sweep.point(len(sweep) - 1)).layer_speedup for sweep in sweeps)
-    return low, high
+def best_reaching(states: list[SweepState], target: float) -> SweepState | None:
+    """The best metric among the states reaching `target`. Ties go to the higher speed-up, then the
+    lower patience, then the more conservative threshold."""
+    reaching = [state for state in states if state.layer_speedup >= target - SPEEDUP_TOLERANCE]
+    if not reaching:
+        return None
+    return max(reaching, key=lambda state: (state.metric, state.layer_speedup, -state.patience, -state.index))
+
+
+# ------------------------------------------------------------------------------ grids and frontiers
 
 
 def sweep_grid(simulator: Simulator, sweep: Sweep, size: int) -> list[Outcome]:
@@ -129,9 +207,9 @@ def grid_outcomes(simulator: Simulator, sweeps: list[Sweep], size: int) -> list[
     return [outcome for sweep in sweeps for outcome in sweep_grid(simulator, sweep, size)]
 
 
-def pareto_frontier(outcomes: list[Outcome], quality: Callable[[Outcome], float] = lambda outcome: outcome.metric) -> list[Outcome]:
-    """The outcomes that no other beats on both layer speed-up and quality, by increasing speed-up."""
-    frontier: list[Outcome] = []
+def pareto_frontier(outcomes: list, quality: Callable = lambda outcome: outcome.metric) -> list:
+    """The outcomes (or sweep states) that no other beats on both layer speed-up and quality, by increasing speed-up."""
+    frontier = []
     best_quality = -np.inf
     for outcome in sorted(outcomes, key=lambda outcome: (-outcome.layer_speedup, -quality(outcome))):
         if quality(outcome) > best_quality:

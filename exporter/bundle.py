@@ -7,42 +7,64 @@ leaves a half-written bundle or touches the previous one.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
+from tokenizers import BertWordPieceTokenizer, Tokenizer
+from tokenizers.models import WordPiece
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
-from pcee.modeling.config import PceeConfig
-from pcee.modeling.data import DataError, get_task
+from pcee.modeling.config import PceeConfig, glue_task_or_none
 from pcee.modeling.errors import ModelDirectoryError
-from pcee.modeling.model import MultiExitClassifier
+from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
-    MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult, TensorRTEngines,
-    TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of, staging_directory_for,
+    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult,
+    PceeError, TensorRTEngines, TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of,
+    staging_directory_for,
 )
 from pcee.runtime.graphs import EMBEDDINGS_GRAPH, embeddings_spec, full_model_spec, layer_spec
+from pcee.runtime.manifest import TASK_TYPES
 
-from .errors import ExportError, OutputDirectoryError
+from .errors import ExportError, OutputDirectoryError, TokenizerError
 from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph
 from .onnx_export import export_graph
 from .opsets import DEFAULT_OPSET, check_opset
 from .parity import FP16_TOLERANCE, FP32_TOLERANCE, TENSORRT_FP32_TOLERANCE, ParityTarget, TokenBatch, parity_batches, torch_exit_outputs, verify_parity
-from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ShapeRange, build_engines, require_tensorrt
+from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ENGINE_DIR, ShapeRange, build_engines, require_tensorrt
 
 ONNX_DIR = "onnx"
 FULL_GRAPH = "full_model"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+WORDPIECE_VOCABULARY = "vocab.txt"
 OPTIONAL_TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    TOKENIZER_CONFIG, "special_tokens_map.json", WORDPIECE_VOCABULARY, "vocab.json", "merges.txt",
     "spiece.model", "sentencepiece.bpe.model",
 )
+BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
 BUNDLE_SUFFIX = "-pcee"
+BACKUP_SUFFIX = ".old"  # where replace_directory keeps the previous bundle while it swaps in the new one
+# What a bundle directory may hold besides what pcee-export writes: what pcee-calibrate adds (its
+# recordings, .pcee-cache; its reports, reports/ and older calibration-* files; its manifest lock,
+# .manifest.lock), and the temporary files of an atomic manifest write that a kill left behind
+# (write_file_atomically names them .manifest.json.*). The calibration room is not imported here.
+BUNDLE_ENTRY_PATTERNS = (
+    MANIFEST_NAME, ONNX_DIR, ENGINE_DIR, TOKENIZER_DIR, ".pcee-cache", "reports", "calibration-*", ".manifest.lock",
+    f".{MANIFEST_NAME}.*",
+)
+# A staging directory older than this belongs to an export that is no longer running. The exporter is
+# imported before any export starts, so this is (a moment after) the start of this process.
+PROCESS_STARTED = time.time()
 
 # Normalized entropy 0.3 is a binary exit with max probability ~0.95; two such exits in a row make a
 # conservative start that stays close to full-model accuracy. pcee-calibrate replaces it with a
@@ -58,6 +80,7 @@ class ExportOptions:
     tensorrt: bool = False
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_seq_len: int | None = None  # None: the model's own max_seq_len
+    task_type: str | None = None  # "single_sentence" or "sentence_pair"; None: what the model's config says
     with_full_graph: bool = False
     progress: bool = False
 
@@ -98,14 +121,36 @@ def prepare_for_export(model: MultiExitClassifier) -> MultiExitClassifier:
     return model.eval()
 
 
-def load_tokenizer(model_dir: Path):
+@dataclass(frozen=True)
+class ModelTokenizer:
+    """The model's tokenizer: where the bundle's tokenizer.json comes from, and a transformers view for the parity batches."""
+
+    source: Path  # the model directory's tokenizer.json, or the vocab.txt it was built from
+    for_batches: PreTrainedTokenizerFast
+    built: Tokenizer | None = None  # the tokenizer.json to write, when it was built from vocab.txt
+
+    @property
+    def built_from(self) -> str | None:
+        return None if self.built is None else self.source.name
+
+
+def load_tokenizer(model_dir: Path) -> ModelTokenizer:
+    """The model's tokenizer.json; for a reference PABEE/PCEE checkpoint, which has none, one built from its vocab.txt."""
+    if (model_dir / TOKENIZER_JSON).is_file():
+        return ModelTokenizer(model_dir / TOKENIZER_JSON, load_fast_tokenizer(model_dir))
+    if (model_dir / WORDPIECE_VOCABULARY).is_file():
+        built = wordpiece_tokenizer(model_dir)
+        return ModelTokenizer(model_dir / WORDPIECE_VOCABULARY, wrap_for_batches(built), built)
+    raise ModelDirectoryError(
+        f"{model_dir} has no {TOKENIZER_JSON} (and no BERT {WORDPIECE_VOCABULARY} to build one from); the runtime "
+        "tokenizes with it. Save the model with its fast tokenizer (pcee-train does), or add tokenizer.json from "
+        "the backbone it was trained from."
+    )
+
+
+def load_fast_tokenizer(model_dir: Path) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
-    if not (model_dir / TOKENIZER_JSON).is_file():
-        raise ModelDirectoryError(
-            f"{model_dir} has no {TOKENIZER_JSON}; the runtime tokenizes with it. Save the model with its fast "
-            "tokenizer (pcee-train does), or add tokenizer.json from the backbone it was trained from."
-        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as error:  # tokenizers and transformers raise many types for a damaged file
@@ -113,6 +158,60 @@ def load_tokenizer(model_dir: Path):
     if tokenizer.pad_token is None:
         raise ModelDirectoryError(f"{model_dir}: the tokenizer has no padding token; batches cannot be padded. Set pad_token in tokenizer_config.json")
     return tokenizer
+
+
+def wordpiece_tokenizer(model_dir: Path) -> Tokenizer:
+    """BERT's tokenizer from a WordPiece vocab.txt: [CLS] A [SEP] for one text, [CLS] A [SEP] B [SEP] for a pair.
+
+    Not transformers' BertTokenizerFast(vocab_file=...): in transformers 5 it silently builds a
+    5-token vocabulary. The tokenizers library reads the whole file.
+    """
+    path = model_dir / WORDPIECE_VOCABULARY
+    try:
+        vocabulary = WordPiece.read_file(str(path))
+    except Exception as error:  # the Rust reader raises plain Exception
+        raise TokenizerError(f"{path} cannot be read as a WordPiece vocabulary, one token per line ({error})") from None
+    missing = [token for token in BERT_SPECIAL_TOKENS.values() if token not in vocabulary]
+    if missing:
+        raise TokenizerError(
+            f"{path} lacks {', '.join(missing)}, so it is not a BERT WordPiece vocabulary and cannot be turned into a "
+            f"tokenizer. Add the model's own {TOKENIZER_JSON} to {model_dir}."
+        )
+    wordpiece = BertWordPieceTokenizer(vocabulary, **normalization(model_dir, vocabulary))
+    return Tokenizer.from_str(wordpiece.to_str())
+
+
+def normalization(model_dir: Path, vocabulary: dict[str, int]) -> dict[str, bool | None]:
+    """The checkpoint's do_lower_case and strip_accents; without do_lower_case, the case the vocabulary shows."""
+    settings = tokenizer_settings(model_dir)
+    lowercase, strip_accents = settings.get("do_lower_case"), settings.get("strip_accents")
+    return {
+        "lowercase": lowercase if isinstance(lowercase, bool) else is_uncased(vocabulary),
+        "strip_accents": strip_accents if isinstance(strip_accents, bool) else None,  # None: strip when lowercasing
+    }
+
+
+def tokenizer_settings(model_dir: Path) -> dict:
+    """config.json overlaid with tokenizer_config.json, where transformers-3 checkpoints keep do_lower_case."""
+    settings = {}
+    for name in (CONFIG_NAME, TOKENIZER_CONFIG):
+        path = model_dir / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TokenizerError(f"{path} is not valid JSON ({error}); fix or remove it") from None
+        settings.update(data if isinstance(data, dict) else {})
+    return settings
+
+
+def is_uncased(vocabulary: dict[str, int]) -> bool:
+    """BERT-uncased (the reference default) has no upper-case token besides its [SPECIAL] ones; a cased vocabulary has many."""
+    return not any(token != token.lower() for token in vocabulary if not (token.startswith("[") and token.endswith("]")))
+
+
+def wrap_for_batches(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    # A copy: transformers sets padding and truncation on the tokenizer it wraps, the bundle's must have neither.
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), **BERT_SPECIAL_TOKENS)
 
 
 def resolve_max_seq_len(model: MultiExitClassifier, requested: int | None) -> int:
@@ -125,14 +224,16 @@ def resolve_max_seq_len(model: MultiExitClassifier, requested: int | None) -> in
 
 def task_type(config: PceeConfig) -> str:
     """Pair input when the training data had pairs, or (older models) when the GLUE task has them."""
-    try:
-        glue_pair = config.task is not None and get_task(config.task).is_pair
-    except DataError:  # a custom task name says nothing
-        glue_pair = False
-    return "sentence_pair" if config.sentence_pair or glue_pair else "single_sentence"
+    task = glue_task_or_none(config.task)
+    return "sentence_pair" if config.sentence_pair or (task is not None and task.is_pair) else "single_sentence"
 
 
-def model_info(model: MultiExitClassifier, max_seq_len: int, fp16: bool) -> ModelInfo:
+def check_task_type(requested: str | None) -> None:
+    if requested is not None and requested not in TASK_TYPES:
+        raise ExportError(f"--task-type {requested!r} is not one of {', '.join(TASK_TYPES)}; leave it out to use the model's own")
+
+
+def model_info(model: MultiExitClassifier, max_seq_len: int, options: ExportOptions) -> ModelInfo:
     config = model.pcee_config
     return ModelInfo(
         architecture=model.backbone_config.model_type,
@@ -145,9 +246,9 @@ def model_info(model: MultiExitClassifier, max_seq_len: int, fp16: bool) -> Mode
         exit_pooling=config.exit_pooling,
         learned_confidence=config.learned_confidence,
         task=config.task,
-        task_type=task_type(config),
+        task_type=options.task_type or task_type(config),
         metric=config.metric,
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if options.fp16 else "fp32",
     )
 
 
@@ -157,18 +258,96 @@ def default_bundle_dir(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + BUNDLE_SUFFIX)
 
 
+def backup_dir_for(output_dir: Path) -> Path:
+    return output_dir.with_name(output_dir.name + BACKUP_SUFFIX)
+
+
 def check_output_dir(output_dir: Path) -> None:
-    """An existing bundle may be replaced, an empty directory filled; anything else is refused."""
-    if not output_dir.exists():
+    """The output, and the backup path the swap reuses, must each be absent, empty, or a pcee bundle of bundle files alone."""
+    check_replaceable(output_dir, f"--output {output_dir}")
+    backup = backup_dir_for(output_dir)
+    check_replaceable(backup, f"{backup} (the path where pcee-export keeps the previous bundle while it swaps in the new one)")
+
+
+def check_replaceable(directory: Path, described: str) -> None:
+    """Replacing a directory deletes all of it, so only what is provably a bundle is replaced."""
+    if not directory.exists():
         return
-    if not output_dir.is_dir():
-        raise OutputDirectoryError(f"--output {output_dir} is a file; pass a directory path for the bundle")
-    if (output_dir / MANIFEST_NAME).is_file() or not any(output_dir.iterdir()):
+    if not directory.is_dir():
+        raise OutputDirectoryError(f"{described} is a file; pass a directory path for the bundle")
+    entries = sorted(entry.name for entry in directory.iterdir())
+    if not entries:
         return
-    raise OutputDirectoryError(
-        f"--output {output_dir} is a non-empty directory without {MANIFEST_NAME}, so it is not a pcee bundle; "
-        "refusing to replace it. Pass a new path, or an existing bundle to overwrite."
-    )
+    advice = f"Pass a new --output, or move {directory} away first."
+    if MANIFEST_NAME not in entries:
+        raise OutputDirectoryError(
+            f"{described} is a non-empty directory without {MANIFEST_NAME}, so it is not a pcee bundle; "
+            f"refusing to replace it. {advice}"
+        )
+    problem = manifest_problem(directory / MANIFEST_NAME)
+    if problem is not None:
+        raise OutputDirectoryError(
+            f"{described} has a {MANIFEST_NAME} that is not a pcee bundle manifest ({problem}); refusing to replace "
+            f"the directory, which would delete everything in it. {advice}"
+        )
+    foreign = [name for name in entries if not any(fnmatchcase(name, pattern) for pattern in BUNDLE_ENTRY_PATTERNS)]
+    if foreign:
+        raise OutputDirectoryError(
+            f"{described} is a pcee bundle but also holds {', '.join(foreign)}, which pcee-export did not write; "
+            f"refusing to replace it, which would delete them. Move them out of the bundle, or pass a new --output."
+        )
+
+
+def manifest_problem(path: Path) -> str | None:
+    """Why `path` is not a pcee bundle manifest; None when it is one, of this format or another pcee's."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return f"not JSON: {error}"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    version, producer = data.get("format_version"), data.get("producer")
+    if producer != "pcee" or not isinstance(version, int) or isinstance(version, bool):
+        return f"producer {producer!r} and format_version {version!r}, where pcee writes producer 'pcee' and an integer format_version"
+    if version != FORMAT_VERSION:
+        # Another pcee version wrote it (every pcee manifest has carried both marks). Its schema is not
+        # this reader's to check, and exporting over an old bundle is how it gets upgraded.
+        return None
+    try:
+        Manifest.from_dict(data, str(path))
+    except PceeError as error:
+        return str(error)
+    return None
+
+
+def remove_stale_debris(output_dir: Path) -> None:
+    """Remove what killed exports to `output_dir` left beside it: staging directories, and a backup bundle.
+
+    Only the exact `.NAME.<random>.partial` siblings that staging_directory_for makes, and only debris whose
+    newest write is older than this process: an export running now keeps writing into its own. The backup
+    (which check_output_dir found to be a bundle) goes only while the output exists: without the output,
+    a kill between the swap's two renames left the backup as the one copy of the previous bundle.
+    """
+    if not output_dir.parent.is_dir():
+        return
+    staging_name = re.compile(re.escape(f".{output_dir.name}.") + r"[^.]+" + re.escape(".partial"))
+    stale = [entry for entry in output_dir.parent.iterdir() if staging_name.fullmatch(entry.name) and is_stale(entry)]
+    backup = backup_dir_for(output_dir)
+    if output_dir.is_dir() and is_stale(backup):
+        stale.append(backup)
+    for directory in stale:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def is_stale(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and last_written(path) < PROCESS_STARTED
+
+
+def last_written(directory: Path) -> float:
+    try:
+        return max(path.lstat().st_mtime for path in (directory, *directory.rglob("*")))
+    except OSError:  # removed or rewritten while we looked: someone is at work in it
+        return float("inf")
 
 
 @contextmanager
@@ -259,14 +438,35 @@ def export_full_graph(model_dir_or_model: str | Path | MultiExitClassifier, path
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------
-def copy_tokenizer(model_dir: Path, bundle_dir: Path) -> TokenizerInfo:
-    (bundle_dir / TOKENIZER_DIR).mkdir()
-    copied = []
+def write_tokenizer(model_dir: Path, bundle_dir: Path, tokenizer: ModelTokenizer) -> TokenizerInfo:
+    """tokenizer/tokenizer.json (copied, or the one built from vocab.txt) first, then the model's other tokenizer files."""
+    target = bundle_dir / TOKENIZER_DIR
+    target.mkdir()
+    if tokenizer.built is not None:
+        tokenizer.built.save(str(target / TOKENIZER_JSON))
+    written = []
     for name in (TOKENIZER_JSON, *OPTIONAL_TOKENIZER_FILES):
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, bundle_dir / TOKENIZER_DIR / name)
-            copied.append(FileEntry.of(bundle_dir, f"{TOKENIZER_DIR}/{name}"))
-    return TokenizerInfo(copied)
+        if (model_dir / name).is_file() and not (target / name).exists():
+            shutil.copy2(model_dir / name, target / name)
+        if (target / name).is_file():
+            written.append(FileEntry.of(bundle_dir, f"{TOKENIZER_DIR}/{name}"))
+    return TokenizerInfo(written, tokenizer.built_from)
+
+
+def check_vocabulary_size(tokenizer_file: Path, source: Path, vocab_size: int) -> None:
+    """The bundle's tokenizer must fit the embedding table the way the runtime will count it.
+
+    Ids past the table fail at inference. A vocab.txt lists exactly the table's rows, so one of
+    another length is another model's vocabulary whose ids would silently mean other tokens; a
+    tokenizer.json may have fewer tokens than a table padded to a round size.
+    """
+    size = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+    if size > vocab_size or (source.name == WORDPIECE_VOCABULARY and size != vocab_size):
+        raise TokenizerError(
+            f"the tokenizer does not fit the model: tokenizer size {size} from {source} vs model config vocab_size "
+            f"{vocab_size} from {source.parent / CONFIG_NAME} ({'more' if size > vocab_size else 'fewer'} tokens than the "
+            f"embedding table has rows). Put the tokenizer files the model was trained with into {source.parent}."
+        )
 
 
 # -- the whole export --------------------------------------------------------------------------------
@@ -280,8 +480,10 @@ def bundle_file_sizes(bundle_dir: Path) -> dict[str, int]:
 def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> Manifest:
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    info = model_info(model, resolve_max_seq_len(model, options.max_seq_len), options.fp16)
-    batches = parity_batches(tokenizer, info.task_type == "sentence_pair", info.max_seq_len)
+    tokenizer_info = write_tokenizer(model_dir, bundle_dir, tokenizer)
+    check_vocabulary_size(bundle_dir / tokenizer_info.files[0].file, tokenizer.source, model.backbone_config.vocab_size)
+    info = model_info(model, resolve_max_seq_len(model, options.max_seq_len), options)
+    batches = parity_batches(tokenizer.for_batches, info.task_type == "sentence_pair", info.max_seq_len)
     reference = [torch_exit_outputs(model, batch) for batch in batches]  # always the float32 model
     if options.fp16:
         model.half()
@@ -289,7 +491,7 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
     operating_point = default_operating_point(info.num_layers)
     manifest = Manifest(
         model=info,
-        tokenizer=copy_tokenizer(model_dir, bundle_dir),
+        tokenizer=tokenizer_info,
         embeddings=embeddings,
         layers=layers,
         full_graph=full,
@@ -333,11 +535,13 @@ def export_bundle(model_dir: str | Path, output_dir: str | Path | None = None, o
     check_opset(options.opset)
     if options.max_batch_size < 1:
         raise ExportError(f"--max-batch-size {options.max_batch_size} must be at least 1")
+    check_task_type(options.task_type)
     if options.tensorrt:
         require_tensorrt()
     model_dir = Path(model_dir)
     output_dir = Path(output_dir) if output_dir is not None else default_bundle_dir(model_dir)
     check_output_dir(output_dir)
+    remove_stale_debris(output_dir)
     with staging_directory(output_dir) as staging:
         manifest = write_bundle(model_dir, staging, options)
         replace_directory(staging, output_dir)

@@ -7,19 +7,29 @@ from pathlib import Path
 
 import click
 
+from pcee.modeling.extras import require_export_extras
+from pcee.runtime.manifest import TASK_TYPES
+
 from .opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 
-
-
+# What exporting imports beyond the runtime's own packages; the `export` extra installs them.
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing bundle there is replaced only after the new one is verified.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files (calibration results included); anything else is refused.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET}).")
 @click.option("--fp16", is_flag=True, help="Half-precision layers behind a float32 interface; parity tolerance 2e-2 instead of 1e-4.")
 @click.option("--tensorrt", is_flag=True, help="Also build one TensorRT engine per graph into trt/ (needs the tensorrt package and an NVIDIA GPU).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_SIZE, help="Largest batch the TensorRT engines accept.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest input in tokens. Default: the model's own max_seq_len.")
+@click.option(
+    "--task-type", type=click.Choice(TASK_TYPES),
+    help="One text per row, or a pair of texts per row (question/answer, premise/hypothesis) that the tokenizer "
+         "joins with its separator. Default: what the model's config says (pcee-train records it); for a reference "
+         "PABEE/PCEE checkpoint, sentence_pair when its config's finetuning_task is a GLUE pair task (mrpc, qqp, "
+         "mnli, qnli, rte), else single_sentence. Set it when a reference checkpoint was fine-tuned on pairs under "
+         "another task name.",
+)
 @click.option("--with-full-graph", is_flag=True, help="Also export the whole model as one graph (onnx/full_model.onnx) for benchmarks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -28,18 +38,23 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
 
     Every transformer layer becomes one ONNX graph with its exit head inside; the chain is
     checked against PyTorch on real sentences before anything is written.
+    MODEL_DIR may also be a reference PABEE/PCEE checkpoint (pytorch_model.bin,
+    config.json, vocab.txt): its tokenizer.json is then built from vocab.txt.
 
     \b
     Example:
       pcee-export runs/sst2                       # -> runs/sst2-pcee/
       pcee-export runs/sst2 -o bundles/sst2 --tensorrt --max-batch-size 64
+      pcee-export pabee-rte-checkpoint --task-type sentence_pair
       pcee-predict runs/sst2-pcee --text "a charming, affecting journey"
 
     \b
     The bundle holds manifest.json, onnx/embeddings.onnx, onnx/layer_01.onnx ...,
     tokenizer/ and, with --tensorrt, trt/. Until pcee-calibrate tunes its early-exit
-    thresholds for your data, it uses a conservative uncalibrated default.
+    thresholds for your data, it uses a conservative uncalibrated default. An existing
+    directory is replaced only if it is a pcee bundle holding nothing but bundle files.
     """
+    require_export_extras("pcee-export")
     from pcee.modeling.errors import ModelingError
     from pcee.runtime.errors import PceeError
 

@@ -19,6 +19,10 @@ class OutputDirectoryError(ExportError):
     """The output path exists and is not a pcee bundle that may be replaced."""
 
 
+class TokenizerError(ExportError):
+    """The model directory's tokenizer cannot serve this model: unreadable, not BERT WordPiece, or of another vocabulary size."""
+
+
 class TensorRTUnavailableError(ExportError):
     """--tensorrt was asked for on a machine without the tensorrt package or without an NVIDIA GPU."""
 

@@ -11,6 +11,7 @@ import click
 from ..runtime.atomic import replace_directory, staging_directory_for
 from ..runtime.errors import PceeError
 from .config import PceeConfig, default_exit_pooling
+from .extras import require_export_extras
 
 EVAL_RESULTS_NAME = "eval_results.json"
 
@@ -89,6 +90,7 @@ def main(**options) -> None:
     Writes config.json (with a "pcee" block), model.safetensors, the tokenizer and
     eval_results.json (every exit's validation metric) to --output-dir.
     """
+    require_export_extras("pcee-train")
     try:
         run_training(options)
     except PceeError as error:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .data import DataError, TaskSpec, get_task
 from .errors import ModelDirectoryError
 
 EXIT_POOLINGS = ("cls", "mean")
 EXIT_HEADS = ("shared_pooler", "per_exit_pooler")
 LOSS_WEIGHTINGS = ("weighted", "uniform")
+GENERIC_LABEL_NAME = re.compile(r"LABEL_\d+")  # what transformers fills id2label with when nobody named the labels
 
 
 @dataclass
@@ -53,6 +57,32 @@ class PceeConfig:
     def from_dict(cls, data: dict) -> "PceeConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def for_reference_checkpoint(cls, id2label: Mapping[int, str], finetuning_task: str | None) -> "PceeConfig":
+        """The pcee block a reference PABEE/PCEE checkpoint lacks, from what its config.json says.
+
+        Label names come from id2label unless they are all transformers' LABEL_<i> placeholders. The
+        reference code records its GLUE task as finetuning_task ('sst-2', 'mrpc'); a pair task makes a
+        pair model, and the task picks the metric. The task itself is not recorded: the checkpoint's
+        label names are not the task's, and a recorded task would make calibration expect the latter.
+        """
+        names = [str(id2label[index]) for index in sorted(id2label)]
+        if all(GENERIC_LABEL_NAME.fullmatch(name) for name in names):
+            names = []
+        task = glue_task_or_none(finetuning_task)
+        return cls(
+            num_labels=len(id2label), label_names=names,
+            sentence_pair=task is not None and task.is_pair, metric=task.metric if task else "accuracy",
+        )
+
+
+def glue_task_or_none(name: str | None) -> TaskSpec | None:
+    """The GLUE TaskSpec a task name stands for; None for no name or a task of the user's own."""
+    try:
+        return None if name is None else get_task(name)
+    except DataError:
+        return None
 
 
 def default_exit_pooling(backbone_dir: str | Path) -> str:

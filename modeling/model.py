@@ -168,8 +168,9 @@ class MultiExitClassifier(nn.Module):
     def from_pretrained(cls, directory: str | Path, pcee_config: PceeConfig | None = None) -> "MultiExitClassifier":
         """Load a model saved by `save_pretrained`, or a reference PABEE/PCEE checkpoint.
 
-        A reference checkpoint has no pcee block; `pcee_config` (or the labels in its config.json)
-        fills it in, with the reference head: shared pooler, first-token pooling.
+        A reference checkpoint has no pcee block; `pcee_config` (or its config.json's id2label and
+        finetuning_task, see `PceeConfig.for_reference_checkpoint`) fills it in, with the reference
+        head: shared pooler, first-token pooling.
         """
         directory = Path(directory)
         raw_config = read_config_json(directory)
@@ -178,7 +179,7 @@ class MultiExitClassifier(nn.Module):
         if saved_pcee is not None:
             pcee_config = PceeConfig.from_dict(saved_pcee)
         elif pcee_config is None:
-            pcee_config = PceeConfig(num_labels=getattr(backbone_config, "num_labels", 2))
+            pcee_config = PceeConfig.for_reference_checkpoint(backbone_config.id2label, raw_config.get("finetuning_task"))
         model = cls(backbone_config, pcee_config)
         state = load_state_dict(directory)
         if saved_pcee is None:

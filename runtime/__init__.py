@@ -21,7 +21,7 @@ from .manifest import (
     FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, Manifest, ModelInfo, ParityResult, TensorRTEngines, TokenizerInfo,
     graph_chain_of, sha256_of, write_json_atomically,
 )
-from .policies import POLICY_NAMES, ExitPolicy, OperatingPoint, build_policy
+from .policies import POLICY_NAMES, SIGNALS, ExitPolicy, OperatingPoint, build_policy
 from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
@@ -34,6 +34,6 @@ __all__ = [
     "DEFAULT_BATCH_SIZE", "length_sorted_chunks", "record_every_exit", "replay", "run_early_exit", "run_every_exit", "run_in_chunks",
     "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "GraphFile", "Manifest", "ModelInfo", "ParityResult", "TensorRTEngines",
     "TokenizerInfo", "graph_chain_of", "sha256_of", "write_json_atomically",
-    "POLICY_NAMES", "ExitPolicy", "OperatingPoint", "build_policy",
+    "POLICY_NAMES", "SIGNALS", "ExitPolicy", "OperatingPoint", "build_policy",
     "BundleTokenizer", "EncodedBatch",
 ]

@@ -15,7 +15,8 @@ def test_demo_runs_train_export_calibrate_evaluate_predict(tmp_path):
     assert result.exit_code == 0, result.output
     for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert step in result.output
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    bundle = tmp_path / "sst2-pcee"
+    manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["operating_point"]["name"] == "demo"
-    assert (tmp_path / "bundle" / "calibration-frontier.png").is_file()
+    assert (bundle / "reports" / "demo" / "calibration-frontier.png").is_file()
     assert result.output.count('"exit_layer"') == 4

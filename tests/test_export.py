@@ -199,11 +199,10 @@ def test_parity_failure_names_every_failing_layer_and_keeps_the_previous_bundle(
 def test_successful_export_replaces_an_existing_bundle(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path, model_type="albert", num_layers=2)
     output = tmp_path / "bundle"
-    export_bundle(model_dir, output, quiet())
-    (output / "stale.txt").write_text("from an older export")
-    result = export_bundle(model_dir, output, ExportOptions(with_full_graph=True))
-    assert not (output / "stale.txt").exists()
-    assert (output / "onnx/full_model.onnx").is_file()
+    export_bundle(model_dir, output, ExportOptions(with_full_graph=True))
+    (output / "onnx/stale.onnx").write_text("from an older export")
+    result = export_bundle(model_dir, output, quiet())
+    assert not (output / "onnx/stale.onnx").exists() and not (output / "onnx/full_model.onnx").exists()
     assert Manifest.load(output) == result.manifest
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle", model_dir.name]
 
@@ -352,8 +351,8 @@ def test_tensorrt_engines_are_built_and_recorded(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path, model_type="bert", exit_pooling="mean", num_layers=2)
     result = export_bundle(model_dir, options=ExportOptions(tensorrt=True, max_batch_size=8, max_seq_len=64))
     block = result.manifest.tensorrt
-    assert block["max_batch_size"] == 8 and block["max_seq_len"] == 64 and block["gpu"]
-    assert [entry["file"] for entry in block["engines"]["layers"]] == ["trt/layer_01.engine", "trt/layer_02.engine"]
+    assert block.max_batch_size == 8 and block.max_seq_len == 64 and block.gpu
+    assert [entry.file for entry in block.layers] == ["trt/layer_01.engine", "trt/layer_02.engine"]
     assert (result.bundle_dir / "trt/timing.cache").is_file()
     assert Manifest.load(result.bundle_dir).tensorrt == block
 
