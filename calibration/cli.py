@@ -146,8 +146,8 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
 
     \b
     Examples:
-      pcee-calibrate runs/sst2-bundle --data glue/SST-2 --target-speedup 0.5
-      pcee-calibrate runs/sst2-bundle --data glue/SST-2 --max-drop 0.01 --confidence 0.9 --dry-run
+      pcee-calibrate runs/sst2-pcee --data data/glue/SST-2 --target-speedup 0.5
+      pcee-calibrate runs/sst2-pcee --data data/glue/SST-2 --max-drop 0.01 --confidence 0.9 --dry-run
       pcee-calibrate runs/tickets-bundle --data tickets.jsonl --text-column text \\
                      --label-column label --target-speedup 0.4 --name peak-hours --json
     """
@@ -235,8 +235,8 @@ def eval_main(bundle_dir: Path, **options) -> None:
 
     \b
     Examples:
-      pcee-eval runs/sst2-bundle --data glue/SST-2 --holdout-of speedup-0.50
-      pcee-eval runs/sst2-bundle --data glue/SST-2/dev.tsv --task sst2 --policy pcee --tau 0.3 --patience 2 --json
+      pcee-eval runs/sst2-pcee --data data/glue/SST-2 --holdout-of speedup-0.50
+      pcee-eval runs/sst2-pcee --data data/glue/SST-2/dev.tsv --task sst2 --policy pcee --tau 0.3 --patience 2 --json
     """
     with friendly_errors():
         run_evaluation(bundle_dir, options)

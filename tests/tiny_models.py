@@ -73,11 +73,12 @@ def make_tiny_model(
     num_labels: int = 2,
     task: str | None = None,
     seed: int = 0,
+    label_names: list[str] | None = None,
 ) -> MultiExitClassifier:
     torch.manual_seed(seed)
     pcee_config = PceeConfig(
         num_labels=num_labels, exit_pooling=exit_pooling, learned_confidence=learned_confidence,
-        max_seq_len=64, task=task,
+        max_seq_len=64, task=task, label_names=list(label_names or []),
     )
     model = MultiExitClassifier(tiny_backbone_config(model_type, num_layers, len(tiny_vocabulary())), pcee_config)
     return model.eval()
