@@ -28,6 +28,9 @@ from pcee.runtime.graphs import LOGITS
 
 RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers it ran (0 when not layer-based)
 SINGLE_GRAPH_FILE = "full_model.onnx"
+PLAIN_SINGLE_GRAPH = "single_graph_onnx"
+ALL_LAYERS = "runtime_all_layers"
+OPERATING_POINT = "runtime_operating_point"  # as exported, unfused: every speed is also given as a multiple of its rows/s
 
 
 class BenchmarkError(PceeError, ValueError):
@@ -41,6 +44,8 @@ class Contender:
     layer_based: bool = True
     # Entered around each of its passes: process-wide knobs (torch's thread count) hold only while it runs.
     settings: Callable[[], ContextManager] = contextlib.nullcontext
+    precision: str = "fp32"  # layer-based contenders are compared with the fastest single graph of their precision
+    single_graph: bool = False  # one ONNX graph of the whole network: a candidate reference
 
 
 @dataclass
@@ -62,10 +67,10 @@ def runtime_contender(name: str, runtime: EarlyExitRuntime, point: OperatingPoin
     def run(chunk: EncodedBatch) -> int:
         return runtime.predict_encoded(chunk, point, batch_size).layers_run
 
-    return Contender(name, run)
+    return Contender(name, run, precision=runtime.manifest.model.precision)
 
 
-def single_graph_contender(path: Path, intra_op_threads: int | None) -> Contender:
+def single_graph_contender(path: Path, intra_op_threads: int | None, name: str = PLAIN_SINGLE_GRAPH, precision: str = "fp32") -> Contender:
     session = open_cpu_session(path, intra_op_threads)
     input_names = [tensor.name for tensor in session.get_inputs()]
 
@@ -73,7 +78,7 @@ def single_graph_contender(path: Path, intra_op_threads: int | None) -> Contende
         session.run([LOGITS], {name: getattr(chunk, name) for name in input_names})
         return 0
 
-    return Contender("single_graph_onnx", run, layer_based=False)
+    return Contender(name, run, layer_based=False, precision=precision, single_graph=True)
 
 
 def torch_contender(model_dir: Path, intra_op_threads: int | None) -> Contender:
@@ -139,13 +144,35 @@ def timed_pass(contender: Contender, chunks: list[EncodedBatch]) -> tuple[list[f
     return seconds, layers
 
 
-def summarize(timings: dict[str, Timing], contenders: list[Contender], rows: int, batch_size: int, num_layers: int, reference: str = "single_graph_onnx") -> dict:
-    base = timings[reference].total_seconds()
+def strongest_single_graphs(timings: dict[str, Timing], contenders: list[Contender]) -> dict[str, str]:
+    """Per precision, the name of the fastest single graph measured in this run."""
+    strongest: dict[str, str] = {}
+    for contender in contenders:
+        best = strongest.get(contender.precision)
+        if contender.single_graph and (best is None or timings[contender.name].total_seconds() < timings[best].total_seconds()):
+            strongest[contender.precision] = contender.name
+    return strongest
+
+
+def summarize(
+    timings: dict[str, Timing], contenders: list[Contender], rows: int, batch_size: int, num_layers: int, reference: str | None = None
+) -> dict:
+    """Each contender's figures; its wall speed-up against `reference`, by default the fastest single graph of its precision.
+
+    `versus_plain` is the contender's rows/s as a multiple of the plain (unfused float) single graph's.
+    A chain's `chain_overhead` and `throughput_vs_single_graph` use its contender's reference too.
+    """
+    strongest = strongest_single_graphs(timings, contenders)
+    plain = timings[PLAIN_SINGLE_GRAPH].total_seconds() if PLAIN_SINGLE_GRAPH in timings else None
     figures = {}
     for contender in contenders:
         timing = timings[contender.name]
         total = timing.total_seconds()
-        entry = {"seconds_per_pass": round(total, 4), "rows_per_second": round(rows / total, 2), "wall_speedup": round(1 - total / base, 4)}
+        against = reference or strongest.get(contender.precision, strongest.get("fp32", PLAIN_SINGLE_GRAPH))
+        base = timings[against].total_seconds()
+        entry = {"seconds_per_pass": round(total, 4), "rows_per_second": round(rows / total, 2), "reference": against, "wall_speedup": round(1 - total / base, 4)}
+        if plain is not None:
+            entry["versus_plain"] = round(plain / total, 4)
         if batch_size == 1:
             latencies = np.concatenate(timing.chunk_seconds) * 1000
             entry.update(p50_ms=round(float(np.percentile(latencies, 50)), 3), p99_ms=round(float(np.percentile(latencies, 99)), 3))
@@ -155,11 +182,25 @@ def summarize(timings: dict[str, Timing], contenders: list[Contender], rows: int
             if saved > 0:
                 entry["efficiency"] = round(entry["wall_speedup"] / saved, 4)
         figures[contender.name] = entry
-    if "runtime_all_layers" in timings:
-        figures["chain_overhead"] = round(timings["runtime_all_layers"].total_seconds() / base, 4)
-    if "runtime_operating_point" in timings:
-        figures["throughput_vs_single_graph"] = round(base / timings["runtime_operating_point"].total_seconds(), 4)
+    figures.update(chain_figures(figures, timings))
     return figures
+
+
+def chain_figures(figures: dict, timings: dict[str, Timing]) -> dict:
+    """chain_overhead (all layers / reference) and throughput_vs_single_graph (reference / operating point) per chain.
+
+    A chain's contenders are named runtime_all_layers and runtime_operating_point, with an "@label" suffix
+    for every chain after the first.
+    """
+    chains = {}
+    for name in timings:
+        if name.startswith(ALL_LAYERS):
+            suffix = name[len(ALL_LAYERS):]
+            reference = timings[figures[name]["reference"]].total_seconds()
+            chains[f"chain_overhead{suffix}"] = round(timings[name].total_seconds() / reference, 4)
+            if OPERATING_POINT + suffix in timings:
+                chains[f"throughput_vs_single_graph{suffix}"] = round(reference / timings[OPERATING_POINT + suffix].total_seconds(), 4)
+    return chains
 
 
 # -- the single-graph reference ----------------------------------------------------------------------
@@ -192,9 +233,9 @@ def single_graph_for(bundle_dir: Path, manifest: Manifest, model_dir: Path | Non
     return cached_single_graph(model_dir, cache_dir or default_cache_dir())
 
 
-def cached_single_graph(model_dir: Path, cache_dir: Path) -> SingleGraph:
-    """Exported once per model into `cache_dir`/single-graph/<model hash>/, never into the bundle."""
-    entry = cache_dir / "single-graph" / model_dir_sha256(model_dir)[:16]
+def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) -> SingleGraph:
+    """Exported once per model (and fusion) into `cache_dir`/single-graph/<model hash>[-fused]/, never into the bundle."""
+    entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + ("-fused" if fuse else ""))
     if (entry / SINGLE_GRAPH_FILE).is_file():
         return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
     from pcee.exporter.bundle import export_full_graph
@@ -204,7 +245,7 @@ def cached_single_graph(model_dir: Path, cache_dir: Path) -> SingleGraph:
     except OSError as error:
         raise BenchmarkError(f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory") from None
     try:
-        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE)
+        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse)
         replace_directory(staging, entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -218,3 +259,37 @@ def model_dir_sha256(model_dir: Path) -> str:
 
     files = {name: sha256_of(model_dir / name) for name in (CONFIG_NAME, *REFERENCE_WEIGHT_NAMES) if (model_dir / name).is_file()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+# -- the single graph as users ship it ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SingleGraphVariant:
+    name: str
+    precision: str
+    path: Path
+
+
+def single_graph_variants(
+    plain: SingleGraph, fused: SingleGraph | None, quantize: str | None, workdir: Path
+) -> list[SingleGraphVariant]:
+    """The plain single graph; onnxruntime's transformer optimizer on it (what Optimum's O2 ships); the graph
+    exported with pcee's fused attention (`fused`, when a model directory was given); with `quantize`, each
+    optimized graph dynamically quantized as well. Derived graphs are written to `workdir`.
+    """
+    from pcee.exporter.optimize import Fusion, fuse_graph, quantize_graph
+
+    optimized = workdir / "optimized.onnx"
+    shutil.copyfile(plain.path, optimized)
+    fuse_graph(optimized, Fusion(num_heads=0, hidden_size=0))  # 0, 0: the optimizer reads both off the graph
+    variants = [SingleGraphVariant(PLAIN_SINGLE_GRAPH, "fp32", plain.path), SingleGraphVariant("single_graph_optimized", "fp32", optimized)]
+    if fused is not None:
+        variants.append(SingleGraphVariant("single_graph_fused", "fp32", fused.path))
+    if quantize:
+        for variant in variants[1:]:
+            quantized = workdir / f"{variant.name}.{quantize}.onnx"
+            shutil.copyfile(variant.path, quantized)
+            quantize_graph(quantized, float_exit_head=False)
+            variants.append(SingleGraphVariant(f"{variant.name}_{quantize}", quantize, quantized))
+    return variants

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -15,9 +17,11 @@ from pcee.calibration.simulate import simulate
 from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, build_policy
 
 from .bench import (
-    BenchmarkError, Contender, SingleGraph, chunks_of, measure, runtime_contender,
-    single_graph_contender, single_graph_for, summarize, torch_contender,
+    ALL_LAYERS, OPERATING_POINT, BenchmarkError, Contender, SingleGraph, cached_single_graph, chunks_of, default_cache_dir, measure,
+    runtime_contender, single_graph_contender, single_graph_for, single_graph_variants, summarize, torch_contender,
 )
+
+QUANTIZATIONS = ("int8",)
 
 
 class BatchSizes(click.ParamType):
@@ -59,6 +63,13 @@ class BatchSizes(click.ParamType):
               help="Threads per onnxruntime session and for PyTorch, the same for every contender (default: each "
                    "library's own, one per core). On a shared or loaded machine pass 1: threads fighting for "
                    "busy cores slow PyTorch far more than onnxruntime and skew the comparison.")
+@click.option("--also-bundle", "also_bundles", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Another bundle of the same model measured in the same run, e.g. one written with pcee-export "
+                   "--quantize int8 or --no-fuse (repeatable). Its chain contenders are named @BUNDLE_NAME and compared "
+                   "with the fastest single graph of its own precision, at its own operating point.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS),
+              help="Also measure the optimized single graphs dynamically quantized (onnxruntime quantize_dynamic, int8 "
+                   "weights, per channel): the reference for int8 bundles.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, figures under results[<batch size>], instead of tables.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars (they go to stderr).")
 def main(bundle_dir: Path, **options) -> None:
@@ -66,22 +77,35 @@ def main(bundle_dir: Path, **options) -> None:
 
     \b
     Contenders, each run over the same rows, interleaved, in one process:
-      single_graph_onnx         the whole network as one ONNX graph, same onnxruntime
-                                settings (the reference)
+      single_graph_onnx         the whole network as one ONNX graph as exported (plain)
+      single_graph_optimized    the same after onnxruntime's transformer optimizer
+                                (model type bert: what Optimum's O2 ships)
+      single_graph_fused        exported with pcee's fused attention, then optimized
+                                (with --model-dir)
+      single_graph_*_int8       the optimized ones dynamically quantized (--quantize int8)
       pytorch_eager             the PyTorch model, full depth (with --model-dir)
       runtime_all_layers        the per-layer chain, no early exit
       runtime_operating_point   the chain at the bundle's operating point
       runtime_pabee             PABEE at the patience closest in layer speed-up
-    Figures per batch size: p50/p99 latency (batch 1), rows/s, layer speed-up,
-    wall_speedup (1 - time / single graph), chain_overhead (all layers / single
-    graph), efficiency (wall speed-up / layer speed-up).
-
-    The single graph is the bundle's own (pcee-export --with-full-graph); otherwise
-    --model-dir is required and the graph is exported from it once, into --cache-dir.
+      ...@NAME                  the chain of each --also-bundle
+    Every onnxruntime session has the same settings.
 
     \b
-    Example (pcee-export runs/sst2 wrote the bundle runs/sst2-pcee):
-      pcee-bench runs/sst2-pcee --data data/glue/SST-2 --model-dir runs/sst2 --json
+    Figures per batch size: p50/p99 latency (batch 1), rows/s, versus_plain (rows/s
+    as a multiple of single_graph_onnx's), layer speed-up, wall_speedup (1 - time /
+    reference), efficiency (wall speed-up / layer speed-up), and per chain
+    chain_overhead (all layers / reference) and throughput_vs_single_graph. The
+    reference of a contender is the FASTEST single graph of its precision measured in
+    this run (fp32, or int8 with --quantize int8).
+
+    The plain single graph is the bundle's own (pcee-export --with-full-graph);
+    otherwise --model-dir is required and the graph is exported from it once, into
+    --cache-dir.
+
+    \b
+    Example (pcee-export runs/sst2 wrote runs/sst2-pcee; --quantize int8 -o runs/sst2-int8):
+      pcee-bench runs/sst2-pcee --data data/glue/SST-2 --model-dir runs/sst2 \\
+          --also-bundle runs/sst2-int8 --quantize int8 --json
     """
     try:
         report = run_benchmark(bundle_dir, options)
@@ -90,43 +114,80 @@ def main(bundle_dir: Path, **options) -> None:
     click.echo(json.dumps(report, indent=2) if options["as_json"] else format_report(report))
 
 
+@dataclass
+class Chain:
+    """One bundle's per-layer chain, at its own operating point; `suffix` tells its contenders apart ("" for the first)."""
+
+    runtime: EarlyExitRuntime
+    suffix: str
+    pabee: OperatingPoint | None = None  # the first bundle also runs PABEE at a matched layer speed-up
+
+    def contenders(self, batch_size: int) -> list[Contender]:
+        points = [(ALL_LAYERS, OperatingPoint("full")), (OPERATING_POINT, self.runtime.operating_point)]
+        if self.pabee is not None:
+            points.append(("runtime_pabee", self.pabee))
+        return [runtime_contender(name + self.suffix, self.runtime, point, batch_size) for name, point in points]
+
+    def describe(self) -> dict:
+        manifest = self.runtime.manifest
+        return {
+            "bundle": str(self.runtime.bundle_dir), "precision": manifest.model.precision,
+            "fused_operators": manifest.layers[0].fused_operators, "operating_point": self.runtime.operating_point.to_dict(),
+        }
+
+
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:
-    """Bad input (data, labels, model dir, missing single graph) fails before the first timing."""
+    """Bad input (data, labels, model dir, missing single graph, another model's bundle) fails before the first timing."""
     manifest, dataset, _ = open_labelled_data(bundle_dir, options)
-    single_graph, references = reference_contenders(bundle_dir, manifest, options)
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"])
-    batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
+    check_same_model(manifest, options["also_bundles"])
+    with tempfile.TemporaryDirectory(prefix="pcee-bench-") as workdir:  # sessions keep what they load; the files may go
+        single_graph, references = reference_contenders(bundle_dir, manifest, options, Path(workdir))
+    chains = [open_chain(bundle_dir, "", options)] + [open_chain(other, f"@{other.name}", options) for other in options["also_bundles"]]
+    first = chains[0].runtime
+    batch = first.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     if options["max_rows"]:
         batch = batch.select(np.arange(min(options["max_rows"], len(batch))))
-    exits = record_all_exits(runtime, batch, progress=not options["no_progress"]).exits
-    point = runtime.operating_point
-    expected_speedup = simulate(build_policy(point, runtime.num_layers, manifest.model.learned_confidence), exits).layer_speedup
-    pabee = closest_pabee(runtime, exits, expected_speedup)
+    exits = record_all_exits(first, batch, progress=not options["no_progress"]).exits
+    expected_speedup = simulate(build_policy(first.operating_point, first.num_layers, manifest.model.learned_confidence), exits).layer_speedup
+    chains[0].pabee = closest_pabee(first, exits, expected_speedup)
     results = {}
     for batch_size in options["batch_sizes"]:
-        contenders = references + [
-            runtime_contender("runtime_all_layers", runtime, OperatingPoint("full"), batch_size),
-            runtime_contender("runtime_operating_point", runtime, point, batch_size),
-            runtime_contender("runtime_pabee", runtime, pabee, batch_size),
-        ]
-        results[str(batch_size)] = measure_batch_size(contenders, batch, batch_size, runtime.num_layers, options)
+        contenders = references + [contender for chain in chains for contender in chain.contenders(batch_size)]
+        results[str(batch_size)] = measure_batch_size(contenders, batch, batch_size, first.num_layers, options)
     return {
-        "bundle": str(bundle_dir), "rows": len(batch), "repeats": options["repeats"], "backend": runtime.backend_name,
-        "device": runtime.device, "intra_op_threads": options["intra_op_threads"],
+        "bundle": str(bundle_dir), "rows": len(batch), "repeats": options["repeats"], "backend": first.backend_name,
+        "device": first.device, "intra_op_threads": options["intra_op_threads"],
         "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
-        "operating_point": point.to_dict(), "pabee_point": pabee.to_dict(), "results": results,
+        "operating_point": first.operating_point.to_dict(), "pabee_point": chains[0].pabee.to_dict(),
+        "chains": {chain.suffix or "first": chain.describe() for chain in chains}, "results": results,
     }
 
 
-def reference_contenders(bundle_dir: Path, manifest: Manifest, options: dict) -> tuple[SingleGraph, list[Contender]]:
-    """The single graph, and PyTorch eager with --model-dir, both on --intra-op-threads."""
+def check_same_model(manifest: Manifest, others: tuple[Path, ...]) -> None:
+    """Every chain of one run reads the same tokens: the bundles must share the tokenizer and the labels."""
+    for other in others:
+        theirs = Manifest.load(other, verify_hashes=False)
+        if theirs.tokenizer.files[0].sha256 != manifest.tokenizer.files[0].sha256 or theirs.model.labels != manifest.model.labels:
+            raise BenchmarkError(f"--also-bundle {other} holds another model (tokenizer or labels differ); compare bundles exported from one model")
+        if other.name in {path.name for path in others if path != other}:
+            raise BenchmarkError(f"two --also-bundle directories are named {other.name}; their contenders would share a name")
+
+
+def open_chain(bundle_dir: Path, suffix: str, options: dict) -> Chain:
+    return Chain(EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"]), suffix)
+
+
+def reference_contenders(bundle_dir: Path, manifest: Manifest, options: dict, workdir: Path) -> tuple[SingleGraph, list[Contender]]:
+    """Every single graph (plain, optimized, fused, quantized), and PyTorch eager with --model-dir, on --intra-op-threads."""
     model_dir, threads = options["model_dir"], options["intra_op_threads"]
     if model_dir is not None:
         require_torch(model_dir)
     single_graph = single_graph_for(bundle_dir, manifest, model_dir, options["cache_dir"])
     if single_graph.origin == "exported":
         click.echo(f"Exported the single-graph model of {model_dir} to {single_graph.path} (reused by later runs).", err=True)
-    contenders = [single_graph_contender(single_graph.path, threads)]
+    fused = None if model_dir is None else cached_single_graph(model_dir, options["cache_dir"] or default_cache_dir(), fuse=True)
+    variants = single_graph_variants(single_graph, fused, options["quantize"], workdir)
+    contenders = [single_graph_contender(variant.path, threads, variant.name, variant.precision) for variant in variants]
     if model_dir is not None:
         contenders.append(torch_contender(model_dir, threads))
     return single_graph, contenders
@@ -160,12 +221,14 @@ def format_report(report: dict) -> str:
         f"operating point {OperatingPoint.from_dict(report['operating_point']).describe()}, PABEE patience {report['pabee_point']['patience']}",
         f"single graph ({report['single_graph']['origin']}): {report['single_graph']['file']}",
     ]
+    columns = (("rows_per_second", "rows/s", 10), ("versus_plain", "x plain", 9), ("p50_ms", "p50 ms", 9), ("p99_ms", "p99 ms", 9),
+               ("layer_speedup", "layer sp", 10), ("wall_speedup", "wall sp", 9), ("efficiency", "effic.", 8), ("reference", "  reference", 0))
     for batch_size, figures in report["results"].items():
-        lines.append(f"\nbatch size {batch_size}: chain_overhead {figures.get('chain_overhead')}, "
-                     f"throughput vs single graph {figures.get('throughput_vs_single_graph')}")
-        lines.append(f"{'contender':<26}{'rows/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'layer sp':>10}{'wall sp':>9}{'effic.':>8}")
+        chains = ", ".join(f"{name} {value}" for name, value in figures.items() if not isinstance(value, dict))
+        lines.append(f"\nbatch size {batch_size}: {chains}")
+        lines.append(f"{'contender':<36}" + "".join(f"{title:>{width}}" for _, title, width in columns))
         for name, entry in figures.items():
             if isinstance(entry, dict):
-                cells = [entry.get(key) for key in ("rows_per_second", "p50_ms", "p99_ms", "layer_speedup", "wall_speedup", "efficiency")]
-                lines.append(f"{name:<26}" + "".join(f"{'' if c is None else c:>{w}}" for c, w in zip(cells, (10, 9, 9, 10, 9, 8))))
+                cells = [entry.get(key) for key, _, _ in columns]
+                lines.append(f"{name:<36}" + "".join(f"{'' if c is None else c:>{w}}" for c, (_, _, w) in zip(cells, columns[:-1])) + f"  {cells[-1]}")
     return "\n".join(lines)

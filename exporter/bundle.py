@@ -7,6 +7,7 @@ leaves a half-written bundle or touches the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -27,7 +28,7 @@ from pcee.modeling.config import PceeConfig, glue_task_or_none
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
-    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult,
+    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult, QuantizationResult,
     PceeError, TensorRTEngines, TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of,
     staging_directory_for,
 )
@@ -35,10 +36,17 @@ from pcee.runtime.graphs import EMBEDDINGS_GRAPH, embeddings_spec, full_model_sp
 from pcee.runtime.manifest import TASK_TYPES
 
 from .errors import ExportError, OutputDirectoryError, TokenizerError
-from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph
-from .onnx_export import export_graph
-from .opsets import DEFAULT_OPSET, check_opset
-from .parity import FP16_TOLERANCE, FP32_TOLERANCE, TENSORRT_FP32_TOLERANCE, ParityTarget, TokenBatch, parity_batches, torch_exit_outputs, verify_parity
+from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph, contrib_attention
+from .onnx_export import export_graph, record_graph_name
+from .optimize import FLOAT_EXIT_HEADS, Fusion, fused_operator_counts, quantize_graph
+from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, FUSION_MIN_OPSET, QUANTIZATIONS, check_opset
+from .parity import (
+    FP16_TOLERANCE, FP32_TOLERANCE, SENTENCE_PAIRS, SENTENCES, TENSORRT_FP32_TOLERANCE, ParityTarget, TokenBatch, parity_batches,
+    torch_exit_outputs, verify_parity,
+)
+from .quantize import (
+    agreement_rows, check_agreement, load_parity_data, measure_agreement, torch_exit_labels,
+)
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ENGINE_DIR, ShapeRange, build_engines, require_tensorrt
 
 ONNX_DIR = "onnx"
@@ -83,6 +91,18 @@ class ExportOptions:
     task_type: str | None = None  # "single_sentence" or "sentence_pair"; None: what the model's config says
     with_full_graph: bool = False
     progress: bool = False
+    fuse: bool = True  # onnxruntime's transformer fusions; TensorRT, fp16 and pre-17 opset bundles always get portable graphs
+    quantize: str | None = None  # "int8": dynamic quantization of the layer graphs' weights
+    parity_data: Path | None = None  # labelled rows an int8 bundle's agreement and accuracy are measured on
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+
+    @property
+    def fuses(self) -> bool:
+        return self.fuse and not (self.fp16 or self.tensorrt) and self.opset >= FUSION_MIN_OPSET
+
+    @property
+    def precision(self) -> str:
+        return self.quantize or ("fp16" if self.fp16 else "fp32")
 
 
 @dataclass
@@ -99,6 +119,8 @@ class ExportResult:
             "total_bytes": sum(self.file_sizes.values()),
             "parity": self.manifest.parity.to_dict(),
             "precision": self.manifest.model.precision,
+            "fused_operators": {graph.file: graph.fused_operators for graph in self.manifest.graph_files()},
+            "quantization": None if self.manifest.quantization is None else self.manifest.quantization.to_dict(),
             "tensorrt": self.manifest.tensorrt is not None,
             "export_seconds": round(self.seconds, 2),
         }
@@ -248,7 +270,7 @@ def model_info(model: MultiExitClassifier, max_seq_len: int, options: ExportOpti
         task=config.task,
         task_type=options.task_type or task_type(config),
         metric=config.metric,
-        precision="fp16" if options.fp16 else "fp32",
+        precision=options.precision,
     )
 
 
@@ -381,42 +403,57 @@ def token_tensors(spec: GraphSpec, batch: TokenBatch) -> tuple[torch.Tensor, ...
     return tuple(torch.from_numpy(batch[name]) for name in spec.input_names)
 
 
-def write_graph(bundle_dir: Path, name: str, module: torch.nn.Module, inputs: tuple, spec: GraphSpec, opset: int) -> GraphFile:
+def write_graph(
+    bundle_dir: Path, name: str, module: torch.nn.Module, inputs: tuple, spec: GraphSpec, opset: int, fusion: Fusion | None
+) -> GraphFile:
     relative = f"{ONNX_DIR}/{name}.onnx"
-    export_graph(module, inputs, spec, bundle_dir / relative, opset, name)
-    return GraphFile(relative, sha256_of(bundle_dir / relative), spec)
+    export_graph(module, inputs, spec, bundle_dir / relative, opset, name, fusion)
+    return graph_file(bundle_dir, relative, spec)
+
+
+def graph_file(bundle_dir: Path, relative: str, spec: GraphSpec) -> GraphFile:
+    return GraphFile(relative, sha256_of(bundle_dir / relative), spec, fused_operator_counts(bundle_dir / relative))
 
 
 def export_graphs(
     model: MultiExitClassifier, bundle_dir: Path, specs: GraphSpecs, trace_batch: TokenBatch, options: ExportOptions
 ) -> tuple[GraphFile, list[GraphFile], GraphFile | None]:
-    """Trace every graph on one real batch, feeding each layer the previous graph's outputs."""
+    """Trace every graph on one real batch, feeding each layer the previous graph's outputs; fused when options.fuses."""
     (bundle_dir / ONNX_DIR).mkdir()
+    fusion = Fusion.of(model) if options.fuses else None
     progress = tqdm(total=model.num_layers + 1 + options.with_full_graph, desc="export", unit="graph", disable=not options.progress)
-    with progress, torch.no_grad():
+    with progress, torch.no_grad(), fused_modules(model, fusion):
         embeddings_graph = EmbeddingsGraph(model)
         token_inputs = token_tensors(specs.embeddings, trace_batch)
-        embeddings = write_graph(bundle_dir, EMBEDDINGS_GRAPH, embeddings_graph, token_inputs, specs.embeddings, options.opset)
+        embeddings = write_graph(bundle_dir, EMBEDDINGS_GRAPH, embeddings_graph, token_inputs, specs.embeddings, options.opset, fusion)
         progress.update()
         hidden, bias = embeddings_graph(*token_inputs)
         layers = []
         for index in range(model.num_layers):
             layer_graph = LayerGraph(model, index)
-            layers.append(write_graph(bundle_dir, layer_graph_name(index), layer_graph, (hidden, bias), specs.layer, options.opset))
+            layers.append(write_graph(bundle_dir, layer_graph_name(index), layer_graph, (hidden, bias), specs.layer, options.opset, fusion))
             hidden = layer_graph(hidden, bias)[0]
             progress.update()
         full = None
         if options.with_full_graph:
             full_inputs = token_tensors(specs.full, trace_batch)
-            full = write_graph(bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset)
+            full = write_graph(bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset, fusion)
             progress.update()
     return embeddings, layers, full
 
 
-def export_full_graph(model_dir_or_model: str | Path | MultiExitClassifier, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def fused_modules(model: MultiExitClassifier, fusion: Fusion | None):
+    """Attention traced as onnxruntime's fused operator while fusing; the model's own modules otherwise."""
+    return contextlib.nullcontext() if fusion is None else contrib_attention(model)
+
+
+def export_full_graph(
+    model_dir_or_model: str | Path | MultiExitClassifier, path: str | Path, opset: int = DEFAULT_OPSET, fuse: bool = False
+) -> Path:
     """The whole model as one ONNX graph (last exit's logits), for benchmarks; traced on a dummy batch.
 
     A model passed in is switched to eval mode and eager attention (the same arithmetic as sdpa).
+    With `fuse`, it gets the fusions a fused bundle's layer graphs get, fused attention included.
     """
     check_opset(opset)
     if isinstance(model_dir_or_model, MultiExitClassifier):
@@ -433,7 +470,9 @@ def export_full_graph(model_dir_or_model: str | Path | MultiExitClassifier, path
     dummy["attention_mask"][1, 10:] = 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_graph(FullModelGraph(model), tuple(dummy[name] for name in spec.input_names), spec, path, opset, FULL_GRAPH)
+    fusion = Fusion.of(model) if fuse else None
+    with fused_modules(model, fusion):
+        export_graph(FullModelGraph(model), tuple(dummy[name] for name in spec.input_names), spec, path, opset, FULL_GRAPH, fusion)
     return path
 
 
@@ -488,6 +527,11 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
     if options.fp16:
         model.half()
     embeddings, layers, full = export_graphs(model, bundle_dir, GraphSpecs.of(info), batches[-1], options)
+    parity = check_parity(bundle_dir, embeddings, layers, full, batches, reference, options.fp16)
+    quantization = None
+    if options.quantize:
+        layers = quantize_layers(bundle_dir, layers)
+        quantization = check_quantized_chain(model, bundle_dir, embeddings, layers, tokenizer_info, info, options)
     operating_point = default_operating_point(info.num_layers)
     manifest = Manifest(
         model=info,
@@ -495,7 +539,8 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
         embeddings=embeddings,
         layers=layers,
         full_graph=full,
-        parity=check_parity(bundle_dir, embeddings, layers, full, batches, reference, options.fp16),
+        parity=parity,
+        quantization=quantization,
         operating_point=operating_point,
         operating_points=[operating_point],
     )
@@ -514,6 +559,32 @@ def check_parity(bundle_dir, embeddings, layers, full, batches, reference, fp16:
         backend.close()
 
 
+def quantize_layers(bundle_dir: Path, layers: list[GraphFile]) -> list[GraphFile]:
+    """The float layer graphs, already checked against PyTorch, quantized in place."""
+    for index, layer in enumerate(layers):
+        path = bundle_dir / layer.file
+        quantize_graph(path, FLOAT_EXIT_HEADS)
+        record_graph_name(path, layer_graph_name(index))
+    return [graph_file(bundle_dir, layer.file, layer.spec) for layer in layers]
+
+
+def check_quantized_chain(
+    model: MultiExitClassifier, bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], tokenizer: TokenizerInfo,
+    info: ModelInfo, options: ExportOptions,
+) -> QuantizationResult:
+    """Label agreement of the int8 chain (through the runtime's CPU backend) with the float PyTorch model; fails below the minimum."""
+    data = None if options.parity_data is None else load_parity_data(options.parity_data, info.task)
+    texts = SENTENCE_PAIRS if info.task_type == "sentence_pair" else [(sentence,) for sentence in SENTENCES]
+    rows = agreement_rows(bundle_dir / tokenizer.files[0].file, info.max_seq_len, texts, data, info.labels)
+    backend = create_backend("onnxruntime-cpu", graph_chain_of(bundle_dir, embeddings, layers))
+    try:
+        result = measure_agreement(backend, rows, torch_exit_labels(model, rows.batch), options.min_agreement)
+    finally:
+        backend.close()
+    check_agreement(result)
+    return result
+
+
 def build_checked_engines(manifest: Manifest, bundle_dir: Path, batches, reference, options: ExportOptions) -> TensorRTEngines:
     """Build the engines, then check them with the same parity code through the runtime's TensorRT backend."""
     shape_range = ShapeRange(options.max_batch_size, manifest.model.max_seq_len)
@@ -521,12 +592,44 @@ def build_checked_engines(manifest: Manifest, bundle_dir: Path, batches, referen
     backend = create_backend("tensorrt", manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir))
     try:
         tolerance = FP16_TOLERANCE if options.fp16 else TENSORRT_FP32_TOLERANCE
-        engine_parity = verify_parity([ParityTarget(backend, prefix="tensorrt/")], batches, reference, tolerance)
+        pieces, expected = rows_at_most(batches, reference, backend.max_rows)
+        engine_parity = verify_parity([ParityTarget(backend, prefix="tensorrt/")], pieces, expected, tolerance)
     finally:
         backend.close()
     manifest.parity.max_abs_diff.update(engine_parity.max_abs_diff)
     manifest.parity.backends.append(backend.name)
     return manifest.tensorrt
+
+
+def rows_at_most(batches: list[TokenBatch], reference: list, max_rows: int | None) -> tuple[list[TokenBatch], list]:
+    """The parity batches and their reference outputs cut into pieces of at most max_rows rows, each padded as before.
+
+    Engines built with a --max-batch-size below the parity batches' take them piece by piece.
+    """
+    if max_rows is None:
+        return batches, reference
+    pieces, expected = [], []
+    for batch, layers in zip(batches, reference):
+        for start in range(0, len(batch["input_ids"]), max_rows):
+            rows = slice(start, start + max_rows)
+            pieces.append({name: values[rows] for name, values in batch.items()})
+            expected.append([{name: values[rows] for name, values in outputs.items()} for outputs in layers])
+    return pieces, expected
+
+
+def check_quantization(options: ExportOptions) -> None:
+    if options.quantize is None:
+        if options.parity_data is not None:
+            raise ExportError("--parity-data measures an int8 bundle's agreement with the float model; add --quantize int8, or drop --parity-data")
+        return
+    if options.quantize not in QUANTIZATIONS:
+        raise ExportError(f"--quantize {options.quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if options.fp16 or options.tensorrt:
+        raise ExportError("--quantize int8 quantizes onnxruntime CPU graphs; it does not combine with --fp16 or --tensorrt. Drop one of them")
+    if not 0 <= options.min_agreement <= 1:
+        raise ExportError(f"--min-agreement {options.min_agreement} must lie between 0 and 1, e.g. {DEFAULT_MIN_AGREEMENT}")
+    if options.parity_data is not None and not Path(options.parity_data).exists():
+        raise ExportError(f"--parity-data {options.parity_data}: no such file or directory")
 
 
 def export_bundle(model_dir: str | Path, output_dir: str | Path | None = None, options: ExportOptions = ExportOptions()) -> ExportResult:
@@ -536,6 +639,7 @@ def export_bundle(model_dir: str | Path, output_dir: str | Path | None = None, o
     if options.max_batch_size < 1:
         raise ExportError(f"--max-batch-size {options.max_batch_size} must be at least 1")
     check_task_type(options.task_type)
+    check_quantization(options)
     if options.tensorrt:
         require_tensorrt()
     model_dir = Path(model_dir)

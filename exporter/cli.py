@@ -10,7 +10,7 @@ import click
 from pcee.modeling.extras import require_export_extras
 from pcee.runtime.manifest import TASK_TYPES
 
-from .opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, QUANTIZATIONS
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 
 # What exporting imports beyond the runtime's own packages; the `export` extra installs them.
@@ -30,6 +30,29 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
          "mnli, qnli, rte), else single_sentence. Set it when a reference checkpoint was fine-tuned on pairs under "
          "another task name.",
 )
+@click.option(
+    "--no-fuse", "fuse", flag_value=False, default=True, show_default=False,
+    help="Write portable graphs of standard ONNX operators only. By default the graphs get onnxruntime's transformer "
+         "fusions (one Attention node per layer for BERT and RoBERTa, SkipLayerNormalization, BiasGelu), which run on "
+         "onnxruntime alone; --tensorrt, --fp16 and --opset below 17 always write portable graphs (TensorRT does its own "
+         "fusion).",
+)
+@click.option(
+    "--quantize", type=click.Choice(QUANTIZATIONS),
+    help="Dynamically quantize the layer graphs' MatMul and Attention weights to int8 (onnxruntime CPU; the exit heads "
+         "stay float). Checked by label agreement with the float model per exit instead of the 1e-4 tolerance.",
+)
+@click.option(
+    "--parity-data", type=click.Path(exists=True, path_type=Path),
+    help="With --quantize: labelled rows (a GLUE task directory, whose dev split is used, or a GLUE-format file of the "
+         "model's task) on which agreement and per-exit accuracy are measured and recorded in the manifest. Without it, "
+         "agreement is measured on a dozen built-in sentences only.",
+)
+@click.option(
+    "--min-agreement", type=click.FloatRange(0, 1), default=DEFAULT_MIN_AGREEMENT,
+    help="With --quantize: the export fails when the int8 chain's last exit predicts the float model's label on fewer "
+         "than this share of the rows.",
+)
 @click.option("--with-full-graph", is_flag=True, help="Also export the whole model as one graph (onnx/full_model.onnx) for benchmarks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -46,6 +69,7 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
       pcee-export runs/sst2                       # -> runs/sst2-pcee/
       pcee-export runs/sst2 -o bundles/sst2 --tensorrt --max-batch-size 64
       pcee-export pabee-rte-checkpoint --task-type sentence_pair
+      pcee-export runs/sst2 -o runs/sst2-int8 --quantize int8 --parity-data data/glue/SST-2
       pcee-predict runs/sst2-pcee --text "a charming, affecting journey"
 
     \b
@@ -79,6 +103,14 @@ def print_summary(result: dict) -> None:
                f"batch sizes {parity['batch_sizes']}, sequence lengths {parity['sequence_lengths']}):")
     for graph, diffs in parity["max_abs_diff"].items():
         click.echo(f"  {graph:<11} " + "  ".join(f"{name} {diff:.2e}" for name, diff in diffs.items()))
+    layer_operators = next((counts for file, counts in result["fused_operators"].items() if "layer_" in file), {})
+    click.echo(f"Fused operators per layer graph: {layer_operators or 'none (portable graphs)'}")
+    quantization = result["quantization"]
+    if quantization is not None:
+        click.echo(f"int8 agreement with the float model per exit ({quantization['rows']} rows, minimum "
+                   f"{quantization['min_agreement']:g} at the last): {quantization['agreement']}")
+        if quantization["accuracy"] is not None:
+            click.echo(f"Accuracy per exit on {quantization['parity_data']}: int8 {quantization['accuracy']}, float {quantization['float_accuracy']}")
     size_mb = result["total_bytes"] / 1e6
     click.echo(f"Exported {len(result['files'])} files ({size_mb:.1f} MB, {result['precision']}) in {result['export_seconds']:.1f}s")
     click.echo(f"Bundle written to {result['bundle']}")

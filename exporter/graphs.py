@@ -13,8 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pcee.modeling.adapters import attention_bias, mask_from_bias
 from pcee.modeling.model import MultiExitClassifier, normalized_entropy
+
+from .optimize import CONTRIB_DOMAIN
+
+# onnxruntime's Attention adds (1 - mask) * mask_filter_value to the scores; its default, -10000,
+# gives padding a softmax weight of exp(-10000) = 0 in float32, as the model's finfo.min bias does.
+MASK_FILTER_VALUE = -10000.0
 
 
 def parameter_dtype(model: nn.Module) -> torch.dtype:
@@ -78,3 +87,56 @@ class FullModelGraph(nn.Module):
             hidden = self.model.run_layer(index, hidden, bias)
         logits, _ = self.model.exit_head(self.model.num_layers - 1, hidden, mask_from_bias(bias))
         return logits.float()
+
+
+# -- fused attention ---------------------------------------------------------------------------------
+class ContribAttention(torch.autograd.Function):
+    """Multi-head self-attention computed in torch, exported as one onnxruntime `Attention` node."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, mask_index, num_heads: int):
+        batch, length, width = hidden.shape
+        head_size = width // num_heads
+        query, key, value = (hidden @ weight + bias).view(batch, length, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)
+        padding = (1.0 - mask_index[:, None, None, :].to(hidden.dtype)) * MASK_FILTER_VALUE
+        scores = query @ key.transpose(-1, -2) / head_size**0.5 + padding
+        return (scores.softmax(-1) @ value).transpose(1, 2).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, hidden, weight, bias, mask_index, num_heads: int):
+        output = g.op(f"{CONTRIB_DOMAIN}::Attention", hidden, weight, bias, mask_index, num_heads_i=num_heads)
+        output.setType(hidden.type())
+        return output
+
+
+class ContribSelfAttention(nn.Module):
+    """Stands in for a BERT/RoBERTa `attention.self` during export; same arithmetic, one fused node."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+
+    def forward(self, hidden_states, attention_mask=None, **unused):
+        projections = (self.original.query, self.original.key, self.original.value)
+        weight = torch.cat([projection.weight for projection in projections]).t()
+        bias = torch.cat([projection.bias for projection in projections])
+        mask_index = (attention_mask[:, 0, 0, :] == 0).to(torch.int32)  # the layer's bias: 0 attended, very negative on padding
+        return ContribAttention.apply(hidden_states, weight, bias, mask_index, self.original.num_attention_heads), None
+
+
+def has_qkv_self_attention(layer: nn.Module) -> bool:
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    return all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("query", "key", "value"))
+
+
+@contextmanager
+def contrib_attention(model: MultiExitClassifier) -> Iterator[None]:
+    """While exporting, every BERT-style layer's self-attention traces to one `Attention` node."""
+    swapped = [layer for layer in model.layer_modules() if has_qkv_self_attention(layer)]
+    for layer in swapped:
+        layer.attention.self = ContribSelfAttention(layer.attention.self)
+    try:
+        yield
+    finally:
+        for layer in swapped:
+            layer.attention.self = layer.attention.self.original

@@ -18,10 +18,14 @@ from torch import nn
 from pcee.runtime.graphs import GRAPH_NAME_KEY, GraphSpec
 
 from .errors import ExportError
+from .optimize import CONTRIB_DOMAIN, Fusion, fuse_graph
 
 
-def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path, opset: int, name: str) -> None:
-    """Trace `module` on `example_inputs` into `path`, record its place in the chain (`name`), check the result."""
+def export_graph(
+    module: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path, opset: int, name: str,
+    fusion: Fusion | None = None,
+) -> None:
+    """Trace `module` on `example_inputs` into `path`, fuse it (with `fusion`), record its place in the chain (`name`), check it."""
     module.eval()  # the exporter restores the module's mode afterwards, so eval must be the mode to restore
     with warnings.catch_warnings():
         # Trace-time constants (the label count, static config flags) are intended; parity catches real ones.
@@ -39,7 +43,10 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], sp
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
+                custom_opsets=None if fusion is None else {CONTRIB_DOMAIN: 1},  # the fused Attention node
             )
+    if fusion is not None:
+        fuse_graph(path, fusion)
     record_graph_name(path, name)
     check_onnx_file(path)
 

@@ -9,7 +9,7 @@ benchmarks, serving) import from here, never from a backend module.
 """
 
 from .atomic import replace_directory, staging_directory_for, write_file_atomically
-from .backends import BACKEND_NAMES, create_backend
+from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
@@ -18,21 +18,21 @@ from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
 from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
 from .loop import DEFAULT_BATCH_SIZE, length_sorted_chunks, record_every_exit, replay, run_early_exit, run_every_exit, run_in_chunks
 from .manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, Manifest, ModelInfo, ParityResult, TensorRTEngines, TokenizerInfo,
-    graph_chain_of, sha256_of, write_json_atomically,
+    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, Manifest, ModelInfo, ParityResult, QuantizationResult, TensorRTEngines,
+    TokenizerInfo, graph_chain_of, sha256_of, write_json_atomically,
 )
 from .policies import POLICY_NAMES, SIGNALS, ExitPolicy, OperatingPoint, build_policy
 from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
     "replace_directory", "staging_directory_for", "write_file_atomically",
-    "BACKEND_NAMES", "Backend", "create_backend", "open_cpu_session",
+    "BACKEND_NAMES", "Backend", "create_backend", "open_cpu_session", "tensorrt_version_problem",
     "EarlyExitRuntime", "PredictionResult", "RowPrediction",
     "BackendError", "BackendUnavailableError", "BundleError", "InputError", "PceeError", "PolicyError",
     "AllExits", "BatchOutcome", "ExitRecord", "layer_speedup", "softmax",
     "EngineChain", "GraphChain", "GraphSpec", "LocatedGraph", "layer_graph_name",
     "DEFAULT_BATCH_SIZE", "length_sorted_chunks", "record_every_exit", "replay", "run_early_exit", "run_every_exit", "run_in_chunks",
-    "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "GraphFile", "Manifest", "ModelInfo", "ParityResult", "TensorRTEngines",
+    "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "GraphFile", "Manifest", "ModelInfo", "ParityResult", "QuantizationResult", "TensorRTEngines",
     "TokenizerInfo", "graph_chain_of", "sha256_of", "write_json_atomically",
     "POLICY_NAMES", "SIGNALS", "ExitPolicy", "OperatingPoint", "build_policy",
     "BundleTokenizer", "EncodedBatch",

@@ -186,7 +186,7 @@ class EarlyExitRuntime:
         check_batch_size(batch_size)
         policy = self._policy if operating_point is None else self.make_policy(operating_point)
         started = time.perf_counter()
-        outcome = run_in_chunks(self.backend, policy, batch, len(self.labels), batch_size)
+        outcome = run_in_chunks(self.backend, policy, batch, len(self.labels), rows_per_chunk(batch_size, self.backend))
         elapsed = time.perf_counter() - started
         return PredictionResult(
             predictions=self.rows(outcome, batch.truncated),
@@ -210,7 +210,7 @@ class EarlyExitRuntime:
     def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, on_chunk: Callable[[int], None] | None = None) -> AllExits:
         """Every exit of every row, in input order (calibration's one pass over the data)."""
         check_batch_size(batch_size)
-        return record_every_exit(self.backend, batch, batch_size, on_chunk)
+        return record_every_exit(self.backend, batch, rows_per_chunk(batch_size, self.backend), on_chunk)
 
     def close(self) -> None:
         self.backend.close()
@@ -225,6 +225,11 @@ class EarlyExitRuntime:
 def check_batch_size(batch_size) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def rows_per_chunk(batch_size: int, backend: Backend) -> int:
+    """batch_size, or fewer where the backend takes fewer rows at once (TensorRT engines built with a smaller batch)."""
+    return batch_size if backend.max_rows is None else min(batch_size, backend.max_rows)
 
 
 def open_tokenizer(bundle_dir: Path, manifest: Manifest) -> BundleTokenizer:

@@ -24,7 +24,7 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REEXPORT = "re-export the bundle with pcee-export"
 TASK_TYPES = ("single_sentence", "sentence_pair")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 EXIT_POOLINGS = ("cls", "mean")
 
 
@@ -62,16 +62,21 @@ class FileEntry:
 
 @dataclass
 class GraphFile(FileEntry):
-    """One ONNX graph of the bundle and its declared inputs and outputs."""
+    """One ONNX graph of the bundle, its declared inputs and outputs, and its onnxruntime contrib operators."""
 
     spec: GraphSpec
+    # Fused (Attention, SkipLayerNormalization, BiasGelu) and quantized operators by name; empty for a portable graph.
+    fused_operators: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), **self.spec.to_dict()}
+        return {**super().to_dict(), **self.spec.to_dict(), "fused_operators": self.fused_operators}
 
     @classmethod
     def from_dict(cls, kind: str, data: dict) -> "GraphFile":
-        return cls(data["file"], data["sha256"], spec_from_dict(kind, data))
+        fused = data.get("fused_operators", {})
+        if not isinstance(fused, dict) or not all(isinstance(count, int) and not isinstance(count, bool) for count in fused.values()):
+            raise BundleError(f"graph {data['file']}: fused_operators must map operator names to counts, got {fused!r:.200}")
+        return cls(data["file"], data["sha256"], spec_from_dict(kind, data), dict(fused))
 
     def located(self, bundle_dir: Path, name: str) -> LocatedGraph:
         return LocatedGraph(name, bundle_dir / self.file, self.spec)
@@ -162,6 +167,34 @@ class ParityResult:
 
 
 @dataclass
+class QuantizationResult:
+    """How an int8 bundle's layer graphs were quantized, and how often they still agree with the float model.
+
+    Per exit (layer 1 first): the share of rows whose predicted label matches the float PyTorch model's,
+    and, where labelled data was given, the accuracy of each. The export failed unless the last exit's
+    agreement reached `min_agreement`.
+    """
+
+    method: str  # "dynamic": weights quantized ahead, activations at run time
+    weight_type: str  # "int8"
+    operators: list[str]  # the operator types whose weights were quantized
+    float_exit_heads: bool
+    min_agreement: float
+    rows: int
+    agreement: list[float]
+    accuracy: list[float] | None = None
+    float_accuracy: list[float] | None = None
+    parity_data: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantizationResult":
+        return cls(**data)
+
+
+@dataclass
 class TensorRTEngines:
     """The TensorRT block: one engine per graph, and what they were built for."""
 
@@ -210,6 +243,7 @@ class Manifest:
     operating_points: list[OperatingPoint] = field(default_factory=list)
     full_graph: GraphFile | None = None
     tensorrt: TensorRTEngines | None = None
+    quantization: QuantizationResult | None = None
     calibration: dict | None = None  # the last calibration's summary, as pcee-calibrate wrote it
     format_version: int = FORMAT_VERSION
     producer: str = "pcee"
@@ -231,6 +265,8 @@ class Manifest:
         }
         if self.tensorrt is not None:
             data["tensorrt"] = self.tensorrt.to_dict()
+        if self.quantization is not None:
+            data["quantization"] = self.quantization.to_dict()
         if self.calibration is not None:
             data["calibration"] = self.calibration
         return data
@@ -267,6 +303,7 @@ class Manifest:
             operating_point=OperatingPoint.from_dict(data["operating_point"]),
             operating_points=[OperatingPoint.from_dict(point) for point in data.get("operating_points", [])],
             tensorrt=TensorRTEngines.from_dict(data["tensorrt"]) if data.get("tensorrt") else None,
+            quantization=QuantizationResult.from_dict(data["quantization"]) if data.get("quantization") else None,
             calibration=data.get("calibration"),
             format_version=version,
             producer=data.get("producer", "pcee"),
@@ -325,6 +362,8 @@ class Manifest:
     def check(self) -> None:
         """Cross-checks between fields that the graphs' specs and the model facts must agree on."""
         self.model.check()
+        if (self.model.precision == "int8") != (self.quantization is not None):
+            raise BundleError(f"model.precision is {self.model.precision} but the quantization block is {'absent' if self.quantization is None else 'present'}; {REEXPORT}")
         if len(self.layers) != self.model.num_layers:
             raise BundleError(f"manifest lists {len(self.layers)} layer graphs for a {self.model.num_layers}-layer model; {REEXPORT}")
         if self.tensorrt is not None and len(self.tensorrt.layers) != self.model.num_layers:

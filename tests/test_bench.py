@@ -140,7 +140,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_in_the_cache(model_dir, monkeypatch, tmp_path):
-    def broken_export(model, path):
+    def broken_export(model, path, **options):
         Path(path).write_bytes(b"half a graph")
         raise KeyboardInterrupt
 

@@ -2,29 +2,34 @@
 
 Three kinds of tests:
 - pure planning logic (row runs, compaction plans, pools, context bookkeeping), run everywhere;
-- "software GPU" runs: the real backend code drives an emulated cudart (numpy host buffers,
-  bounds-checked copies) and emulated TensorRT engines (onnxruntime CPU sessions on that memory),
-  so buffers, ping-pong, pinned exit slots, compaction and pooling are checked against the CPU
-  backend without a GPU;
+- "software GPU" runs (tests/emulated_gpu.py): the real backend code drives an emulated cudart
+  (numpy host buffers, bounds-checked copies) and emulated TensorRT engines (onnxruntime CPU
+  sessions on that memory), so buffers, ping-pong, pinned exit slots, compaction, pooling, chunk
+  limits and the GPU check's own checks are run against the CPU backend without a GPU;
 - `gpu`-marked runs of the same comparisons on a real GPU, skipped where there is none.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
+import importlib.metadata
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
-from pcee.runtime import BackendUnavailableError, EarlyExitRuntime, FileEntry, InputError, Manifest, PceeError, TensorRTEngines
+import emulated_gpu
+from emulated_gpu import DeviceMemory, EmulatedTensorRT, SoftwareCuda, onnxruntime_compute, write_engine_files
+from pcee.runtime import BackendUnavailableError, BundleTokenizer, EarlyExitRuntime, InputError, Manifest, PceeError, record_every_exit
+from pcee.benchmarks import gpu_check
+from pcee.runtime import backends as backend_selection
 from pcee.runtime.backends import cuda_memory, onnxruntime_cuda
 from pcee.runtime.backends import tensorrt as tensorrt_backend
 from pcee.runtime.backends.cuda_memory import Allocations, CudaRuntime, LeasePool, plan_compaction, plan_row_copies, row_extents, runs_of_true
@@ -32,9 +37,12 @@ from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, longest_u
 from pcee.runtime.backends.tensorrt import BoundContext
 from pcee.runtime.policies import OperatingPoint
 
+USER_MANAGED = EmulatedTensorRT.ExecutionContextAllocationStrategy.USER_MANAGED
+
 NO_GPU_REASON = "needs an NVIDIA GPU with TensorRT / onnxruntime-gpu; none here"
 NUM_LAYERS = 4
 MAX_BATCH_SIZE = 8
+MAX_SEQ_LEN = 64  # the tiny models' max_seq_len, which the emulated engines' profile covers
 WORDS = "the a movie film story good bad great awful fun dull love hate plot actors what really quite best worst".split()
 
 
@@ -59,245 +67,8 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 25)))) for _ in range(count)]
 
 
-# -- an emulated cudart ------------------------------------------------------------------------------
-class SoftwareCuda:
-    """cuda-python's runtime API on host memory: 'device' buffers are numpy arrays, streams are ints.
-
-    Copies are bounds-checked against the buffers this object allocated (strict mode), so a wrong
-    offset fails the test instead of corrupting memory; `outstanding()` shows what was never freed.
-    Non-strict mode lets device pointers come from elsewhere (onnxruntime's CPU OrtValues).
-    """
-
-    class cudaError_t(enum.IntEnum):
-        cudaSuccess = 0
-        cudaErrorInvalidValue = 1
-        cudaErrorInvalidResourceHandle = 400
-
-    class cudaMemcpyKind(enum.IntEnum):
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-        cudaMemcpyDeviceToDevice = 3
-
-    cudaStreamNonBlocking = 1
-    OK = (cudaError_t.cudaSuccess,)
-    INVALID = (cudaError_t.cudaErrorInvalidValue,)
-
-    def __init__(self, strict: bool = True):
-        self.strict = strict
-        self.device: dict[int, np.ndarray] = {}
-        self.pinned: dict[int, np.ndarray] = {}
-        self.streams: set[int] = set()
-        self.next_stream = 1
-        self.lock = threading.Lock()
-
-    def outstanding(self) -> tuple[int, int, int]:
-        return len(self.device), len(self.pinned), len(self.streams)
-
-    # queries
-    def cudaGetDeviceCount(self):
-        return (*self.OK, 1)
-
-    def cudaGetDeviceProperties(self, device):
-        return (*self.OK, SimpleNamespace(name=b"Software GPU".ljust(256, b"\0")))
-
-    def cudaGetErrorName(self, error):
-        return (*self.OK, error.name.encode())
-
-    def cudaGetErrorString(self, error):
-        return (*self.OK, b"emulated failure")
-
-    # memory
-    def allocate(self, table: dict, nbytes: int):
-        buffer = np.zeros(nbytes, dtype=np.uint8)
-        with self.lock:
-            table[buffer.ctypes.data] = buffer
-        return (*self.OK, buffer.ctypes.data)
-
-    def release(self, table: dict, pointer: int):
-        with self.lock:
-            return self.OK if table.pop(pointer, None) is not None else self.INVALID
-
-    def cudaMalloc(self, nbytes):
-        return self.allocate(self.device, nbytes)
-
-    def cudaFree(self, pointer):
-        return self.release(self.device, pointer)
-
-    def cudaMallocHost(self, nbytes):
-        return self.allocate(self.pinned, nbytes)
-
-    def cudaFreeHost(self, pointer):
-        return self.release(self.pinned, pointer)
-
-    def inside(self, table: dict, address: int, nbytes: int) -> bool:
-        with self.lock:
-            return any(start <= address and address + nbytes <= start + buffer.nbytes for start, buffer in table.items())
-
-    def view(self, address: int, shape: tuple[int, ...], dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if not self.inside(self.device, address, nbytes):
-            raise AssertionError(f"{nbytes} bytes at {address:#x} lie outside every device buffer")
-        return np.frombuffer((ctypes.c_byte * nbytes).from_address(address), dtype=dtype).reshape(shape)
-
-    # what the emulated TensorRT engines read and write
-    def read(self, address: int, shape: tuple[int, ...], dtype, stream) -> np.ndarray:
-        return self.view(address, shape, dtype).copy()
-
-    def write(self, address: int, array: np.ndarray, stream) -> None:
-        self.view(address, array.shape, array.dtype)[...] = array
-
-    # streams
-    def cudaStreamCreateWithFlags(self, flags):
-        with self.lock:
-            stream, self.next_stream = self.next_stream, self.next_stream + 1
-            self.streams.add(stream)
-        return (*self.OK, stream)
-
-    def known_stream(self, stream) -> bool:
-        return int(stream) in self.streams
-
-    def cudaStreamSynchronize(self, stream):
-        return self.OK if self.known_stream(stream) else (self.cudaError_t.cudaErrorInvalidResourceHandle,)
-
-    def cudaStreamDestroy(self, stream):
-        with self.lock:
-            if int(stream) not in self.streams:
-                return (self.cudaError_t.cudaErrorInvalidResourceHandle,)
-            self.streams.discard(int(stream))
-        return self.OK
-
-    # copies
-    def copy_allowed(self, target: int, source: int, span_target: int, span_source: int, kind) -> bool:
-        device_target = kind != self.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        device_source = kind != self.cudaMemcpyKind.cudaMemcpyHostToDevice
-        if device_target and self.strict and not self.inside(self.device, target, span_target):
-            return False
-        if device_source and self.strict and not self.inside(self.device, source, span_source):
-            return False
-        # Device-to-host copies must land in pinned memory, or they would not be asynchronous.
-        return device_target or self.inside(self.pinned, target, span_target)
-
-    def cudaMemcpyAsync(self, target, source, count, kind, stream):
-        if not self.known_stream(stream) or not self.copy_allowed(target, source, count, count, kind):
-            return self.INVALID
-        ctypes.memmove(target, source, count)
-        return self.OK
-
-    def cudaMemcpy2DAsync(self, target, target_pitch, source, source_pitch, width, height, kind, stream):
-        if width > target_pitch or width > source_pitch or not self.known_stream(stream):
-            return self.INVALID
-        span_target, span_source = (height - 1) * target_pitch + width, (height - 1) * source_pitch + width
-        if not self.copy_allowed(target, source, span_target, span_source, kind):
-            return self.INVALID
-        for row in range(height):
-            ctypes.memmove(target + row * target_pitch, source + row * source_pitch, width)
-        return self.OK
-
-
-class DeviceMemory:
-    """Real device memory for the emulated engines: copies on the engine call's stream, waited for."""
-
-    def __init__(self, cuda: CudaRuntime):
-        self.cuda = cuda
-
-    def read(self, address: int, shape: tuple[int, ...], dtype, stream) -> np.ndarray:
-        array = np.empty(shape, dtype=dtype)
-        self.cuda.copy_to_host(array, address, array.nbytes, stream)
-        self.cuda.synchronize(stream)
-        return array
-
-    def write(self, address: int, array: np.ndarray, stream) -> None:
-        self.cuda.copy_to_device(address, np.ascontiguousarray(array), stream)
-        self.cuda.synchronize(stream)
-
-
-# -- emulated TensorRT: each "engine" file names the ONNX graph that an onnxruntime CPU session runs,
-# reading and writing SoftwareCuda memory, or real device memory on a GPU machine without TensorRT.
-ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(int64)": np.dtype(np.int64)}
-
-
-class SoftwareContext:
-    def __init__(self, engine: "SoftwareEngine"):
-        self.engine = engine
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, address):
-        self.addresses[name] = address
-        return True
-
-    def execute_async_v3(self, stream):
-        engine = self.engine
-        feeds = {
-            arg.name: engine.memory.read(self.addresses[arg.name], self.shapes[arg.name], engine.dtypes[arg.name], stream)
-            for arg in engine.session.get_inputs()
-        }
-        for arg, value in zip(engine.session.get_outputs(), engine.session.run(None, feeds)):
-            engine.memory.write(self.addresses[arg.name], value, stream)
-        return True
-
-
-class SoftwareEngine:
-    def __init__(self, session: ort.InferenceSession, memory: "SoftwareCuda | DeviceMemory"):
-        self.session = session
-        self.memory = memory
-        self.dtypes = {arg.name: ORT_TYPES[arg.type] for arg in [*session.get_inputs(), *session.get_outputs()]}
-        self.names = list(self.dtypes)
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self.names)
-
-    def get_tensor_name(self, index):
-        return self.names[index]
-
-    def get_tensor_dtype(self, name):
-        return self.dtypes[name]
-
-    def create_execution_context(self):
-        return SoftwareContext(self)
-
-
-class SoftwareTensorRT:
-    """The slice of the tensorrt module the backend uses."""
-
-    __version__ = "10.0.0"
-
-    class Logger:
-        WARNING = "warning"
-
-        def __init__(self, severity):
-            self.severity = severity
-
-    def __init__(self, bundle_dir: Path, memory: "SoftwareCuda | DeviceMemory"):
-        self.bundle_dir = bundle_dir
-        self.memory = memory
-
-    def Runtime(self, logger):
-        return self
-
-    def deserialize_cuda_engine(self, data: bytes):
-        session = open_session(self.bundle_dir / data.decode(), cpu_session_options(), ["CPUExecutionProvider"])
-        return SoftwareEngine(session, self.memory)
-
-    @staticmethod
-    def nptype(dtype):
-        return dtype
-
-
-def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool) -> SoftwareCuda:
-    cuda = SoftwareCuda(strict)
-    monkeypatch.setattr(cuda_memory, "import_cudart", lambda: cuda)
-    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: SoftwareTensorRT(bundle_dir, cuda))
-    # onnxruntime CUDA: CPU sessions and CPU OrtValues stand in for CUDA ones.
-    monkeypatch.setattr(onnxruntime_cuda, "cuda_provider_problems", lambda: [])
-    monkeypatch.setattr(onnxruntime_cuda, "open_cuda_session", lambda graph, options: open_session(graph.path, options, ["CPUExecutionProvider"]))
-    monkeypatch.setattr(onnxruntime_cuda, "ORT_DEVICE_TYPE", "cpu")
-    return cuda
+def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool, max_batch_size: int = MAX_BATCH_SIZE) -> SoftwareCuda:
+    return emulated_gpu.install_software_gpu(monkeypatch, bundle_dir, strict, max_batch_size, MAX_SEQ_LEN)
 
 
 # -- bundles -----------------------------------------------------------------------------------------
@@ -317,15 +88,7 @@ def software_engine_bundle(onnx_bundle, tmp_path_factory) -> Path:
     bundle = tmp_path_factory.mktemp("software-engines") / "bundle"
     shutil.copytree(onnx_bundle, bundle)
     manifest = Manifest.load(bundle)
-    (bundle / "trt").mkdir()
-    entries = []
-    for graph in [manifest.embeddings, *manifest.layers]:
-        relative = f"trt/{Path(graph.file).stem}.engine"
-        (bundle / relative).write_bytes(graph.file.encode())
-        entries.append(FileEntry.of(bundle, relative))
-    manifest.tensorrt = TensorRTEngines(
-        SoftwareTensorRT.__version__, "Software GPU", False, MAX_BATCH_SIZE, manifest.model.max_seq_len, entries[0], entries[1:],
-    )
+    manifest.tensorrt = write_engine_files(bundle, [manifest.embeddings, *manifest.layers], MAX_BATCH_SIZE, MAX_SEQ_LEN)
     manifest.save(bundle)
     return bundle
 
@@ -362,8 +125,8 @@ def runtimes(request, monkeypatch):
         install_software_gpu(monkeypatch, bundle, strict=backend == "tensorrt")
     elif kind == "cuda-emulated":
         bundle = request.getfixturevalue("software_engine_bundle")
-        memory = DeviceMemory(CudaRuntime.load())
-        monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: SoftwareTensorRT(bundle, memory))
+        tensorrt = EmulatedTensorRT(bundle, onnxruntime_compute(DeviceMemory(CudaRuntime.load())), MAX_BATCH_SIZE, MAX_SEQ_LEN)
+        monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: tensorrt)
     else:
         bundle = request.getfixturevalue("gpu_bundle")
     with EarlyExitRuntime.from_bundle(bundle, backend=backend) as gpu, EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu") as cpu:
@@ -494,6 +257,32 @@ def test_lease_pool_reuses_grows_and_frees_on_close():
         pool.checkout()
 
 
+def test_lease_pool_waits_past_its_limit_and_wakes_on_close():
+    pool = LeasePool(object, lambda item: None, limit=1)
+    first = pool.checkout()
+    outcome: list = []
+
+    def wait_for_an_item() -> None:
+        try:
+            outcome.append(pool.checkout())
+        except PceeError as error:
+            outcome.append(error)
+
+    waiting = threading.Thread(target=wait_for_an_item)
+    waiting.start()
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive()
+    pool.give_back(first)
+    waiting.join(timeout=10)
+    assert outcome == [first]
+    second_wait = threading.Thread(target=wait_for_an_item)
+    second_wait.start()
+    second_wait.join(timeout=0.3)
+    pool.close()
+    second_wait.join(timeout=10)
+    assert isinstance(outcome[-1], PceeError) and "closed" in str(outcome[-1])
+
+
 class RecordingContext:
     def __init__(self, accept: bool = True):
         self.accept = accept
@@ -513,7 +302,7 @@ class RecordingContext:
 
 
 def bound(context: RecordingContext) -> BoundContext:
-    return BoundContext(SimpleNamespace(create_execution_context=lambda: context), "layer 1 engine")
+    return BoundContext(SimpleNamespace(create_execution_context=lambda strategy: context), "layer 1 engine", USER_MANAGED)
 
 
 def test_shapes_and_addresses_are_set_only_when_they_change():
@@ -541,7 +330,111 @@ def test_every_tensorrt_false_becomes_an_error():
     binding.set_shape("hidden_states", (99, 5, 32))  # a rejected shape is not remembered as set
     assert context.calls[-1] == ("shape", "hidden_states", (99, 5, 32))
     with pytest.raises(PceeError, match="could not create an execution context"):
-        BoundContext(SimpleNamespace(create_execution_context=lambda: None), "embeddings engine")
+        BoundContext(SimpleNamespace(create_execution_context=lambda strategy: None), "embeddings engine", USER_MANAGED)
+
+
+# -- installing the GPU stack: dependency metadata and what a broken install is told ---------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def declared_requirements() -> dict[str, list[Requirement]]:
+    """pyproject's dependencies: 'core' and one entry per extra."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    groups = {"core": project["dependencies"], **project["optional-dependencies"]}
+    return {name: [Requirement(line) for line in lines] for name, lines in groups.items()}
+
+
+def gpu_requirement(name: str) -> Requirement:
+    return next(requirement for requirement in declared_requirements()["gpu"] if requirement.name == name)
+
+
+def test_no_extra_installs_onnxruntime_gpu_beside_the_core_onnxruntime():
+    """Both wheels write the `onnxruntime` module; pcee[gpu] must not install the second (docs/GPU.md swaps them)."""
+    groups = declared_requirements()
+    assert "onnxruntime" in {requirement.name for requirement in groups["core"]}
+    assert all(requirement.name != "onnxruntime-gpu" for lines in groups.values() for requirement in lines)
+
+
+def test_tensorrt_is_one_cuda_build_of_the_majors_the_runtime_supports():
+    requirement = gpu_requirement("tensorrt-cu12")
+    for version, supported in [("9.3.0", False), ("10.0.1", False), ("10.1.0", True), ("10.16.1.11", True), ("11.4.0.106", True), ("12.0.0", False)]:
+        assert (version in requirement.specifier) == supported, version
+        assert (backend_selection.tensorrt_version_problem(version) is None) == supported, version
+
+
+def test_cuda_python_is_pinned_to_the_cuda_major_of_the_tensorrt_build():
+    requirement = gpu_requirement("cuda-python")
+    assert str(requirement.specifier) == str(SpecifierSet(cuda_memory.CUDA_PYTHON_PINS[12]))
+    assert "12.9.0" in requirement.specifier and "13.0.0" not in requirement.specifier
+
+
+def fake_distributions(monkeypatch, **versions: str) -> None:
+    """importlib.metadata sees exactly these distributions (keyword names with _ for -)."""
+
+    def version(name: str) -> str:
+        try:
+            return versions[name.replace("-", "_")]
+        except KeyError:
+            raise importlib.metadata.PackageNotFoundError(name) from None
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+@pytest.mark.parametrize(
+    ("installed", "fix"),
+    [
+        ({"onnxruntime": "1.31.1", "onnxruntime_gpu": "1.31.1"}, "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1"),
+        ({"onnxruntime_gpu": "1.31.1"}, "pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1"),
+        ({"onnxruntime": "1.31.1"}, "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"),
+    ],
+    ids=["both-wheels", "gpu-wheel-overwritten", "cpu-wheel-only"],
+)
+def test_a_missing_cuda_provider_names_the_wheel_fix(monkeypatch, installed, fix):
+    fake_distributions(monkeypatch, **installed)
+    monkeypatch.setattr(onnxruntime_cuda.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    (problem,) = onnxruntime_cuda.cuda_provider_problems()
+    assert fix in problem and "docs/GPU.md" in problem
+
+
+def test_auto_warns_when_the_gpu_wheel_lost_its_cuda_provider(monkeypatch, onnx_bundle):
+    fake_distributions(monkeypatch, onnxruntime="1.31.1", onnxruntime_gpu="1.31.1")
+    monkeypatch.setattr(onnxruntime_cuda.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.warns(RuntimeWarning, match="serving on the CPU.*pip uninstall -y onnxruntime onnxruntime-gpu"):
+        runtime = EarlyExitRuntime.from_bundle(onnx_bundle, backend="auto")
+    assert runtime.device == "cpu"
+    runtime.close()
+
+
+def test_a_cpu_only_install_loads_auto_without_a_warning(monkeypatch, onnx_bundle):
+    fake_distributions(monkeypatch, onnxruntime="1.31.1")
+    monkeypatch.setattr(onnxruntime_cuda.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EarlyExitRuntime.from_bundle(onnx_bundle, backend="auto").close()
+
+
+def test_a_driver_too_old_for_cuda_python_is_told_the_pin(monkeypatch):
+    cuda = SoftwareCuda()
+    monkeypatch.setattr(cuda, "cudaGetDeviceCount", lambda: (SoftwareCuda.cudaError_t.cudaErrorInsufficientDriver, 0))
+    monkeypatch.setattr(cuda, "cudaDriverGetVersion", lambda: (*SoftwareCuda.OK, 12040))
+    monkeypatch.setattr(cuda_memory, "import_cudart", lambda: cuda)
+    fake_distributions(monkeypatch, cuda_python="13.0.1", tensorrt_cu12="10.16.1.11")
+    with pytest.raises(BackendUnavailableError) as raised:
+        CudaRuntime.load()
+    message = str(raised.value)
+    assert "cudaErrorInsufficientDriver" in message and "cuda-python 13.0.1 needs a driver for CUDA 13" in message
+    assert "this driver supports CUDA 12.4" in message
+    assert "the CUDA major of the TensorRT build (tensorrt-cu12): pip install 'cuda-python>=12.6,<13'" in message
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "10.0.1", "12.0.0"])
+def test_the_runtime_refuses_tensorrt_outside_the_supported_versions(monkeypatch, software_engine_bundle, version):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    emulated = tensorrt_backend.import_tensorrt()
+    emulated.__version__ = version
+    with pytest.raises(BackendUnavailableError, match=rf"TensorRT 10.1 or newer, below 12 \(found {version}\)"):
+        EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt")
 
 
 # -- what a machine without the GPU stack is told ----------------------------------------------------
@@ -638,11 +531,96 @@ def test_concurrent_callers_get_their_own_results(runtimes):
 
 
 # -- TensorRT specifics ------------------------------------------------------------------------------
-def test_tensorrt_refuses_batches_beyond_the_engine_profile(monkeypatch, software_engine_bundle):
+def test_a_batch_beyond_the_engine_profile_is_refused_by_the_backend(monkeypatch, software_engine_bundle):
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
     with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as runtime:
-        with pytest.raises(InputError, match=f"max_batch_size {MAX_BATCH_SIZE}; predict with batch_size <= {MAX_BATCH_SIZE}"):
-            runtime.predict(sentences(MAX_BATCH_SIZE + 1), batch_size=MAX_BATCH_SIZE + 1)
+        batch = runtime.tokenizer.encode_texts(sentences(MAX_BATCH_SIZE + 1))
+        with pytest.raises(InputError, match=f"exceeds the TensorRT engines' max_batch_size {MAX_BATCH_SIZE}"):
+            runtime.backend.begin(batch)
+
+
+@pytest.mark.parametrize("engine_rows", [3, MAX_BATCH_SIZE])
+def test_default_chunks_fit_the_engines_own_batch_limit(monkeypatch, software_engine_bundle, engine_rows):
+    """The limit is read from the engines' profiles (here 3 rows where the manifest says 8), not only the manifest."""
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True, max_batch_size=engine_rows)
+    texts = sentences(20, seed=5)
+    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu, \
+            EarlyExitRuntime.from_bundle(software_engine_bundle, backend="onnxruntime-cpu") as cpu:
+        assert gpu.backend.max_rows == engine_rows and cpu.backend.max_rows is None
+        point = partial_exit_point(cpu, texts)
+        actual, expected = gpu.predict(texts, operating_point=point), cpu.predict(texts, operating_point=point)
+        assert [row.exit_layer for row in actual.predictions] == [row.exit_layer for row in expected.predictions]
+        recorded = gpu.run_all_exits(gpu.tokenizer.encode_texts(texts))
+        np.testing.assert_allclose(recorded.logits, cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits, atol=1e-5)
+
+
+def tensorrt_backend_over(bundle: Path, **options) -> tensorrt_backend.TensorRTBackend:
+    manifest = Manifest.load(bundle)
+    return tensorrt_backend.TensorRTBackend(manifest.graph_chain(bundle), manifest.engine_chain(bundle), **options)
+
+
+def test_callers_past_the_context_cap_wait_for_a_set(monkeypatch, software_engine_bundle):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    tensorrt = tensorrt_backend.import_tensorrt()
+    backend = tensorrt_backend_over(software_engine_bundle, max_concurrency=2)
+    batch = BundleTokenizer(software_engine_bundle / "tokenizer/tokenizer.json", MAX_SEQ_LEN).encode_texts(sentences(3))
+    held = [backend.begin(batch), backend.begin(batch)]
+    third: list = []
+    waiting = threading.Thread(target=lambda: third.append(backend.begin(batch)))
+    waiting.start()
+    waiting.join(timeout=0.5)
+    assert waiting.is_alive() and not third  # past the cap: the third caller waits
+    backend.finish(held.pop())
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and third[0].contexts is not None
+    embeddings_engine = tensorrt.engines[0]
+    assert len(embeddings_engine.contexts) == 2  # no set beyond the cap was ever made
+    for state in (*held, *third):
+        backend.finish(state)
+    backend.close()
+
+
+def test_a_burst_of_callers_never_makes_more_sets_than_the_cap(monkeypatch, software_engine_bundle):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    tensorrt = tensorrt_backend.import_tensorrt()
+    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="onnxruntime-cpu") as cpu:
+        texts = sentences(12, seed=6)
+        expected = cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits
+        backend = tensorrt_backend_over(software_engine_bundle, max_concurrency=2)
+        results: list = []
+
+        def serve() -> None:
+            results.append(record_every_exit(backend, cpu.tokenizer.encode_texts(texts), batch_size=4).logits)
+
+        threads = [threading.Thread(target=serve) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        backend.close()
+    assert len(results) == 8 and all(np.allclose(result, expected, atol=1e-5) for result in results)
+    assert len(tensorrt.engines[0].contexts) <= 2
+
+
+def test_a_context_set_shares_one_scratch_block(monkeypatch, software_engine_bundle):
+    """Each context is created for user-managed memory; a set's contexts all get the same block, big enough for each."""
+    cuda = install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    tensorrt = tensorrt_backend.import_tensorrt()
+    backend = tensorrt_backend_over(software_engine_bundle)
+    contexts = [engine.contexts[0] for engine in tensorrt.engines]
+    assert all(context.user_managed for context in contexts)
+    blocks = {context.device_memory for context in contexts}
+    assert len(blocks) == 1
+    pointer, size = blocks.pop()
+    assert size >= max(engine.device_memory_size_v2 for engine in tensorrt.engines) and cuda.inside(cuda.device, pointer, size)
+    backend.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_concurrency_must_be_a_positive_integer(monkeypatch, software_engine_bundle, value):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    with pytest.raises(InputError, match="max_concurrency"):
+        tensorrt_backend_over(software_engine_bundle, max_concurrency=value)
 
 
 @pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime-cuda"])
@@ -657,3 +635,30 @@ def test_close_frees_everything_the_backend_created(monkeypatch, software_engine
     if backend == "tensorrt":
         with pytest.raises(PceeError, match="closed"):
             runtime.predict(texts, batch_size=4)
+
+
+# -- benchmarks/gpu_check.py's checks, on the software GPU ------------------------------------------------
+def test_the_gpu_checks_pass_on_the_software_gpu(monkeypatch, software_engine_bundle):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    texts = gpu_check.sentences(24, seed=0)
+    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu:
+        result = gpu_check.compare_with_cpu(gpu, software_engine_bundle, texts, 1e-5, tensorrt_like=True)
+    assert result["passed"], result
+    assert result["clamp"] == {"max_rows": MAX_BATCH_SIZE, "exit_layer_agreement": 1.0, "backend_refuses_more_rows": True}
+    syncs = result["syncs"]["by_patience"]
+    assert syncs[1] == {"syncs_per_request": [NUM_LAYERS] * 3, "expected_at_most": NUM_LAYERS}
+    assert syncs[2]["syncs_per_request"] == [2, 2, 2] and syncs[NUM_LAYERS]["syncs_per_request"] == [1, 1, 1]
+
+
+def test_the_sync_count_catches_a_second_sync_per_span(monkeypatch, software_engine_bundle):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    exit_records = tensorrt_backend.ContextSet.exit_records
+
+    def synchronize_again(self, count, rows):
+        self.synchronize()
+        return exit_records(self, count, rows)
+
+    monkeypatch.setattr(tensorrt_backend.ContextSet, "exit_records", synchronize_again)
+    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu:
+        result = gpu_check.sync_check(gpu, gpu_check.sentences(8, seed=1))
+    assert not result["passed"] and result["by_patience"][2]["syncs_per_request"] == [4, 4, 4]

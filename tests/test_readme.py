@@ -30,8 +30,8 @@ COMMANDS = {"pcee-predict": predict_main, "pcee-calibrate": calibrate_main, "pce
 
 
 def python_snippets() -> list[str]:
-    """Every ```python block, except the server example (docs/examples, run by its own test)."""
-    return [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if not block.startswith("# server.py")]
+    """Every ```python block."""
+    return re.findall(r"```python\n(.*?)```", README, re.S)
 
 
 def command_lines() -> list[str]:

@@ -28,6 +28,11 @@ class Backend(ABC):
     def device(self) -> str:
         """Where the graphs actually run, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)'."""
 
+    @property
+    def max_rows(self) -> int | None:
+        """The most rows `begin` takes at once (TensorRT: the engines' profile); None for no limit."""
+        return None
+
     def begin(self, batch: EncodedBatch) -> object:
         """Run the embeddings graph; returns this call's state (hidden state and attention bias)."""
         if len(batch) == 0:

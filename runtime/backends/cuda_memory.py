@@ -11,7 +11,7 @@ kept rows the same way and the planning is testable without a GPU.
 from __future__ import annotations
 
 import ctypes
-import queue
+import importlib.metadata
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,22 +24,44 @@ from ..errors import BackendError, BackendUnavailableError
 
 # CUDA_VISIBLE_DEVICES chooses which physical GPU this is.
 DEVICE_INDEX = 0
-CUDA_PYTHON_HINT = "cuda-python (pip install cuda-python)"
+# cuda-python for each CUDA major a TensorRT wheel is built for (tensorrt-cu12, tensorrt-cu13): a newer
+# major needs a newer driver, and 12.6 is the first 12.x with the cuda.bindings module.
+CUDA_PYTHON_PINS = {12: ">=12.6,<13", 13: ">=13.0,<14"}
+CUDA_PYTHON_HINT = (
+    "cuda-python 12.6 or newer, of the CUDA major of your TensorRT build and driver "
+    f"(pip install 'pcee[gpu]' installs cuda-python{CUDA_PYTHON_PINS[12]}, for CUDA 12)"
+)
 
 Item = TypeVar("Item")
 
 
 # -- cudart with checked errors -----------------------------------------------------------------------
 def import_cudart():
-    """cuda-python's runtime module, or None when cuda-python is not installed."""
+    """cuda-python's runtime module, or None when cuda-python (12.6 or newer) is not installed."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            return None
+        return None
     return cudart
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def major_of(version: str) -> int:
+    return int(version.split(".", 1)[0])
+
+
+def tensorrt_wheel() -> tuple[str, int] | None:
+    """The installed TensorRT wheel and the CUDA major it is built for, e.g. ('tensorrt-cu12', 12)."""
+    for major in CUDA_PYTHON_PINS:
+        if installed_version(f"tensorrt-cu{major}") is not None:
+            return f"tensorrt-cu{major}", major
+    return None
 
 
 class CudaRuntime:
@@ -59,10 +81,34 @@ class CudaRuntime:
             error, count = cudart.cudaGetDeviceCount()
         except (RuntimeError, OSError) as failure:  # older cuda-python raises when libcuda cannot be loaded
             raise BackendUnavailableError(f"an NVIDIA GPU driver ({failure})") from None
-        if error != cudart.cudaError_t.cudaSuccess or not count:
-            reason = runtime.describe(error) if error != cudart.cudaError_t.cudaSuccess else "0 devices"
-            raise BackendUnavailableError(f"an NVIDIA GPU (cudaGetDeviceCount: {reason})")
+        if error != cudart.cudaError_t.cudaSuccess:
+            raise BackendUnavailableError(f"an NVIDIA GPU (cudaGetDeviceCount: {runtime.describe(error)}){runtime.driver_hint()}")
+        if not count:
+            raise BackendUnavailableError("an NVIDIA GPU (cudaGetDeviceCount: 0 devices)")
         return runtime
+
+    def driver_cuda_version(self) -> tuple[int, int] | None:
+        """The newest CUDA version the installed driver supports, e.g. (12, 4); None when it cannot say."""
+        error, version = self.api.cudaDriverGetVersion()
+        if error != self.api.cudaError_t.cudaSuccess or not version:
+            return None
+        return version // 1000, version % 1000 // 10
+
+    def driver_hint(self) -> str:
+        """When cuda-python is for a newer CUDA major than the driver's: what to install instead."""
+        bindings = installed_version("cuda-python") or installed_version("cuda-bindings")
+        driver = self.driver_cuda_version()
+        if bindings is None or driver is None or major_of(bindings) <= driver[0]:
+            return ""
+        hint = f"; cuda-python {bindings} needs a driver for CUDA {major_of(bindings)}, and this driver supports CUDA {driver[0]}.{driver[1]}"
+        wheel = tensorrt_wheel()
+        if wheel is not None:
+            name, major = wheel
+            hint += f". Install cuda-python for the CUDA major of the TensorRT build ({name}): pip install 'cuda-python{CUDA_PYTHON_PINS[major]}'"
+            return hint if major <= driver[0] else f"{hint}, and an NVIDIA driver for CUDA {major}"
+        if driver[0] in CUDA_PYTHON_PINS:
+            return f"{hint}. Install cuda-python for this driver: pip install 'cuda-python{CUDA_PYTHON_PINS[driver[0]]}'"
+        return f"{hint}. Update the NVIDIA driver to one for CUDA {min(CUDA_PYTHON_PINS)} or newer"
 
     def describe(self, error) -> str:
         name = self.api.cudaGetErrorName(error)[1]
@@ -156,32 +202,50 @@ class Allocations:
 class LeasePool(Generic[Item]):
     """Per-caller resources (context sets, streams): one caller holds an item at a time.
 
-    Items are created on demand, so the pool grows to the number of concurrent callers and never
-    blocks; returned items are reused. `give_back` is safe from a weakref finalizer (SimpleQueue
-    is reentrant). After `close`, returned items are destroyed instead of kept.
+    Items are created on demand, up to `limit` of them (None: no limit); past it, callers wait
+    until one is given back. Returned items are reused. `give_back` may run in a weakref finalizer,
+    on whatever thread the garbage collector interrupts, hence the reentrant lock. After `close`,
+    waiting callers raise and returned items are destroyed instead of kept.
     """
 
-    def __init__(self, create: Callable[[], Item], destroy: Callable[[Item], None]):
+    def __init__(self, create: Callable[[], Item], destroy: Callable[[Item], None], limit: int | None = None):
         self._create = create
         self._destroy = destroy
-        self._idle: queue.SimpleQueue[Item] = queue.SimpleQueue()
-        self._lock = threading.RLock()
+        self._limit = limit
+        self._idle: list[Item] = []
+        self._created = 0
+        self._changed = threading.Condition(threading.RLock())
         self._closed = False
 
     def checkout(self) -> Item:
+        with self._changed:
+            while not self._idle and self._at_limit():
+                self._check_open()
+                self._changed.wait()
+            self._check_open()
+            if self._idle:
+                return self._idle.pop()
+            self._created += 1
         try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._closed:
-                raise BackendError("this backend is closed; load the bundle again to keep predicting")
-            return self._create()
+            return self._create()  # outside the lock: others may reuse returned items meanwhile
+        except BaseException:
+            with self._changed:
+                self._created -= 1
+                self._changed.notify()
+            raise
+
+    def _at_limit(self) -> bool:
+        return self._limit is not None and self._created >= self._limit
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("this backend is closed; load the bundle again to keep predicting")
 
     def give_back(self, item: Item) -> None:
-        with self._lock:
+        with self._changed:
             if not self._closed:
-                self._idle.put(item)
+                self._idle.append(item)
+                self._changed.notify()
                 return
         self._destroy(item)
 
@@ -194,13 +258,11 @@ class LeasePool(Generic[Item]):
             self.give_back(item)
 
     def close(self) -> None:
-        with self._lock:
+        with self._changed:
             self._closed = True
-        while True:
-            try:
-                item = self._idle.get_nowait()
-            except queue.Empty:
-                return
+            idle, self._idle = self._idle, []
+            self._changed.notify_all()
+        for item in idle:
             self._destroy(item)
 
 

@@ -21,21 +21,41 @@ from ..errors import BackendUnavailableError
 from ..exits import ExitRecord
 from ..graphs import GraphChain, LocatedGraph
 from .base import Backend
-from .cuda_memory import DEVICE_INDEX, LeasePool, plan_compaction, require_cuda, row_extents
+from .cuda_memory import DEVICE_INDEX, LeasePool, installed_version, plan_compaction, require_cuda, row_extents
 from .onnxruntime_cpu import cpu_session_options, exit_record, feeds_for, open_checked_session
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 ORT_DEVICE_TYPE = "cuda"  # onnxruntime's name for the memory GPU OrtValues and bound outputs live in
+GPU_DOC = "docs/GPU.md"
+SWAP_WHEELS = f"pip uninstall -y onnxruntime && pip install onnxruntime-gpu ({GPU_DOC})"
 
 
 def cuda_provider_problems() -> list[str]:
     available = ort.get_available_providers()
     if CUDA_PROVIDER in available:
         return []
-    return [
-        f"onnxruntime's {CUDA_PROVIDER} (onnxruntime {ort.__version__} here offers {', '.join(available)}; "
-        "install onnxruntime-gpu in place of onnxruntime)"
-    ]
+    fix = broken_gpu_wheel() or f"install onnxruntime-gpu in place of onnxruntime: {SWAP_WHEELS}"
+    return [f"onnxruntime's {CUDA_PROVIDER} (onnxruntime {ort.__version__} here offers {', '.join(available)}; {fix})"]
+
+
+def broken_gpu_wheel() -> str | None:
+    """Why the onnxruntime-gpu wheel, when installed, offers no CUDA, with the commands that fix it; else None.
+
+    onnxruntime and onnxruntime-gpu both write the `onnxruntime` module, so whichever was installed
+    last wins; pcee's own requirement on onnxruntime brings the CPU wheel back on any reinstall.
+    """
+    gpu_wheel = installed_version("onnxruntime-gpu")
+    if gpu_wheel is None or CUDA_PROVIDER in ort.get_available_providers():
+        return None
+    if installed_version("onnxruntime") is not None:
+        return (
+            f"onnxruntime-gpu {gpu_wheel} is installed next to onnxruntime, whose CPU-only files replaced its own; "
+            f"run: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu=={gpu_wheel} ({GPU_DOC})"
+        )
+    return (
+        f"onnxruntime-gpu {gpu_wheel} is installed but its files were overwritten by another onnxruntime build; "
+        f"run: pip install --force-reinstall --no-deps onnxruntime-gpu=={gpu_wheel} ({GPU_DOC})"
+    )
 
 
 def open_cuda_session(graph: LocatedGraph, options: ort.SessionOptions) -> ort.InferenceSession:

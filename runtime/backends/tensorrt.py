@@ -1,10 +1,12 @@
-"""TensorRT 10 backend (v3 API only): one engine per graph, execution contexts pooled per concurrent caller.
+"""TensorRT 10.1+ and 11 backend (v3 API only): one engine per graph, execution contexts pooled per concurrent caller.
 
-Each batch state checks out a `ContextSet`: an execution context per engine, one CUDA stream, and
-device buffers sized for the engines' optimization profile. The hidden state and attention bias
-stay on the device in ping-pong buffers; a `run_layers` span enqueues every layer plus the
-copies of its small exit outputs into pinned host memory, then synchronises the stream once.
-The set goes back to the pool when the batch state is dropped.
+Each batch state checks out a `ContextSet`: an execution context per engine, one CUDA stream, one
+scratch block the contexts share (they run one after another on that stream), and device buffers
+sized for the engines' optimization profile. The hidden state and attention bias stay on the
+device in ping-pong buffers; a `run_layers` span enqueues every layer plus the copies of its small
+exit outputs into pinned host memory, then synchronises the stream once. The pool holds at most
+`max_concurrency` sets; more callers wait for one. A set goes back at `finish`, or when its batch
+state is dropped.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from ..errors import BackendError, BackendUnavailableError, BundleError, InputEr
 from ..exits import ExitRecord
 from ..graphs import EngineChain, GraphChain
 from ..tokenization import EncodedBatch
+from . import DEFAULT_MAX_CONCURRENCY, tensorrt_version_problem
 from .base import Backend
 from .cuda_memory import Allocations, Compaction, CudaRuntime, LeasePool, plan_compaction, require_cuda, row_extents
 from .onnxruntime_cpu import exit_record, feeds_for
 
-MIN_TENSORRT_MAJOR = 10
 REBUILD_HINT = "rebuild the engines on this machine with pcee-export --tensorrt"
+PROFILE = 0  # the one optimization profile pcee-export builds into each engine
 
 
 def import_tensorrt():
@@ -43,11 +46,18 @@ def tensorrt_problems(engines: EngineChain | None, trt) -> list[str]:
     problems = []
     if trt is None:
         problems.append("the tensorrt package (pip install 'pcee[gpu]')")
-    elif int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
-        problems.append(f"TensorRT {MIN_TENSORRT_MAJOR} or newer (found {trt.__version__})")
+    elif (version_problem := tensorrt_version_problem(trt.__version__)) is not None:
+        problems.append(version_problem)
     if engines is None:
         problems.append("TensorRT engines in the bundle (export it with pcee-export --tensorrt on a GPU machine)")
     return problems
+
+
+def check_max_concurrency(value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(
+            f"max_concurrency must be a positive integer (callers served at once, each with its own execution contexts), got {value!r}"
+        )
 
 
 @functools.cache
@@ -68,6 +78,14 @@ class ExitLayout:
 
 
 @dataclass(frozen=True)
+class ProfileLimits:
+    """The largest batch and sequence every engine's optimization profile accepts."""
+
+    max_batch_size: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
 class TensorFacts:
     """Dtypes, sizes and profile limits every context set is built from."""
 
@@ -77,8 +95,8 @@ class TensorFacts:
     exits: dict[str, ExitLayout]
     hidden_size: int
     num_layers: int
-    max_batch_size: int
-    max_seq_len: int
+    limits: ProfileLimits
+    scratch_bytes: int  # the activation memory of the hungriest engine: one block serves a whole set
 
     @property
     def hidden_position_bytes(self) -> int:
@@ -89,8 +107,8 @@ def tensor_dtype(trt, engine, name: str) -> np.dtype:
     return np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
 
 
-def tensor_facts(trt, chain: GraphChain, engines: EngineChain, embeddings, layer) -> TensorFacts:
-    layer_spec = chain.layer_spec
+def tensor_facts(trt, chain: GraphChain, embeddings, layers: list) -> TensorFacts:
+    layer_spec, layer = chain.layer_spec, layers[0]
     exits = {
         tensor.name: ExitLayout(tensor_dtype(trt, layer, tensor.name), tuple(tensor.shape[1:]))
         for tensor in layer_spec.outputs if tensor.name != graphs.NEXT_HIDDEN_STATES
@@ -102,9 +120,25 @@ def tensor_facts(trt, chain: GraphChain, engines: EngineChain, embeddings, layer
         exits=exits,
         hidden_size=layer_spec.inputs[0].shape[2],
         num_layers=chain.num_layers,
-        max_batch_size=engines.max_batch_size,
-        max_seq_len=engines.max_seq_len,
+        limits=profile_limits([(embeddings, chain.embeddings.spec), *((engine, chain.layer_spec) for engine in layers)]),
+        # At least a byte: cudaMalloc(0) returns no pointer to hand the contexts.
+        scratch_bytes=max(1, *(engine.device_memory_size_v2 for engine in [embeddings, *layers])),
     )
+
+
+def profile_limits(engines: list[tuple[object, graphs.GraphSpec]]) -> ProfileLimits:
+    """What every engine takes, read from the engines themselves: the smallest profile maximum of each dynamic axis."""
+    maximum = {graphs.BATCH: [], graphs.SEQUENCE: []}
+    for engine, spec in engines:
+        for tensor in spec.inputs:
+            shapes = engine.get_tensor_profile_shape(tensor.name, PROFILE)
+            if len(shapes) != 3:  # (min, opt, max); empty when the engine has no such profile
+                raise BundleError(f"a {spec.kind} engine has no optimization profile for {tensor.name}; {REBUILD_HINT}")
+            largest = tuple(shapes[2])
+            for axis, dim in enumerate(tensor.shape):
+                if dim in maximum:
+                    maximum[dim].append(largest[axis])
+    return ProfileLimits(min(maximum[graphs.BATCH]), min(maximum[graphs.SEQUENCE]))
 
 
 # -- engines ---------------------------------------------------------------------------------------
@@ -128,13 +162,17 @@ def check_tensor_names(engine, spec: graphs.GraphSpec, path: Path) -> None:
 class BoundContext:
     """One execution context. Shapes and addresses are set again only when they change; every bool is checked."""
 
-    def __init__(self, engine, label: str):
-        self.context = engine.create_execution_context()
+    def __init__(self, engine, label: str, allocation_strategy):
+        self.context = engine.create_execution_context(allocation_strategy)
         if self.context is None:
             raise BackendError(f"TensorRT could not create an execution context for the {label} (out of GPU memory?)")
         self.label = label
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+
+    def use_scratch(self, pointer: int, nbytes: int) -> None:
+        """The activation memory this context runs in (created with the user-managed strategy)."""
+        self.context.set_device_memory(pointer, nbytes)
 
     def set_shape(self, tensor: str, shape: tuple[int, ...]) -> None:
         if self.shapes.get(tensor) == shape:
@@ -178,13 +216,15 @@ class TensorRTBatchState:
 class ContextSet:
     """What one caller uses at a time: a context per engine, a stream, device buffers and pinned exit slots."""
 
-    def __init__(self, cuda: CudaRuntime, embeddings_engine, layer_engines: list, facts: TensorFacts):
+    def __init__(self, cuda: CudaRuntime, embeddings_engine, layer_engines: list, facts: TensorFacts, allocation_strategy):
         self.cuda = cuda
         self.facts = facts
         self.memory = Allocations(cuda)
         try:
-            self.embeddings = BoundContext(embeddings_engine, "embeddings engine")
-            self.layers = [BoundContext(engine, f"layer {index + 1} engine") for index, engine in enumerate(layer_engines)]
+            self.embeddings = BoundContext(embeddings_engine, "embeddings engine", allocation_strategy)
+            self.layers = [
+                BoundContext(engine, f"layer {index + 1} engine", allocation_strategy) for index, engine in enumerate(layer_engines)
+            ]
             self.allocate_buffers()
         except BaseException:
             self.memory.free_all()
@@ -193,15 +233,18 @@ class ContextSet:
     def allocate_buffers(self) -> None:
         facts, memory = self.facts, self.memory
         self.stream = memory.stream()
-        positions = facts.max_batch_size * facts.max_seq_len
+        # The set's contexts run one after another on self.stream, so one block serves them all.
+        scratch = memory.device(facts.scratch_bytes)
+        for context in (self.embeddings, *self.layers):
+            context.use_scratch(scratch, facts.scratch_bytes)
+        rows = facts.limits.max_batch_size
+        positions = rows * facts.limits.max_seq_len
         self.tokens = {name: memory.device(positions * dtype.itemsize) for name, dtype in facts.token_dtypes.items()}
         self.hidden = [memory.device(positions * facts.hidden_position_bytes) for _ in range(2)]
         self.bias = [memory.device(positions * facts.bias_dtype.itemsize) for _ in range(2)]
-        self.exit_buffers = {name: memory.device(facts.max_batch_size * exit.row_bytes) for name, exit in facts.exits.items()}
+        self.exit_buffers = {name: memory.device(rows * exit.row_bytes) for name, exit in facts.exits.items()}
         # One pinned slot per layer, so a span of layers copies every exit out before its single sync.
-        self.exit_slots = {
-            name: memory.pinned((facts.num_layers, facts.max_batch_size, *exit.shape), exit.dtype) for name, exit in facts.exits.items()
-        }
+        self.exit_slots = {name: memory.pinned((facts.num_layers, rows, *exit.shape), exit.dtype) for name, exit in facts.exits.items()}
 
     def enqueue_embeddings(self, feeds: dict[str, np.ndarray]) -> None:
         context = self.embeddings
@@ -245,18 +288,20 @@ class ContextSet:
         ]
 
     def destroy(self) -> None:
-        self.memory.free_all()
         self.embeddings, self.layers = None, []
+        self.memory.free_all()
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, chain: GraphChain, engines: EngineChain | None):
+    def __init__(self, chain: GraphChain, engines: EngineChain | None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY):
         super().__init__(chain.num_layers)
+        check_max_concurrency(max_concurrency)
         trt = import_tensorrt()
         self.cuda = require_cuda("tensorrt", tensorrt_problems(engines, trt))
         self.chain, self.engines = chain, engines
+        self.allocation_strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.runtime = trt.Runtime(shared_logger(trt))
         if self.runtime is None:
             raise BackendUnavailableError("TensorRT could not create a runtime (is the GPU visible to this process?)")
@@ -264,9 +309,9 @@ class TensorRTBackend(Backend):
         self.layer_engines = [self.load_engine(trt, path, graph.spec) for path, graph in zip(engines.layers, chain.layers)]
         if len(self.layer_engines) != self.num_layers:
             raise BundleError(f"the manifest lists {len(self.layer_engines)} layer engines for {self.num_layers} layers; {REBUILD_HINT}")
-        self.facts = tensor_facts(trt, chain, engines, self.embeddings_engine, self.layer_engines[0])
+        self.facts = tensor_facts(trt, chain, self.embeddings_engine, self.layer_engines)
         self._device = self.cuda.device_description()
-        self.pool: LeasePool[ContextSet] = LeasePool(self.create_context_set, ContextSet.destroy)
+        self.pool: LeasePool[ContextSet] = LeasePool(self.create_context_set, ContextSet.destroy, limit=max_concurrency)
         # Build one set now, so missing GPU memory fails the load rather than the first request.
         self.pool.give_back(self.pool.checkout())
 
@@ -276,22 +321,27 @@ class TensorRTBackend(Backend):
         return engine
 
     def create_context_set(self) -> ContextSet:
-        return ContextSet(self.cuda, self.embeddings_engine, self.layer_engines, self.facts)
+        return ContextSet(self.cuda, self.embeddings_engine, self.layer_engines, self.facts, self.allocation_strategy)
 
     @property
     def device(self) -> str:
         return self._device
 
+    @property
+    def max_rows(self) -> int:
+        return self.facts.limits.max_batch_size
+
     def check_limits(self, batch: EncodedBatch) -> None:
         rows, length = batch.input_ids.shape
-        if rows > self.facts.max_batch_size:
+        limits = self.facts.limits
+        if rows > limits.max_batch_size:
             raise InputError(
-                f"a batch of {rows} rows exceeds the TensorRT engines' max_batch_size {self.facts.max_batch_size}; "
-                f"predict with batch_size <= {self.facts.max_batch_size}, or rebuild with pcee-export --tensorrt --max-batch-size {rows}"
+                f"a batch of {rows} rows exceeds the TensorRT engines' max_batch_size {limits.max_batch_size}; "
+                f"predict with batch_size <= {limits.max_batch_size}, or rebuild with pcee-export --tensorrt --max-batch-size {rows}"
             )
-        if length > self.facts.max_seq_len:
+        if length > limits.max_seq_len:
             raise InputError(
-                f"sequences of {length} tokens exceed the TensorRT engines' max_seq_len {self.facts.max_seq_len}; "
+                f"sequences of {length} tokens exceed the TensorRT engines' max_seq_len {limits.max_seq_len}; "
                 f"rebuild with pcee-export --tensorrt --max-seq-len {length}"
             )
 

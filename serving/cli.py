@@ -1,0 +1,145 @@
+"""`pcee-serve BUNDLE_DIR`: the bundle behind an HTTP server (OIP v2 + /v1/classify), on uvicorn."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+import uvicorn
+from uvicorn.logging import DefaultFormatter
+
+from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime
+
+from .app import create_app
+from .controller import ControllerSettings
+from .service import InferenceService
+from .settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
+
+ADMIN_TOKEN_VARIABLE = "PCEE_ADMIN_TOKEN"
+STARTUP_FAILED = 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: on SIGTERM/SIGINT the service stops being ready and refuses new rows first."""
+
+    def __init__(self, config: uvicorn.Config, service: InferenceService):
+        super().__init__(config)
+        self.service = service
+        self.exit_code = 0
+        service.on_startup_failure = self.fail_startup
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.service.begin_draining()
+        super().handle_exit(sig, frame)
+
+    def fail_startup(self, error: BaseException) -> None:
+        self.exit_code = STARTUP_FAILED
+        self.should_exit = True
+
+
+def controller_settings(slo_p99_ms: float | None, adaptive_points: str | None, dwell_s: float, window_s: float,
+                        operating_point: str | None) -> ControllerSettings | None:
+    if slo_p99_ms is None and adaptive_points is None:
+        return None
+    if slo_p99_ms is None or adaptive_points is None:
+        raise click.UsageError("the adaptive controller needs both --slo-p99-ms and --adaptive-points")
+    if operating_point is not None:
+        raise click.UsageError("give --operating-point or --adaptive-points, not both: the controller starts at the first adaptive point")
+    points = tuple(name.strip() for name in adaptive_points.split(",") if name.strip())
+    try:
+        return ControllerSettings(slo_p99_ms, points, dwell_s=dwell_s, window_s=window_s)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--adaptive-points") from None
+
+
+def show_service_log(level: str) -> None:
+    """The service's own log lines, formatted like uvicorn's."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    service_log = logging.getLogger("pcee.serving")
+    service_log.addHandler(handler)
+    service_log.setLevel(level.upper())
+
+
+option = functools.partial(click.option, show_envvar=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "auto_envvar_prefix": "PCEE", "max_content_width": 100})
+@click.argument("bundle_dir", envvar="PCEE_BUNDLE_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every interface (e.g. in a container).")
+@option("--port", default=8000, type=click.IntRange(0, 65535), help="TCP port to listen on.")
+@option("--model-name", help="The name in /v2/models/{name}; default: the bundle directory's name.")
+@option("--operating-point", help="Start at this operating point saved in the manifest (default: the manifest's own).")
+@option("--backend", default="auto", type=click.Choice(BACKEND_NAMES), help="What runs the graphs, as in pcee-predict.")
+@option("--intra-op-threads", type=click.IntRange(min=1), help="onnxruntime CPU threads per layer session (default: one per core).")
+@option("--max-batch-size", default=32, type=click.IntRange(min=1), help="Most rows one runtime call takes, gathered across requests.")
+@option("--max-wait-ms", default=2.0, type=click.FloatRange(min=0), help="How long the first request of a batch waits for others to join it.")
+@option("--max-queue", default=1024, type=click.IntRange(min=1), help="Most rows waiting for a batch; past it requests get 503 with Retry-After.")
+@option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, type=click.IntRange(min=1), help="Larger request bodies get 413.")
+@option("--body-timeout-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="A body that has not fully arrived by then gets 408 (slow or stalled clients).")
+@option("--drain-timeout-s", default=30.0, type=click.FloatRange(min=0), help="On SIGTERM, how long admitted requests may take before they are cancelled.")
+@option("--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Adaptive: the p99 latency target (admission to answer) the controller holds. Needs --adaptive-points.")
+@option("--adaptive-points", help="Adaptive: saved point names, most accurate first (e.g. quality,speedup-0.50,speedup-0.75). The server starts at the first.")
+@option("--dwell-s", default=10.0, type=click.FloatRange(min=0), help="Adaptive: the least time between two switches.")
+@option("--latency-window-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Adaptive: the rolling window the p99 is taken over.")
+@option("--shadow-fraction", default=0.01, type=click.FloatRange(0, 1), help="Fraction of served rows re-run on the full model, off the request path, for the drift metric (0: off).")
+@option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level.")
+@option("--access-log/--no-access-log", default=False, help="Log one line per request (costs throughput).")
+def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operating_point: str | None, backend: str,
+         intra_op_threads: int | None, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_bytes: int,
+         body_timeout_s: float, drain_timeout_s: float, slo_p99_ms: float | None, adaptive_points: str | None, dwell_s: float,
+         latency_window_s: float, shadow_fraction: float, log_level: str, access_log: bool) -> None:
+    """Serve an exported bundle over HTTP, batching rows across concurrent requests.
+
+    \b
+    Routes:
+      POST /v2/models/{name}/infer   Open Inference Protocol v2 (KServe, Triton, Seldon clients)
+      POST /v1/classify              {"texts": [...], "text_pairs": [...]?, "operating_point": "name"?}
+      GET  /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
+      GET  /metrics                  Prometheus metrics (pcee_*)
+      PUT  /v1/operating-point       switch live; needs Authorization: Bearer $PCEE_ADMIN_TOKEN
+                                     (the route is off, 404, when PCEE_ADMIN_TOKEN is unset)
+
+    \b
+    Example:
+      pcee-serve runs/sst2-pcee --port 8000
+      curl -s localhost:8000/v1/classify -d '{"texts": ["a gripping, funny film"]}'
+
+    Every option also reads an environment variable (shown with each option), and BUNDLE_DIR
+    reads PCEE_BUNDLE_DIR.
+
+    \b
+    Adaptive operating point (the paper's "peak hours" mode, automatic):
+      pcee-serve runs/sst2-pcee --slo-p99-ms 50 --adaptive-points quality,speedup-0.50,speedup-0.75
+    steps to the next faster saved point when the rolling p99 or the queue wait passes 0.9 x the
+    target, and back when both are under 0.5 x the target, at most once per --dwell-s.
+
+    SIGTERM drains: readiness turns off, new requests get 503, admitted
+    ones are answered, and the process exits 0. Ready (200 on /v2/health/ready) comes after the
+    bundle has loaded and one warm-up batch has run.
+    """
+    show_service_log(log_level)
+    settings = ServerSettings(
+        model_name=model_name or bundle_dir.resolve().name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        max_queue=max_queue, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+        operating_point=operating_point, admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
+        shadow_fraction=shadow_fraction, controller=controller_settings(slo_p99_ms, adaptive_points, dwell_s, latency_window_s, operating_point),
+    )
+    load = functools.partial(EarlyExitRuntime.from_bundle, bundle_dir, backend=backend, intra_op_threads=intra_op_threads)
+    app = create_app(settings, load)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on",
+        timeout_graceful_shutdown=drain_timeout_s,
+    )
+    server = DrainingServer(config, app.state.service)
+    # uvicorn re-raises the signal it drained on once it is done; a completed drain is a clean exit here.
+    for drained in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(drained, lambda *_: None)
+    server.run()
+    sys.exit(server.exit_code)

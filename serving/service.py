@@ -1,0 +1,182 @@
+"""The server's life: load the bundle and warm it up off the event loop, serve, drain, close.
+
+HTTP-free: the app translates requests into calls on one `InferenceService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from pcee.runtime import EarlyExitRuntime, OperatingPoint, PredictionResult
+
+from .batching import Batcher
+from .controller import AdaptiveController
+from .errors import Conflict, NotFound, Unauthorized, Unavailable
+from .metrics import ServingMetrics
+from .protocol import ClassifyRequest, point_label
+from .settings import ServerSettings
+from .shadow import ShadowWatch
+
+log = logging.getLogger("pcee.serving")
+
+WARM_UP_TEXT = "warm-up"
+FULL_MODEL = OperatingPoint("full")
+RuntimeLoader = Callable[[], EarlyExitRuntime]
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class InferenceService:
+    def __init__(self, settings: ServerSettings, load_runtime: RuntimeLoader, on_startup_failure: Callable[[BaseException], None] | None = None):
+        self.settings = settings
+        self.load_runtime = load_runtime
+        self.on_startup_failure = on_startup_failure
+        self.metrics = ServingMetrics(settings.max_batch_size)
+        self.phase = Phase.LOADING
+        self.failure: str | None = None
+        self.runtime: EarlyExitRuntime | None = None
+        self.batcher: Batcher | None = None
+        self.controller: AdaptiveController | None = None
+        self.shadow: ShadowWatch | None = None
+        self._startup: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
+        self.metrics.ready.set_function(lambda: float(self.ready))  # read at scrape time: no writes from a signal handler
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def begin_startup(self) -> None:
+        """Load in the background, so /v2/health/live answers while the bundle loads."""
+        self._startup = asyncio.get_running_loop().create_task(self._start(), name="pcee-startup")
+
+    async def _start(self) -> None:
+        try:
+            self.runtime = await asyncio.to_thread(self._load_and_warm_up)
+        except Exception as error:
+            self.phase, self.failure = Phase.FAILED, f"{type(error).__name__}: {error}"
+            log.error("pcee-serve could not start: %s", self.failure)
+            if self.on_startup_failure is not None:
+                self.on_startup_failure(error)
+            return
+        self._start_workers()
+        self.metrics.show_point(self.runtime.operating_point)
+        if self.phase is Phase.LOADING:  # a SIGTERM during the load keeps it draining
+            self.phase = Phase.READY
+            log.info("pcee-serve ready: model %s, operating point %s", self.settings.model_name, point_label(self.runtime.operating_point))
+
+    def _start_workers(self) -> None:
+        settings, loop = self.settings, asyncio.get_running_loop()
+        self.batcher = Batcher(self._predict, self.metrics, settings.max_batch_size, settings.max_wait_seconds, settings.max_queue)
+        self.batcher.start()
+        if settings.controller is not None:
+            switch = functools.partial(self.switch_point, source="controller")
+            self.controller = AdaptiveController(settings.controller, switch, self.batcher.oldest_wait_seconds, self.metrics)
+            self._background.append(loop.create_task(self.controller.run(), name="pcee-controller"))
+        if settings.shadow_fraction > 0:
+            self.shadow = ShadowWatch(settings.shadow_fraction, self._full_model_labels, self.metrics, settings.max_batch_size)
+            self._background.append(loop.create_task(self.shadow.run(), name="pcee-shadow"))
+
+    def _load_and_warm_up(self) -> EarlyExitRuntime:
+        runtime = self.load_runtime()
+        try:
+            if self.settings.controller is not None:
+                for name in self.settings.controller.points:
+                    runtime.resolve_operating_point(name)  # an unknown name fails the start, not a later step
+            if self.settings.starting_point is not None:
+                runtime.set_operating_point(self.settings.starting_point)
+            rows = [WARM_UP_TEXT] * self.settings.max_batch_size
+            runtime.predict(rows, rows if runtime.takes_pairs else None)
+        except BaseException:
+            runtime.close()
+            raise
+        return runtime
+
+    def _predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
+        return self.runtime.predict(texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size)
+
+    def _full_model_labels(self, texts: list[str], pairs: list[str] | None) -> list[int]:
+        result = self.runtime.predict(texts, pairs, operating_point=FULL_MODEL, batch_size=self.settings.max_batch_size)
+        return [row.label_index for row in result.predictions]
+
+    def begin_draining(self) -> None:
+        """Readiness off and new rows refused at once; admitted rows are still answered. Signal-handler safe."""
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.DRAINING
+        if self.batcher is not None:
+            self.batcher.stop_accepting()
+
+    async def close(self) -> None:
+        self.begin_draining()
+        if self._startup is not None:
+            await self._startup
+        if self.batcher is not None:
+            await self.batcher.close()
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
+        if self.runtime is not None:
+            self.runtime.close()
+
+    # -- requests ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    def not_ready_reason(self) -> str:
+        if self.phase is Phase.FAILED:
+            return f"the model failed to load: {self.failure}"
+        return {Phase.LOADING: "the model is loading", Phase.DRAINING: "the server is shutting down"}.get(self.phase, "")
+
+    def serving_runtime(self) -> EarlyExitRuntime:
+        if not self.ready:
+            raise Unavailable(self.not_ready_reason(), retry_after_seconds=5)
+        return self.runtime
+
+    def check_model_name(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise NotFound(f"no model named {name!r}; this server serves {self.settings.model_name!r}")
+
+    async def classify(self, request: ClassifyRequest) -> PredictionResult:
+        runtime = self.serving_runtime()
+        point = runtime.operating_point if request.point_name is None else runtime.resolve_operating_point(request.point_name)
+        started = time.perf_counter()
+        result = await self.batcher.submit(request, point)
+        if self.controller is not None and request.point_name is None:  # it judges the live point only
+            self.controller.observe(time.perf_counter() - started)
+        if self.shadow is not None:
+            self.shadow.offer(request, [row.label_index for row in result.predictions])
+        return result
+
+    # -- admin ------------------------------------------------------------------------------------
+    def check_admin(self, authorization: str | None) -> None:
+        """404 when no token is configured (the endpoint is off), 401 unless the bearer token matches."""
+        token = self.settings.admin_token
+        if token is None:
+            raise NotFound("the admin endpoint is off; set PCEE_ADMIN_TOKEN to turn it on")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("send the admin token as 'Authorization: Bearer <PCEE_ADMIN_TOKEN>'")
+        if self.settings.controller is not None:
+            raise Conflict("the adaptive controller owns the operating point (--adaptive-points); restart without it to switch by hand")
+
+    def switch_point(self, point: str | dict, source: str) -> OperatingPoint:
+        if self.runtime is None:
+            raise Unavailable(self.not_ready_reason(), retry_after_seconds=5)
+        chosen = self.runtime.set_operating_point(point)
+        self.metrics.show_point(chosen)
+        self.metrics.point_switches.labels(source=source).inc()
+        log.info("operating point switched to %s by %s", point_label(chosen), source)
+        return chosen

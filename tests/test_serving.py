@@ -1,0 +1,632 @@
+"""`pcee-serve` over real tiny bundles and a real uvicorn on a loopback port.
+
+Most tests run uvicorn in a thread of this process (so a test can hold the runtime mid-batch);
+the SIGTERM drain and the CLI run it as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from bundles import SENTENCES, export_tiny_bundle
+from pcee.runtime import BackendError, EarlyExitRuntime, Manifest, OperatingPoint
+from pcee.serving import ServerSettings, create_app
+from pcee.serving.controller import AdaptiveController, ControllerSettings
+from pcee.serving.metrics import ServingMetrics
+
+HOST = "127.0.0.1"
+MODEL = "tiny"
+TOKEN = "s3cret-token"
+QUESTIONS = ["who did this", "what a great film", "how was the day"]
+ANSWERS = ["the actors did this", "it was a dull story", "the best day"]
+
+
+# -- servers ---------------------------------------------------------------------------------------
+def free_socket() -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, 0))
+    return listener
+
+
+class LiveServer:
+    """uvicorn serving `app` in a thread of this process, on a free loopback port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.listener = free_socket()
+        self.url = f"http://{HOST}:{self.listener.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def start(self, wait_ready: bool = True) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started or (wait_ready and not self.service.ready):
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not come up"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.listener.close()
+
+
+@contextmanager
+def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
+    settings.setdefault("max_wait_ms", 5.0)
+    settings.setdefault("shadow_fraction", 0.0)
+    app = create_app(ServerSettings(model_name=MODEL, **settings), load or (lambda: EarlyExitRuntime.from_bundle(bundle)))
+    server = LiveServer(app).start(wait_ready)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A 4-layer bundle with two extra saved points: "fast" (every row exits at layer 1) and "quality"."""
+    bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("serve"), num_layers=4)
+    manifest = Manifest.load(bundle_dir)
+    manifest.operating_points += [OperatingPoint("budgeted", layer=1, name="fast"), OperatingPoint("full", name="quality")]
+    manifest.save(bundle_dir)
+    return bundle_dir
+
+
+@pytest.fixture(scope="module")
+def pair_bundle(tmp_path_factory):
+    return export_tiny_bundle(tmp_path_factory.mktemp("serve-pairs"), task="qnli", num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle):
+    with EarlyExitRuntime.from_bundle(bundle) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with serving(bundle, admin_token=TOKEN, max_body_bytes=16_384, body_timeout_s=0.5) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def pair_server(pair_bundle):
+    with serving(pair_bundle) as live:
+        yield live
+
+
+def post(server: LiveServer, path: str, body, **options) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, timeout=20, **options)
+
+
+def get(server: LiveServer, path: str) -> httpx.Response:
+    return httpx.get(server.url + path, timeout=20)
+
+
+def infer_body(texts: list[str], pairs: list[str] | None = None, **extra) -> dict:
+    inputs = [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
+    if pairs is not None:
+        inputs.append({"name": "text_pair", "datatype": "BYTES", "shape": [len(pairs)], "data": pairs})
+    return {"inputs": inputs, **extra}
+
+
+def expected_rows(runtime: EarlyExitRuntime, texts: list[str], pairs=None, point=None) -> list[dict]:
+    return [row.to_dict() for row in runtime.predict(texts, pairs, operating_point=point).predictions]
+
+
+def assert_same_rows(served: list[dict], expected: list[dict]) -> None:
+    """Equal up to float noise: a row's probabilities may differ in the 6th decimal with its batch's padding."""
+    assert [(row["label"], row["exit_layer"]) for row in served] == [(row["label"], row["exit_layer"]) for row in expected]
+    np.testing.assert_allclose([row["probabilities"] for row in served], [row["probabilities"] for row in expected], atol=1e-5)
+
+
+def metric_samples(server: LiveServer) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(get(server, "/metrics").text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
+# -- the Open Inference Protocol v2 schema (KServe's REST predict v2 spec, as JSON Schema) -----------
+PARAMETERS = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
+DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+SHAPE = {"type": "array", "items": {"type": "integer"}}
+METADATA_TENSOR = {
+    "type": "object", "required": ["name", "datatype", "shape"],
+    "properties": {"name": {"type": "string"}, "datatype": {"enum": DATATYPES}, "shape": SHAPE},
+}
+OIP_SCHEMAS = {
+    "inference_response": {
+        "type": "object", "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"}, "parameters": PARAMETERS,
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name", "shape", "datatype", "data"],
+                "properties": {"name": {"type": "string"}, "shape": SHAPE, "datatype": {"enum": DATATYPES}, "parameters": PARAMETERS, "data": {"type": "array"}},
+            }},
+        },
+    },
+    "metadata_model_response": {
+        "type": "object", "required": ["name", "platform", "inputs", "outputs"],
+        "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}}, "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": METADATA_TENSOR}, "outputs": {"type": "array", "items": METADATA_TENSOR},
+        },
+    },
+    "error_response": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "live_response": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
+    "ready_response": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+}
+
+
+def conforms(payload: dict, schema: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (in the dev extra) checks the OIP v2 shapes")
+    jsonschema.validate(payload, OIP_SCHEMAS[schema])
+
+
+# -- endpoints -------------------------------------------------------------------------------------
+def test_health_and_model_metadata(server):
+    conforms(get(server, "/v2/health/live").json(), "live_response")
+    ready = get(server, "/v2/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    metadata = get(server, f"/v2/models/{MODEL}").json()
+    conforms(metadata, "metadata_model_response")
+    assert [tensor["name"] for tensor in metadata["inputs"]] == ["text"]
+    assert metadata["outputs"][1] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}
+    assert get(server, f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
+    unknown = get(server, "/v2/models/other/ready")
+    assert unknown.status_code == 404 and "'tiny'" in unknown.json()["error"]
+
+
+def test_infer_answers_in_oip_v2_shapes_with_the_runtime_results(server, reference):
+    texts = SENTENCES[:3]
+    response = post(server, f"/v2/models/{MODEL}/infer", infer_body(texts, id="req-7"))
+    assert response.status_code == 200
+    reply = response.json()
+    conforms(reply, "inference_response")
+    outputs = {output["name"]: output for output in reply["outputs"]}
+    expected = reference.predict(texts).predictions
+    assert reply["id"] == "req-7" and reply["model_name"] == MODEL
+    assert reply["parameters"]["operating_point"] == "default"
+    assert outputs["label"] == {"name": "label", "datatype": "BYTES", "shape": [3], "data": [row.label for row in expected]}
+    assert outputs["exit_layer"] == {"name": "exit_layer", "datatype": "INT32", "shape": [3], "data": [row.exit_layer for row in expected]}
+    assert outputs["probabilities"]["shape"] == [3, 2] and outputs["probabilities"]["datatype"] == "FP32"
+    np.testing.assert_allclose(outputs["probabilities"]["data"], np.concatenate([row.probabilities for row in expected]), atol=1e-6)
+
+
+def test_infer_parameters_pick_a_saved_point_and_outputs_select_tensors(server):
+    body = infer_body(SENTENCES[:4], parameters={"operating_point": "fast"}, outputs=[{"name": "exit_layer"}])
+    reply = post(server, f"/v2/models/{MODEL}/infer", body).json()
+    assert reply["parameters"]["operating_point"] == "fast"
+    assert reply["outputs"] == [{"name": "exit_layer", "datatype": "INT32", "shape": [4], "data": [1, 1, 1, 1]}]
+
+
+def test_classify_returns_the_rows_of_pcee_predict(server, reference):
+    reply = post(server, "/v1/classify", {"texts": SENTENCES[:5]}).json()
+    assert_same_rows(reply["predictions"], expected_rows(reference, SENTENCES[:5]))
+    assert reply["operating_point"] == reference.operating_point.to_dict()
+    reply = post(server, "/v1/classify", {"texts": SENTENCES[:2], "operating_point": "quality"}).json()
+    assert [row["exit_layer"] for row in reply["predictions"]] == [4, 4] and reply["layer_speedup"] == 0.0
+
+
+def test_pair_bundle_takes_text_pairs(pair_server, pair_bundle):
+    with EarlyExitRuntime.from_bundle(pair_bundle) as runtime:
+        expected = expected_rows(runtime, QUESTIONS, ANSWERS)
+    reply = post(pair_server, "/v1/classify", {"texts": QUESTIONS, "text_pairs": ANSWERS}).json()
+    assert_same_rows(reply["predictions"], expected)
+    reply = post(pair_server, f"/v2/models/{MODEL}/infer", infer_body(QUESTIONS, ANSWERS)).json()
+    assert reply["outputs"][0]["data"] == [row["label"] for row in expected]
+    missing = post(pair_server, "/v1/classify", {"texts": QUESTIONS})
+    assert missing.status_code == 400 and "text_pairs" in missing.json()["error"]
+    missing = post(pair_server, f"/v2/models/{MODEL}/infer", infer_body(QUESTIONS))
+    assert missing.status_code == 400 and "text_pair" in missing.json()["error"]
+
+
+def test_concurrent_requests_each_get_their_own_rows(server, reference):
+    """50 requests from 16 threads, mixed sizes and points, batched together: each equals a lone runtime call."""
+    requests = [(SENTENCES[i % 12: i % 12 + 1 + i % 3], "fast" if i % 4 == 0 else None) for i in range(50)]
+    before = metric_samples(server).get(("pcee_batch_rows_count", ()), 0.0)
+
+    def send(request):
+        texts, point = request
+        body = {"texts": texts} if point is None else {"texts": texts, "operating_point": point}
+        return post(server, "/v1/classify", body).json()["predictions"]
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(send, requests))
+    for (texts, point), reply in zip(requests, replies):
+        assert_same_rows(reply, expected_rows(reference, texts, point=point))
+    batches = metric_samples(server)[("pcee_batch_rows_count", ())] - before
+    assert batches < len(requests), "no two requests ever shared a runtime call"
+
+
+def test_a_bad_row_fails_only_its_own_request(server):
+    bodies = [{"texts": ["good fun"]}, {"texts": ["   "]}, {"texts": ["a dull story"]}] * 3
+    with ThreadPoolExecutor(9) as pool:
+        statuses = list(pool.map(lambda body: post(server, "/v1/classify", body).status_code, bodies))
+    assert statuses == [200, 400, 200] * 3
+
+
+BAD_REQUESTS = {
+    "not json": ("/v1/classify", b"{texts: oops", "not valid JSON"),
+    "empty body": ("/v1/classify", b"", "empty"),
+    "not utf-8": ("/v1/classify", b'{"texts": ["\xff\xfe"]}', "UTF-8"),
+    "too deep": ("/v1/classify", b"[" * 5000 + b"]" * 5000, "too deeply"),
+    "a list body": ("/v1/classify", b'["a"]', "JSON object"),
+    "texts a string": ("/v1/classify", b'{"texts": "good"}', "array of strings"),
+    "a number text": ("/v1/classify", b'{"texts": ["good", 3]}', "texts[1]"),
+    "empty list": ("/v1/classify", b'{"texts": []}', "empty"),
+    "no texts": ("/v1/classify", b'{"text": ["good"]}', "unknown fields"),
+    "lone surrogate": ("/v1/classify", b'{"texts": ["good \\ud800"]}', "surrogate"),
+    "blank text": ("/v1/classify", b'{"texts": [" "]}', "whitespace"),
+    "unknown point": ("/v1/classify", b'{"texts": ["good"], "operating_point": "turbo"}', "turbo"),
+    "point object": ("/v1/classify", b'{"texts": ["good"], "operating_point": {"policy": "full"}}', "saved operating point"),
+    "pairs for a single-sentence model": ("/v1/classify", b'{"texts": ["good"], "text_pairs": ["bad"]}', "single sentences"),
+    "oip no inputs": (f"/v2/models/{MODEL}/infer", b'{"outputs": []}', '"inputs"'),
+    "oip wrong datatype": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": ["a"]}]}', "BYTES"),
+    "oip wrong shape": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}', "shape"),
+    "oip unknown input": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}', "txt"),
+    "oip unknown output": (f"/v2/models/{MODEL}/infer", json.dumps(infer_body(["a"], outputs=[{"name": "logits"}])).encode(), "logits"),
+    "oip point a number": (f"/v2/models/{MODEL}/infer", json.dumps(infer_body(["a"], parameters={"operating_point": 3})).encode(), "operating_point"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_each_bad_request_gets_a_400_naming_the_problem(server, case):
+    path, body, named = BAD_REQUESTS[case]
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    conforms(response.json(), "error_response")
+    assert named in response.json()["error"]
+
+
+def test_unknown_routes_and_methods_answer_json(server):
+    assert get(server, "/v3/nothing").status_code == 404 and "error" in get(server, "/v3/nothing").json()
+    wrong_method = get(server, "/v1/classify")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_binary_tensor_extension_is_refused_with_a_hint(server):
+    response = post(server, f"/v2/models/{MODEL}/infer", infer_body(["good"]), headers={"Inference-Header-Content-Length": "60"})
+    assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+
+
+def failing_runtime(bundle: Path) -> EarlyExitRuntime:
+    """A runtime whose backend fails on the text "backend down", and which has a bug on "bug"."""
+    runtime = EarlyExitRuntime.from_bundle(bundle)
+    predict = runtime.predict
+
+    def failing_predict(texts, *args, **options):
+        if "backend down" in texts:
+            raise BackendError("cudaMemcpyAsync failed: device lost")
+        if "bug" in texts:
+            raise RuntimeError("a bug")
+        return predict(texts, *args, **options)
+
+    runtime.predict = failing_predict
+    return runtime
+
+
+def test_failures_inside_the_server_answer_500_json(bundle):
+    with serving(bundle, load=lambda: failing_runtime(bundle)) as live:
+        backend = post(live, "/v1/classify", {"texts": ["backend down"]})
+        assert backend.status_code == 500 and "device lost" in backend.json()["error"]
+        bug = post(live, "/v1/classify", {"texts": ["bug"]})
+        assert bug.status_code == 500 and "server log" in bug.json()["error"]
+        assert post(live, "/v1/classify", {"texts": ["good"]}).status_code == 200
+
+
+def test_bodies_over_the_limit_get_413(server):
+    declared = post(server, "/v1/classify", b"x" * 20_000)
+    assert declared.status_code == 413 and "--max-body-bytes" in declared.json()["error"]
+    chunked = httpx.post(server.url + "/v1/classify", content=iter([b"x" * 10_000] * 3), timeout=20)
+    assert chunked.status_code == 413
+
+
+def test_a_stalled_body_is_timed_out_with_408(server):
+    """Headers promise 100 bytes, 10 arrive, then nothing: the server answers (JSON 408) instead of waiting forever."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection((HOST, port), timeout=10) as client:
+        client.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"texts\": ")
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout-s" in reply
+    assert time.monotonic() - started < 5
+
+
+def test_metrics_follow_prometheus_naming(server):
+    post(server, "/v1/classify", {"texts": SENTENCES[:3]})
+    samples = metric_samples(server)
+    names = {name for name, _ in samples}
+    for name in ("pcee_request_duration_seconds_bucket", "pcee_queue_wait_seconds_count", "pcee_batch_rows_bucket",
+                 "pcee_batch_duration_seconds_sum", "pcee_layers_run_total", "pcee_layers_possible_total", "pcee_queue_rows"):
+        assert name in names
+    assert samples[("pcee_requests_total", (("route", "classify"), ("status", "200")))] >= 1
+    assert samples[("pcee_ready", ())] == 1.0
+    exit_rows = sum(value for (name, labels), value in samples.items() if name == "pcee_rows_total")
+    assert exit_rows * 4 == samples[("pcee_layers_possible_total", ())]
+    assert any(name == "pcee_operating_point_info" and ("name", "default") in labels for name, labels in samples)
+
+
+# -- admin -----------------------------------------------------------------------------------------
+def test_admin_switches_the_point_only_with_the_token(bundle):
+    with serving(bundle, admin_token=TOKEN) as live:
+        point = {"operating_point": "fast"}
+        missing = httpx.put(live.url + "/v1/operating-point", json=point)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = httpx.put(live.url + "/v1/operating-point", json=point, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        authorized = {"Authorization": f"Bearer {TOKEN}"}
+        switched = httpx.put(live.url + "/v1/operating-point", json=point, headers=authorized)
+        assert switched.status_code == 200 and switched.json()["operating_point"]["name"] == "fast"
+        reply = post(live, "/v1/classify", {"texts": SENTENCES[:3]}).json()
+        assert [row["exit_layer"] for row in reply["predictions"]] == [1, 1, 1]
+        by_object = httpx.put(live.url + "/v1/operating-point", json={"operating_point": {"policy": "budgeted", "layer": 2}}, headers=authorized)
+        assert by_object.status_code == 200 and by_object.json()["operating_point"]["layer"] == 2
+        invalid = httpx.put(live.url + "/v1/operating-point", json={"operating_point": {"policy": "pcee"}}, headers=authorized)
+        assert invalid.status_code == 400 and "tau" in invalid.json()["error"]
+        samples = metric_samples(live)
+        assert samples[("pcee_operating_point_switches_total", (("source", "admin"),))] == 2
+        assert any(name == "pcee_operating_point_info" and ("layer", "2") in labels for name, labels in samples)
+
+
+def test_admin_is_off_without_a_token(pair_server):
+    response = httpx.put(pair_server.url + "/v1/operating-point", json={"operating_point": "default"}, headers={"Authorization": "Bearer x"})
+    assert response.status_code == 404 and "PCEE_ADMIN_TOKEN" in response.json()["error"]
+
+
+# -- load, backpressure, life cycle ----------------------------------------------------------------
+class HeldRuntime:
+    """Loads the bundle, then (once `hold()` is called) makes every predict wait for `release()`."""
+
+    def __init__(self, bundle: Path):
+        self.bundle = bundle
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self) -> EarlyExitRuntime:
+        runtime = EarlyExitRuntime.from_bundle(self.bundle)
+        predict = runtime.predict
+
+        def held_predict(*args, **kwargs):
+            self.entered.set()
+            assert self.gate.wait(timeout=20), "the test never released the runtime"
+            return predict(*args, **kwargs)
+
+        runtime.predict = held_predict
+        return runtime
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.gate.clear()
+
+
+def test_past_max_queue_requests_get_503_and_health_answers_during_a_batch(bundle):
+    held = HeldRuntime(bundle)
+    with serving(bundle, load=held, max_queue=4, max_batch_size=2) as live, ThreadPoolExecutor(4) as pool:
+        held.hold()
+        running = pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[:2]})
+        assert held.entered.wait(10)
+        assert get(live, "/v2/health/live").status_code == 200 and get(live, "/metrics").status_code == 200
+        queued = [pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[2:4]}) for _ in range(2)]
+        wait_for(lambda: live.service.batcher.queued_rows == 4)
+        refused = post(live, "/v1/classify", {"texts": ["one more"]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "--max-queue" in refused.json()["error"]
+        too_big = post(live, "/v1/classify", {"texts": SENTENCES[:5]})
+        assert too_big.status_code == 413
+        held.gate.set()
+        assert [future.result().status_code for future in [running, *queued]] == [200, 200, 200]
+        assert metric_samples(live)[("pcee_requests_total", (("route", "classify"), ("status", "503")))] == 1
+
+
+def test_not_ready_until_loaded_and_warmed_up(bundle):
+    loaded = threading.Event()
+
+    def slow_load():
+        assert loaded.wait(20)
+        return EarlyExitRuntime.from_bundle(bundle)
+
+    with serving(bundle, load=slow_load, wait_ready=False) as live:
+        assert get(live, "/v2/health/live").status_code == 200
+        assert get(live, "/v2/health/ready").json() == {"ready": False, "reason": "the model is loading"}
+        early = post(live, "/v1/classify", {"texts": ["good"]})
+        assert early.status_code == 503 and "retry-after" in early.headers
+        loaded.set()
+        wait_for(lambda: get(live, "/v2/health/ready").status_code == 200)
+        assert post(live, "/v1/classify", {"texts": ["good"]}).status_code == 200
+
+
+def test_tritonclient_speaks_to_the_server(server, reference):
+    """A client nobody here wrote: NVIDIA's tritonclient, over HTTP with JSON tensors."""
+    triton = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (in the dev extra) is the independent OIP v2 client")
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    assert client.get_model_metadata(MODEL)["platform"] == "pcee-early-exit"
+    texts = SENTENCES[:3]
+    text = triton.InferInput("text", [len(texts)], "BYTES")
+    text.set_data_from_numpy(np.array(texts, dtype=object), binary_data=False)
+    outputs = [triton.InferRequestedOutput(name, binary_data=False) for name in ("label", "probabilities", "exit_layer")]
+    result = client.infer(MODEL, [text], outputs=outputs, parameters={"operating_point": "quality"})
+    expected = reference.predict(texts, operating_point="quality").predictions
+    assert [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")] == [row.label for row in expected]
+    assert result.as_numpy("exit_layer").tolist() == [4, 4, 4]
+    np.testing.assert_allclose(result.as_numpy("probabilities"), np.stack([row.probabilities for row in expected]), atol=1e-6)
+    with pytest.raises(triton.InferenceServerException, match="no model named"):
+        client.infer("other", [text])
+    client.close()
+
+
+# -- adaptive operating point and drift watch -------------------------------------------------------
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_controller_hysteresis_and_dwell():
+    """Target 100 ms: step down past 90 ms, up under 50 ms, stay in between, never twice within the dwell."""
+    clock, switched = FakeClock(), []
+    settings = ControllerSettings(slo_p99_ms=100, points=("quality", "mid", "fast"), dwell_s=5, window_s=10, min_samples=5)
+    controller = AdaptiveController(settings, switched.append, lambda: 0.0, ServingMetrics(max_batch_size=8), clock)
+
+    def spell(latency: float, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            clock.now += 0.1
+            controller.observe(latency)
+            controller.step()
+
+    spell(0.2, 4.0)
+    assert switched == []  # within the first dwell
+    spell(0.2, 1.5)
+    assert switched == ["mid"]
+    spell(0.2, 3.0)
+    assert switched == ["mid"]  # dwell after the switch
+    spell(0.2, 3.0)
+    assert switched == ["mid", "fast"]
+    spell(0.2, 10.0)
+    assert switched == ["mid", "fast"]  # nothing faster to go to
+    spell(0.07, 20.0)
+    assert switched == ["mid", "fast"]  # inside the hysteresis band: stay
+    spell(0.03, 9.0)
+    assert switched == ["mid", "fast"]  # the 10 s window still holds the 70 ms spell
+    spell(0.03, 3.0)
+    assert switched == ["mid", "fast", "mid"]
+
+
+class PointCost:
+    """A runtime whose most accurate point costs `seconds` per call: a load it cannot hold at that point."""
+
+    def __init__(self, bundle: Path, slow_point: str, seconds: float):
+        self.bundle, self.slow_point, self.seconds = bundle, slow_point, seconds
+
+    def __call__(self) -> EarlyExitRuntime:
+        runtime = EarlyExitRuntime.from_bundle(self.bundle)
+        predict = runtime.predict
+
+        def costly_predict(texts, text_pairs=None, operating_point=None, **options):
+            if getattr(operating_point, "name", None) == self.slow_point:
+                time.sleep(self.seconds)
+            return predict(texts, text_pairs, operating_point=operating_point, **options)
+
+        runtime.predict = costly_predict
+        return runtime
+
+
+def test_controller_steps_down_under_load_and_back_up_after(bundle):
+    ladder = ControllerSettings(slo_p99_ms=40, points=("quality", "fast"), dwell_s=0.3, window_s=1.0, min_samples=10)
+    with serving(bundle, load=PointCost(bundle, "quality", 0.08), controller=ladder, admin_token=TOKEN) as live:
+        assert live.service.runtime.operating_point.name == "quality"
+        loaded = threading.Event()
+
+        def client() -> None:
+            while not loaded.is_set():
+                post(live, "/v1/classify", {"texts": ["good fun"]})
+
+        with ThreadPoolExecutor(6) as pool:
+            for _ in range(6):
+                pool.submit(client)
+            wait_for(lambda: live.service.runtime.operating_point.name == "fast", timeout=15)
+            loaded.set()
+        wait_for(lambda: live.service.runtime.operating_point.name == "quality", timeout=15)
+        samples = metric_samples(live)
+        assert samples[("pcee_operating_point_switches_total", (("source", "controller"),))] >= 2
+        assert ("pcee_adaptive_level", ()) in samples
+        refused = httpx.put(live.url + "/v1/operating-point", json={"operating_point": "fast"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.status_code == 409 and "adaptive" in refused.json()["error"]
+
+
+def test_shadow_rows_measure_agreement_with_the_full_model(bundle):
+    with serving(bundle, shadow_fraction=1.0) as live:
+        post(live, "/v1/classify", {"texts": SENTENCES[:3], "operating_point": "quality"})
+        wait_for(lambda: metric_samples(live).get(("pcee_shadow_rows_total", ()), 0) == 3)
+        assert metric_samples(live)[("pcee_shadow_agreement", ())] == 1.0
+        post(live, "/v1/classify", {"texts": SENTENCES, "operating_point": "fast"})
+        wait_for(lambda: metric_samples(live)[("pcee_shadow_rows_total", ())] == 3 + len(SENTENCES))
+        samples = metric_samples(live)
+        assert 0.0 <= samples[("pcee_shadow_agreement", ())] <= 1.0
+        assert samples[("pcee_shadow_agreed_rows_total", ())] <= samples[("pcee_shadow_rows_total", ())]
+
+
+# -- the CLI, as a process ---------------------------------------------------------------------------
+def start_cli(bundle: Path, port: int, *options: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcee.serving", str(bundle), "--port", str(port), "--log-level", "warning", *options],
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def free_port() -> int:
+    with free_socket() as probe:
+        return probe.getsockname()[1]
+
+
+def test_sigterm_drains_admitted_requests_and_exits_0(bundle):
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    process = start_cli(bundle, port, env={"PCEE_MAX_WAIT_MS": "5000", "PCEE_MAX_BATCH_SIZE": "64", "PCEE_MODEL_NAME": "drained"})
+    try:
+        wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
+        assert process.poll() is None, process.stderr.read().decode()
+        with ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(httpx.post, url + "/v1/classify", json={"texts": [text]}, timeout=30) for text in SENTENCES[:4]]
+            wait_for(lambda: "pcee_queue_rows 4.0" in httpx.get(url + "/metrics").text)
+            process.send_signal(signal.SIGTERM)
+            assert [future.result().status_code for future in admitted] == [200] * 4
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def probe_ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_cli_exits_1_when_the_bundle_cannot_be_served(bundle):
+    process = start_cli(bundle, free_port(), "--operating-point", "turbo")
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and b"turbo" in stderr
