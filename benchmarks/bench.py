@@ -282,7 +282,7 @@ def single_graph_variants(
 
     optimized = workdir / "optimized.onnx"
     shutil.copyfile(plain.path, optimized)
-    fuse_graph(optimized, Fusion(num_heads=0, hidden_size=0))  # 0, 0: the optimizer reads both off the graph
+    fuse_graph(optimized, Fusion(num_heads=0, hidden_size=0), as_optimum_o2=True)  # 0, 0: read off the graph
     variants = [SingleGraphVariant(PLAIN_SINGLE_GRAPH, "fp32", plain.path), SingleGraphVariant("single_graph_optimized", "fp32", optimized)]
     if fused is not None:
         variants.append(SingleGraphVariant("single_graph_fused", "fp32", fused.path))

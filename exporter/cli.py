@@ -33,7 +33,7 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 @click.option(
     "--no-fuse", "fuse", flag_value=False, default=True, show_default=False,
     help="Write portable graphs of standard ONNX operators only. By default the graphs get onnxruntime's transformer "
-         "fusions (one Attention node per layer for BERT and RoBERTa, SkipLayerNormalization, BiasGelu), which run on "
+         "fusions (one Attention node per layer for BERT and RoBERTa, BiasGelu), which run on "
          "onnxruntime alone; --tensorrt, --fp16 and --opset below 17 always write portable graphs (TensorRT does its own "
          "fusion).",
 )

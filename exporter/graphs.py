@@ -124,6 +124,11 @@ class ContribSelfAttention(nn.Module):
         return ContribAttention.apply(hidden_states, weight, bias, mask_index, self.original.num_attention_heads), None
 
 
+def writes_contrib_operators(module: nn.Module) -> bool:
+    """Whether tracing `module` emits onnxruntime's contrib operators (it holds a swapped-in attention)."""
+    return any(isinstance(child, ContribSelfAttention) for child in module.modules())
+
+
 def has_qkv_self_attention(layer: nn.Module) -> bool:
     attention = getattr(getattr(layer, "attention", None), "self", None)
     return all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("query", "key", "value"))

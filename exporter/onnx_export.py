@@ -18,6 +18,7 @@ from torch import nn
 from pcee.runtime.graphs import GRAPH_NAME_KEY, GraphSpec
 
 from .errors import ExportError
+from .graphs import writes_contrib_operators
 from .optimize import CONTRIB_DOMAIN, Fusion, fuse_graph
 
 
@@ -43,7 +44,7 @@ def export_graph(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
-                custom_opsets=None if fusion is None else {CONTRIB_DOMAIN: 1},  # the fused Attention node
+                custom_opsets={CONTRIB_DOMAIN: 1} if writes_contrib_operators(module) else None,
             )
     if fusion is not None:
         fuse_graph(path, fusion)

@@ -4,8 +4,8 @@ onnxruntime's transformer optimizer (`optimize_model`, model type bert: what Opt
 `SkipLayerNormalization` and `BiasGelu` in our graphs but not attention: its pattern matcher does
 not recognise the attention transformers 5 traces with a precomputed additive bias. So a fused export
 writes attention itself as onnxruntime's `Attention` operator (`graphs.contrib_attention`), and
-`fuse_graph` then fuses the rest. Fused graphs run on onnxruntime only; TensorRT builds its engines
-from the portable, unfused graphs.
+`fuse_graph` then fuses the rest (BiasGelu; SkipLayerNormalization measured slower, see there).
+Fused graphs run on onnxruntime only; TensorRT builds its engines from the portable, unfused graphs.
 """
 
 from __future__ import annotations
@@ -44,11 +44,22 @@ class Fusion:
         return cls(num_heads, hidden_size)
 
 
-def fuse_graph(path: Path, fusion: Fusion) -> None:
-    """Run onnxruntime's transformer optimizer (model type bert) on the graph at `path`, in place."""
+def fuse_graph(path: Path, fusion: Fusion, as_optimum_o2: bool = False) -> None:
+    """Run onnxruntime's transformer optimizer (model type bert) on the graph at `path`, in place.
+
+    `as_optimum_o2`: every fusion on, as Optimum's O2 ships a graph (the benchmarks' baseline). Otherwise
+    SkipLayerNormalization stays unfused: measured on the demo MiniLM single graph (2-core CPU, onnxruntime
+    1.32, 256 SST-2 rows), it took batch 32 from 1.37 s to 1.63 s (batch 1: no difference), so residual
+    adds and layer norms are left to onnxruntime's own session-level fusions.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(path), model_type="bert", num_heads=fusion.num_heads, hidden_size=fusion.hidden_size)
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = as_optimum_o2
+    optimized = optimize_model(
+        str(path), model_type="bert", num_heads=fusion.num_heads, hidden_size=fusion.hidden_size, optimization_options=options,
+    )
     optimized.save_model_to_file(str(path))
 
 

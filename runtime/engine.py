@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import create_backend
+from .backends import DEFAULT_MAX_CONCURRENCY, create_backend
 from .backends.base import Backend
 from .errors import BundleError, InputError, PolicyError
 from .exits import AllExits, BatchOutcome, layer_speedup
@@ -78,16 +78,20 @@ class EarlyExitRuntime:
         operating_point: PointLike | None = None,
         verify_hashes: bool = True,
         intra_op_threads: int | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> "EarlyExitRuntime":
         """Load and check a bundle.
 
         backend: 'auto', 'onnxruntime' (CPU, or CUDA when available), 'onnxruntime-cpu',
         'onnxruntime-cuda', 'tensorrt'. intra_op_threads: onnxruntime CPU threads per session
-        (default: one per core).
+        (default: one per core). max_concurrency: callers the TensorRT backend serves at once,
+        each with its own execution contexts; more wait (bounds GPU memory).
         """
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir, verify_hashes=verify_hashes)
-        runner = create_backend(backend, manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir), intra_op_threads)
+        runner = create_backend(
+            backend, manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir), intra_op_threads, max_concurrency,
+        )
         try:
             runtime = cls(bundle_dir, manifest, runner, manifest.operating_point)
             if operating_point is not None:

@@ -65,7 +65,7 @@ class GraphFile(FileEntry):
     """One ONNX graph of the bundle, its declared inputs and outputs, and its onnxruntime contrib operators."""
 
     spec: GraphSpec
-    # Fused (Attention, SkipLayerNormalization, BiasGelu) and quantized operators by name; empty for a portable graph.
+    # Fused (Attention, BiasGelu) and quantized (QAttention, MatMulInteger) operators by name; empty for a portable graph.
     fused_operators: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -50,8 +50,7 @@ def create_app(
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
-        exception_handlers={ServingError: serving_error, InputError: bad_input, PolicyError: bad_input,
-                            PceeError: pcee_error, HTTPException: http_error, Exception: unexpected_error},
+        exception_handlers={kind: answer_error for kind in (ServingError, InputError, PolicyError, PceeError, HTTPException, Exception)},
         lifespan=lifespan,
     )
     app.state.service = service
@@ -63,9 +62,8 @@ def service_of(request: Request) -> InferenceService:
 
 
 # -- request bodies --------------------------------------------------------------------------------
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, settings: ServerSettings) -> bytes:
     """The whole body, refused past --max-body-bytes (413) or when it does not arrive within --body-timeout-s (408)."""
-    settings = service_of(request).settings
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is {declared} bytes; this server takes at most {settings.max_body_bytes} (--max-body-bytes)")
@@ -122,7 +120,7 @@ async def infer(request: Request) -> Response:
     service.check_model_name(request.path_params["name"])
     runtime = service.serving_runtime()
     refuse_binary_tensors(request)
-    parsed = parse_infer(await read_body(request), runtime.takes_pairs)
+    parsed = parse_infer(await read_body(request, service.settings), runtime.takes_pairs)
     result = await service.classify(parsed.rows)
     return JSONResponse(infer_response(service.settings.model_name, parsed, result))
 
@@ -130,7 +128,7 @@ async def infer(request: Request) -> Response:
 async def classify(request: Request) -> Response:
     service = service_of(request)
     runtime = service.serving_runtime()
-    parsed = parse_classify(await read_body(request), runtime.takes_pairs)
+    parsed = parse_classify(await read_body(request, service.settings), runtime.takes_pairs)
     return JSONResponse(classify_response(await service.classify(parsed)))
 
 
@@ -138,7 +136,7 @@ async def set_operating_point(request: Request) -> Response:
     """`{"operating_point": "saved-name"}` or `{"operating_point": {"policy": ..., "tau": ..., ...}}`."""
     service = service_of(request)
     service.check_admin(request.headers.get("authorization"))
-    body = parse_json(await read_body(request))
+    body = parse_json(await read_body(request, service.settings))
     if not isinstance(body, dict) or set(body) != {"operating_point"}:
         raise BadRequest('send {"operating_point": "<saved name>"} or {"operating_point": {"policy": ..., "tau": ..., "patience": ...}}')
     chosen = service.switch_point(body["operating_point"], source="admin")
@@ -167,25 +165,22 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def serving_error(request: Request, error: ServingError) -> Response:
-    return error_response(str(error), error.status, error.headers())
-
-
-async def bad_input(request: Request, error: PceeError) -> Response:
-    return error_response(str(error), 400)
-
-
-async def pcee_error(request: Request, error: PceeError) -> Response:
-    log.error("%s on %s: %s", type(error).__name__, request.url.path, error)
-    return error_response(f"{type(error).__name__}: {error}", 500)
-
-
-async def http_error(request: Request, error: HTTPException) -> Response:
-    return error_response(f"{request.method} {request.url.path}: {error.detail}", error.status_code, error.headers)
-
-
-async def unexpected_error(request: Request, error: Exception) -> Response:
+def error_answer(error: Exception, request: Request) -> JSONResponse:
+    """The JSON answer to an error raised while handling `request` (the Ray deployment answers the same way)."""
+    if isinstance(error, ServingError):
+        return error_response(str(error), error.status, error.headers())
+    if isinstance(error, (InputError, PolicyError)):
+        return error_response(str(error), 400)
+    if isinstance(error, PceeError):
+        log.error("%s on %s: %s", type(error).__name__, request.url.path, error)
+        return error_response(f"{type(error).__name__}: {error}", 500)
+    if isinstance(error, HTTPException):
+        return error_response(f"{request.method} {request.url.path}: {error.detail}", error.status_code, error.headers)
     return error_response("internal server error; the server log has the details", 500)
+
+
+async def answer_error(request: Request, error: Exception) -> Response:
+    return error_answer(error, request)
 
 
 class RequestMetrics:

@@ -156,38 +156,50 @@ class Batcher:
                 pending.future.set_result(outcome)
 
     def _predict_batch(self, batch: list[Pending]) -> list[Outcome]:
-        """One runtime call for the batch; if a row is bad, each request alone, so only its sender gets the 400."""
-        try:
-            return self._split(self._predict_joined(batch), batch)
-        except InputError:
-            if len(batch) == 1:
-                raise
-        return [self._predict_alone(pending) for pending in batch]
+        return predict_each(self.predict, [pending.request for pending in batch], batch[0].point, self.metrics.observe_batch)
 
-    def _predict_joined(self, batch: list[Pending]) -> PredictionResult:
-        texts = [text for pending in batch for text in pending.request.texts]
-        pairs = None
-        if batch[0].request.text_pairs is not None:
-            pairs = [pair for pending in batch for pair in pending.request.text_pairs]
-        result = self.predict(texts, pairs, batch[0].point)
-        self.metrics.observe_batch(result)
-        return result
 
-    def _predict_alone(self, pending: Pending) -> Outcome:
-        try:
-            return self._predict_joined([pending])
-        except InputError as error:
-            return error
+def predict_each(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint,
+                 observe: Callable[[PredictionResult], None]) -> list[Outcome]:
+    """Each request's own rows, from one runtime call for all of them (same point and pairing).
 
-    @staticmethod
-    def _split(result: PredictionResult, batch: list[Pending]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        start = 0
-        for pending in batch:
-            rows = result.predictions[start : start + pending.request.rows]
-            start += pending.request.rows
-            outcomes.append(PredictionResult(
-                predictions=rows, layers_run=sum(row.exit_layer for row in rows), num_layers=result.num_layers,
-                elapsed_seconds=result.elapsed_seconds, operating_point=result.operating_point,
-            ))
-        return outcomes
+    If a row is bad, each request runs alone, so only its sender gets the 400 (its outcome is the error).
+    """
+    try:
+        return split_rows(predict_joined(predict, requests, point, observe), requests)
+    except InputError:
+        if len(requests) == 1:
+            raise
+    return [predict_alone(predict, request, point, observe) for request in requests]
+
+
+def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint,
+                   observe: Callable[[PredictionResult], None]) -> PredictionResult:
+    texts = [text for request in requests for text in request.texts]
+    pairs = None
+    if requests[0].text_pairs is not None:
+        pairs = [pair for request in requests for pair in request.text_pairs]
+    result = predict(texts, pairs, point)
+    observe(result)
+    return result
+
+
+def predict_alone(predict: Predict, request: ClassifyRequest, point: OperatingPoint,
+                  observe: Callable[[PredictionResult], None]) -> Outcome:
+    try:
+        return predict_joined(predict, [request], point, observe)
+    except InputError as error:
+        return error
+
+
+def split_rows(result: PredictionResult, requests: list[ClassifyRequest]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    start = 0
+    for request in requests:
+        rows = result.predictions[start : start + request.rows]
+        start += request.rows
+        outcomes.append(PredictionResult(
+            predictions=rows, layers_run=sum(row.exit_layer for row in rows), num_layers=result.num_layers,
+            elapsed_seconds=result.elapsed_seconds, operating_point=result.operating_point,
+        ))
+    return outcomes

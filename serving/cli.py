@@ -11,10 +11,11 @@ from pathlib import Path
 from types import FrameType
 
 import click
+from click.core import ParameterSource
 import uvicorn
 from uvicorn.logging import DefaultFormatter
 
-from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime
+from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime, PceeError
 
 from .app import create_app
 from .controller import ControllerSettings
@@ -67,6 +68,28 @@ def show_service_log(level: str) -> None:
     service_log.setLevel(level.upper())
 
 
+def serve_on_ray(bundle_dir: Path, settings: ServerSettings, backend: str, intra_op_threads: int | None, replicas: int,
+                 replica_cpus: float, host: str, port: int) -> None:
+    if settings.controller is not None:
+        raise click.UsageError("--slo-p99-ms and --adaptive-points are single-process features; drop them with --ray")
+    try:
+        from .ray import ReplicaOptions, serve_until_signalled
+    except ImportError as error:
+        raise click.ClickException(f"--ray needs Ray Serve ({error}); install it with: pip install 'pcee[ray]'") from None
+    options = ReplicaOptions(str(bundle_dir.resolve()), backend, intra_op_threads, replicas, replica_cpus)
+    try:
+        serve_until_signalled(settings, options, host, port)
+    except (PceeError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def refuse_ray_only_options(*names: str) -> None:
+    context = click.get_current_context()
+    given = [name for name in names if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join('--' + name.replace('_', '-') for name in given)} only apply with --ray")
+
+
 option = functools.partial(click.option, show_envvar=True)
 
 
@@ -89,12 +112,16 @@ option = functools.partial(click.option, show_envvar=True)
 @option("--dwell-s", default=10.0, type=click.FloatRange(min=0), help="Adaptive: the least time between two switches.")
 @option("--latency-window-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Adaptive: the rolling window the p99 is taken over.")
 @option("--shadow-fraction", default=0.01, type=click.FloatRange(0, 1), help="Fraction of served rows re-run on the full model, off the request path, for the drift metric (0: off).")
+@option("--ray", "on_ray", is_flag=True, envvar="PCEE_RAY", help="Serve on Ray Serve instead: a local Ray cluster, or the one RAY_ADDRESS names. Needs pcee[ray].")
+@option("--replicas", default=1, type=click.IntRange(min=1), help="With --ray: replicas of the deployment, each loading the bundle once.")
+@option("--replica-cpus", default=1.0, type=click.FloatRange(min=0), help="With --ray: CPUs each replica reserves; also its default --intra-op-threads.")
 @option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level.")
 @option("--access-log/--no-access-log", default=False, help="Log one line per request (costs throughput).")
 def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operating_point: str | None, backend: str,
          intra_op_threads: int | None, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_bytes: int,
          body_timeout_s: float, drain_timeout_s: float, slo_p99_ms: float | None, adaptive_points: str | None, dwell_s: float,
-         latency_window_s: float, shadow_fraction: float, log_level: str, access_log: bool) -> None:
+         latency_window_s: float, shadow_fraction: float, on_ray: bool, replicas: int, replica_cpus: float,
+         log_level: str, access_log: bool) -> None:
     """Serve an exported bundle over HTTP, batching rows across concurrent requests.
 
     \b
@@ -123,6 +150,14 @@ def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operati
     SIGTERM drains: readiness turns off, new requests get 503, admitted
     ones are answered, and the process exits 0. Ready (200 on /v2/health/ready) comes after the
     bundle has loaded and one warm-up batch has run.
+
+    \b
+    Scale-out on Ray Serve (pip install "pcee[ray]"):
+      pcee-serve runs/sst2-pcee --ray --replicas 2                     # a local Ray cluster
+      RAY_ADDRESS=ray://head:10001 pcee-serve /shared/sst2-pcee --ray --replicas 8
+    Each replica loads the bundle once and batches with @serve.batch; the routes are
+    /v1/classify, /v2/models/{name}/infer and /v2/health/*. The bundle path must exist on
+    every node. Adaptive points, the shadow run, admin and /metrics are single-process only.
     """
     show_service_log(log_level)
     settings = ServerSettings(
@@ -131,6 +166,10 @@ def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operati
         operating_point=operating_point, admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         shadow_fraction=shadow_fraction, controller=controller_settings(slo_p99_ms, adaptive_points, dwell_s, latency_window_s, operating_point),
     )
+    if on_ray:
+        serve_on_ray(bundle_dir, settings, backend, intra_op_threads, replicas, replica_cpus, host, port)
+        return
+    refuse_ray_only_options("replicas", "replica_cpus")
     load = functools.partial(EarlyExitRuntime.from_bundle, bundle_dir, backend=backend, intra_op_threads=intra_op_threads)
     app = create_app(settings, load)
     config = uvicorn.Config(

@@ -662,3 +662,9 @@ def test_the_sync_count_catches_a_second_sync_per_span(monkeypatch, software_eng
     with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu:
         result = gpu_check.sync_check(gpu, gpu_check.sentences(8, seed=1))
     assert not result["passed"] and result["by_patience"][2]["syncs_per_request"] == [4, 4, 4]
+
+
+def test_from_bundle_passes_the_context_cap_to_the_tensorrt_backend(monkeypatch, software_engine_bundle):
+    install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
+    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt", max_concurrency=2) as runtime:
+        assert runtime.backend.pool._limit == 2

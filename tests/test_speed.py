@@ -74,7 +74,7 @@ def int8_bundle(model_dirs, parity_data) -> Path:
 def test_every_layer_graph_has_the_fused_operators_the_single_graph_has_per_layer(fused_bundles, model_type):
     manifest = fused_bundles[model_type]
     single = {name: count for name, count in manifest.full_graph.fused_operators.items() if name not in EMBEDDINGS_ONLY}
-    assert {"SkipLayerNormalization", "BiasGelu"} <= set(single)
+    assert "BiasGelu" in single
     for layer in manifest.layers:
         assert {name: count * manifest.model.num_layers for name, count in layer.fused_operators.items()} == single, layer.file
 
