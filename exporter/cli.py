@@ -31,11 +31,12 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
          "another task name.",
 )
 @click.option(
-    "--no-fuse", "fuse", flag_value=False, default=True, show_default=False,
-    help="Write portable graphs of standard ONNX operators only. By default the graphs get onnxruntime's transformer "
-         "fusions (one Attention node per layer for BERT and RoBERTa, BiasGelu), which run on "
-         "onnxruntime alone; --tensorrt, --fp16 and --opset below 17 always write portable graphs (TensorRT does its own "
-         "fusion).",
+    "--fuse/--no-fuse", "fuse", default=None, show_default=False,
+    help="Give the graphs onnxruntime's transformer fusions (one Attention node per layer for BERT and RoBERTa, "
+         "BiasGelu), which run on onnxruntime alone, or write portable graphs of standard ONNX operators. Default: "
+         "fused for --quantize int8, portable otherwise (a fused float chain measured slower than a portable one on "
+         "CPU; see docs/RESULTS.md). --tensorrt, --fp16 and --opset below 17 always write portable graphs (TensorRT "
+         "does its own fusion).",
 )
 @click.option(
     "--quantize", type=click.Choice(QUANTIZATIONS),

@@ -72,6 +72,8 @@ def serve_on_ray(bundle_dir: Path, settings: ServerSettings, backend: str, intra
                  replica_cpus: float, host: str, port: int) -> None:
     if settings.controller is not None:
         raise click.UsageError("--slo-p99-ms and --adaptive-points are single-process features; drop them with --ray")
+    # Read when Ray loads: without it, Ray's crash handler also takes SIGTERM, logs a crash and aborts at exit.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         from .ray import ReplicaOptions, serve_until_signalled
     except ImportError as error:

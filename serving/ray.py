@@ -21,24 +21,25 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
+from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PolicyError
+from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, PolicyError, PredictionResult
 
 from .app import error_answer, read_body, refuse_binary_tensors
 from .batching import Outcome, predict_each
 from .errors import NotFound, PayloadTooLarge
 from .protocol import ClassifyRequest, classify_response, infer_response, parse_classify, parse_infer
-from .service import WARM_UP_TEXT
+from .service import warm_up
 from .settings import ServerSettings
 
 log = logging.getLogger("pcee.serving")
 
 INFER_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
-# A request of `max_batch_size` rows fills one batch; twice that lets the next batch gather while one runs.
+# Single-row requests: `max_batch_size` of them fill a batch; twice that lets the next batch gather while one runs.
 ONGOING_REQUESTS_PER_BATCH = 2
 CONSTRUCTOR_RETRIES = 3  # a transient node problem is retried; a broken bundle fails the deploy in seconds, not minutes
 
@@ -74,8 +75,7 @@ class EarlyExitDeployment:
         self.runtime = EarlyExitRuntime.from_bundle(options.bundle_dir, backend=options.backend, intra_op_threads=options.threads)
         if settings.operating_point is not None:
             self.runtime.set_operating_point(settings.operating_point)
-        rows = [WARM_UP_TEXT] * settings.max_batch_size
-        self.runtime.predict(rows, rows if self.runtime.takes_pairs else None)
+        warm_up(self.runtime, settings.max_batch_size)
         self.predict_batch.set_max_batch_size(settings.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(settings.max_wait_seconds)
 
@@ -83,6 +83,8 @@ class EarlyExitDeployment:
         try:
             return await self.route(request)
         except Exception as error:
+            if not isinstance(error, (PceeError, HTTPException)):
+                log.exception("unexpected error on %s", request.url.path)
             return error_answer(error, request)
 
     async def route(self, request: Request) -> Response:
@@ -105,7 +107,7 @@ class EarlyExitDeployment:
         if name != self.settings.model_name:
             raise NotFound(f"no model named {name!r}; this deployment serves {self.settings.model_name!r}")
 
-    async def classify(self, request: ClassifyRequest):
+    async def classify(self, request: ClassifyRequest) -> PredictionResult:
         if request.rows > self.settings.max_queue:
             raise PayloadTooLarge(f"the request has {request.rows} rows; this deployment takes at most {self.settings.max_queue} per request (--max-queue)")
         point = self.runtime.operating_point if request.point_name is None else self.runtime.resolve_operating_point(request.point_name)
@@ -134,7 +136,7 @@ class EarlyExitDeployment:
         except Exception as error:
             return [error] * len(jobs)
 
-    def predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint):
+    def predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
         return self.runtime.predict(texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size)
 
 
@@ -151,7 +153,7 @@ def groups(jobs: list[tuple[ClassifyRequest, OperatingPoint]]) -> dict[tuple[Ope
     return grouped
 
 
-def application(settings: ServerSettings, options: ReplicaOptions):
+def application(settings: ServerSettings, options: ReplicaOptions) -> Application:
     """The bound Ray Serve application: `serve.run(application(...))` deploys it on the connected cluster."""
     return EarlyExitDeployment.options(
         name=settings.model_name,
@@ -159,6 +161,7 @@ def application(settings: ServerSettings, options: ReplicaOptions):
         ray_actor_options={"num_cpus": options.replica_cpus},
         max_ongoing_requests=ONGOING_REQUESTS_PER_BATCH * settings.max_batch_size,
         max_queued_requests=settings.max_queue,
+        backpressure_config={"retry_after_s": 1},  # 503 with Retry-After: 1, as pcee-serve answers
         max_constructor_retry_count=CONSTRUCTOR_RETRIES,
     ).bind(settings, options)
 
@@ -171,14 +174,18 @@ def check_bundle(settings: ServerSettings, options: ReplicaOptions) -> None:
         raise PolicyError(f"no operating point named {settings.operating_point!r} in the manifest; saved points: {names}")
 
 
-def deploy(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> DeploymentHandle:
-    """Connect to Ray (RAY_ADDRESS, else a new local cluster), start Serve's HTTP proxy, deploy, wait for every replica.
-
-    A replica that cannot start makes `serve.run` raise RuntimeError (after Ray's constructor retries).
-    """
+def connect(settings: ServerSettings, options: ReplicaOptions) -> None:
+    """Check the bundle, then join the cluster RAY_ADDRESS names, or start a local one."""
     check_bundle(settings, options)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, **local_cluster_options())
+
+
+def deploy(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> DeploymentHandle:
+    """Serve's HTTP proxy on host:port and the application behind it, once every replica is ready (after `connect`).
+
+    A replica that cannot start makes `serve.run` raise RuntimeError (after Ray's constructor retries).
+    """
     serve.start(http_options={"host": host, "port": port})
     return serve.run(application(settings, options), name=settings.model_name, route_prefix="/")
 
@@ -191,9 +198,10 @@ def local_cluster_options() -> dict:
 def serve_until_signalled(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> None:
     """Deploy, serve until SIGTERM or SIGINT, then delete the application (a local cluster goes with it)."""
     stop = threading.Event()
-    for handled in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(handled, lambda *_: stop.set())
     try:
+        connect(settings, options)
+        for handled in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (sys.exit on SIGTERM)
+            signal.signal(handled, lambda *_: stop.set())
         deploy(settings, options, host, port)
         log.info("pcee-serve on Ray Serve: %d replica(s) of %s at http://%s:%d", options.replicas, settings.model_name, host, port)
         stop.wait()

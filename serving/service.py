@@ -31,6 +31,12 @@ FULL_MODEL = OperatingPoint("full")
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 
 
+def warm_up(runtime: EarlyExitRuntime, rows: int) -> None:
+    """One full batch before the first request, so nobody's request pays for first-call allocations."""
+    texts = [WARM_UP_TEXT] * rows
+    runtime.predict(texts, texts if runtime.takes_pairs else None)
+
+
 class Phase(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -94,8 +100,7 @@ class InferenceService:
                     runtime.resolve_operating_point(name)  # an unknown name fails the start, not a later step
             if self.settings.starting_point is not None:
                 runtime.set_operating_point(self.settings.starting_point)
-            rows = [WARM_UP_TEXT] * self.settings.max_batch_size
-            runtime.predict(rows, rows if runtime.takes_pairs else None)
+            warm_up(runtime, self.settings.max_batch_size)
         except BaseException:
             runtime.close()
             raise

@@ -1,8 +1,7 @@
 """`pcee-serve --ray`: two Ray Serve replicas of a tiny bundle on a local, loopback-only Ray cluster.
 
-Slow (a Ray cluster starts and stops: about 30 s on 2 cores) and skipped without Ray, which the
-dev extra leaves out (docs/SERVING.md): run it with
-    pip install -e ".[ray]" && python -m pytest -q -m slow tests/test_serving_ray.py
+Slow-marked: a Ray cluster starts and stops (about 20 s on 2 cores). Ray comes with the dev extra;
+without it the tests are skipped. Alone: pip install -e ".[ray]" && python -m pytest -q tests/test_serving_ray.py
 """
 
 from __future__ import annotations

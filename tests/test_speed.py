@@ -47,7 +47,7 @@ def sst2_model_dir(root: Path, model_type: str) -> Path:
 @pytest.fixture(scope="module")
 def fused_bundles(model_dirs) -> dict[str, Manifest]:
     return {
-        model_type: export_bundle(model_dir, model_dir.with_name(model_dir.name + "-fused"), ExportOptions(with_full_graph=True)).manifest
+        model_type: export_bundle(model_dir, model_dir.with_name(model_dir.name + "-fused"), ExportOptions(with_full_graph=True, fuse=True)).manifest
         for model_type, model_dir in model_dirs.items()
     }
 
@@ -99,7 +99,12 @@ def test_no_fuse_writes_portable_graphs_for_tensorrt(model_dirs, tmp_path):
     result = export_bundle(model_dirs["bert"], tmp_path / "portable", ExportOptions(fuse=False))
     assert all(contrib_operators(result.bundle_dir / layer.file) == [] for layer in result.manifest.layers)
     assert all(layer.fused_operators == {} for layer in result.manifest.layers)
-    assert not ExportOptions(tensorrt=True).fuses and not ExportOptions(fp16=True).fuses and not ExportOptions(opset=14).fuses
+    assert not ExportOptions(tensorrt=True, fuse=True).fuses and not ExportOptions(fp16=True, fuse=True).fuses
+    assert not ExportOptions(opset=14, fuse=True).fuses
+
+
+def test_float_bundles_are_portable_and_int8_bundles_fused_by_default():
+    assert not ExportOptions().fuses and ExportOptions(quantize="int8").fuses and not ExportOptions(quantize="int8", fuse=False).fuses
 
 
 # ------------------------------------------------------------------ int8
