@@ -4,9 +4,9 @@ Each request is sent at its scheduled time whether or not earlier ones have been
 open loop, as real traffic is), so an overloaded server shows as queueing and 503s rather than as
 a politely slower client. At most --connections requests are in flight; later arrivals wait in
 the client, and since latency runs from the scheduled send time, that wait counts too: a late
-client cannot hide a slow server. Per rate it reports the achieved throughput, p50/p99 latency of the answered
-requests, errors by kind, the mean layer speed-up and accuracy of the answers, and the operating
-point the server used second by second (the adaptive controller's moves).
+client cannot hide a slow server. Per rate it reports the achieved throughput, p50/p99 latency
+of the answered requests, errors by kind, the mean layer speed-up and accuracy of the answers,
+and the operating point the server used second by second (the adaptive controller's moves).
 
     # start the server itself (arguments after -- go to pcee-serve), then three rates
     python -m pcee.benchmarks.serve_load run --bundle runs/demo/sst2-pcee --rates 20,40,80 -- --operating-point speedup-0.50
@@ -20,13 +20,14 @@ import asyncio
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from pcee.modeling.data import load_glue_file
 from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 READY_TIMEOUT_S = 180.0
 DEFAULT_DATA = files("pcee.demo") / "data" / "dev.tsv"
 
@@ -87,6 +88,12 @@ class Reply:
 
 @dataclass
 class RateReport:
+    """One rate's outcome. `sent` counts every scheduled request: answered, refused, or timed out.
+
+    Latencies are over the answered (200) requests; `accuracy` is the share of answered rows whose
+    label is the data's label name.
+    """
+
     offered_rps: float
     sent: int
     answered: int
@@ -99,6 +106,7 @@ class RateReport:
     layer_speedup: float | None
     accuracy: float | None
     point_timeline: list[dict[str, int]]
+    client_cpu_cores: float = 0.0  # CPU this load client used, in cores: what it took from a server on the same machine
     sustainable: bool | None = None
     fraction_of_in_process: float | None = None
 
@@ -133,20 +141,46 @@ def transport_error_kind(error: httpx.TransportError) -> str:
     return "reset"  # the connection closed or broke mid-exchange (RemoteProtocolError, ReadError, WriteError)
 
 
-async def send(client: httpx.AsyncClient, url: str, texts: list[str], labels: list[str], scheduled: float, origin: float,
-               connections: asyncio.Semaphore, timeout_s: float) -> Reply:
-    """One request: it waits for one of the client's connections, and gets `timeout_s` from its scheduled time in all."""
+class Connections:
+    """`size` keep-alive connections, one httpx client each; a request waits for a free one.
+
+    httpx's own pool scans every connection for every request it holds, which costs more CPU than
+    the server spends per request once it holds a hundred: many one-connection clients do not.
+    """
+
+    def __init__(self, size: int, timeout_s: float):
+        tls = ssl.create_default_context()  # loopback is plain HTTP; one context instead of one per client
+        self.clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=timeout_s, verify=tls) for _ in range(size)]
+        self.free: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        for client in self.clients:
+            self.free.put_nowait(client)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[httpx.AsyncClient]:
+        client = await self.free.get()
+        try:
+            yield client
+        finally:
+            self.free.put_nowait(client)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients))
+
+
+async def send(connections: Connections, url: str, texts: list[str], labels: list[str], scheduled: float, origin: float,
+               timeout_s: float) -> Reply:
+    """One request: it waits for a free connection, and gets `timeout_s` from its scheduled time in all."""
     reply = Reply(scheduled_s=scheduled - origin, latency_s=0.0)
     try:
-        await asyncio.wait_for(post(client, url, texts, labels, connections, reply), timeout_s - (time.perf_counter() - scheduled))
+        await asyncio.wait_for(post(connections, url, texts, labels, reply), timeout_s - (time.perf_counter() - scheduled))
     except asyncio.TimeoutError:
         reply.status, reply.error = None, "timeout"
     reply.latency_s = time.perf_counter() - scheduled
     return reply
 
 
-async def post(client: httpx.AsyncClient, url: str, texts: list[str], labels: list[str], connections: asyncio.Semaphore, reply: Reply) -> None:
-    async with connections:
+async def post(connections: Connections, url: str, texts: list[str], labels: list[str], reply: Reply) -> None:
+    async with connections.connection() as client:
         try:
             response = await client.post(url + "/v1/classify", json={"texts": texts})
         except httpx.TransportError as error:
@@ -168,16 +202,23 @@ def read_answer(reply: Reply, answer: dict, labels: list[str]) -> None:
     reply.point = point.get("name") or OperatingPoint.from_dict(point).describe()
 
 
-async def run_rate(client: httpx.AsyncClient, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator) -> list[Reply]:
-    connections = asyncio.Semaphore(plan.connections)
+async def run_rate(connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator) -> list[Reply]:
     origin = time.perf_counter()
     tasks = []
     for index, offset in enumerate(arrival_times(rate, plan.duration_s, plan.max_requests, rng)):
         scheduled = origin + offset
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
         texts, labels = request_texts(data, index, plan.rows_per_request)
-        tasks.append(asyncio.create_task(send(client, url, texts, labels, scheduled, origin, connections, plan.timeout_s)))
+        tasks.append(asyncio.create_task(send(connections, url, texts, labels, scheduled, origin, plan.timeout_s)))
     return list(await asyncio.gather(*tasks))
+
+
+async def measure_rate(connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator) -> RateReport:
+    wall, cpu = time.perf_counter(), time.process_time()
+    replies = await run_rate(connections, url, data, rate, plan, rng)
+    report = summarize_rate(rate, replies, plan.slo_p99_ms)
+    report.client_cpu_cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    return report
 
 
 def summarize_rate(rate: float, replies: list[Reply], slo_p99_ms: float | None) -> RateReport:
@@ -214,19 +255,16 @@ def point_timeline(answered: list[Reply]) -> list[dict[str, int]]:
 
 async def run_load(url: str, data: Labelled, plan: LoadPlan) -> list[RateReport]:
     rng = np.random.default_rng(plan.seed)
-    # The semaphore, not httpx's pool, holds the requests past --connections: httpx's pool slows with every request it queues.
-    limits = httpx.Limits(max_connections=plan.connections, max_keepalive_connections=plan.connections)
-    async with httpx.AsyncClient(limits=limits, timeout=plan.timeout_s) as client:
-        reports = []
-        for rate in plan.rates:
-            reports.append(summarize_rate(rate, await run_rate(client, url, data, rate, plan, rng), plan.slo_p99_ms))
-        return reports
+    connections = Connections(plan.connections, plan.timeout_s)
+    try:
+        return [await measure_rate(connections, url, data, rate, plan, rng) for rate in plan.rates]
+    finally:
+        await connections.close()
 
 
 # -- the server under test ----------------------------------------------------------------------------
 def require_loopback(url: str) -> str:
-    host = urlsplit(url).hostname or ""
-    if host not in LOOPBACK_HOSTS and host.strip("[]") not in LOOPBACK_HOSTS:
+    if urlsplit(url).hostname not in LOOPBACK_HOSTS:
         raise LoadTestError(f"--url {url!r} is not on this machine; the load test only targets loopback (127.0.0.1, localhost, ::1)")
     return url.rstrip("/")
 
@@ -281,17 +319,24 @@ def stop(process: subprocess.Popen) -> None:
 
 
 # -- the in-process reference -------------------------------------------------------------------------
-def in_process_rows_per_s(bundle_dir: Path, point: dict, data: Labelled, batch_size: int, duration_s: float) -> float:
-    """Closed-loop `runtime.predict` on batches of `batch_size` at `point`: the ceiling HTTP serving is measured against."""
-    with EarlyExitRuntime.from_bundle(bundle_dir) as runtime:
-        point_object = OperatingPoint.from_dict(point)
-        runtime.predict(data.texts[:batch_size], operating_point=point_object)  # warm-up
-        rows, started, index = 0, time.perf_counter(), 0
-        while time.perf_counter() - started < duration_s:
-            texts, _ = request_texts(data, index, batch_size)
-            rows += len(runtime.predict(texts, operating_point=point_object, batch_size=batch_size).predictions)
-            index += 1
-        return rows / (time.perf_counter() - started)
+@dataclass(frozen=True)
+class InProcessReference:
+    """`runtime.predict` in this process, closed loop, the way the server calls it: the ceiling HTTP is measured against."""
+
+    bundle_dir: Path
+    batch_size: int = 32
+    intra_op_threads: int | None = None
+
+    def rows_per_s(self, point: dict, data: Labelled, duration_s: float) -> float:
+        with EarlyExitRuntime.from_bundle(self.bundle_dir, intra_op_threads=self.intra_op_threads) as runtime:
+            point_object = OperatingPoint.from_dict(point)
+            runtime.predict(data.texts[: self.batch_size], operating_point=point_object)  # warm-up
+            rows, started, index = 0, time.perf_counter(), 0
+            while time.perf_counter() - started < duration_s:
+                texts, _ = request_texts(data, index, self.batch_size)
+                rows += len(runtime.predict(texts, operating_point=point_object, batch_size=self.batch_size).predictions)
+                index += 1
+            return rows / (time.perf_counter() - started)
 
 
 def served_point(url: str, data: Labelled) -> dict:
@@ -311,18 +356,18 @@ def parse_rates(context: click.Context, parameter: click.Parameter, value: str) 
 
 def format_report(report: LoadReport) -> str:
     lines = [f"open-loop load on {report.url}", f"{'offered/s':>9} {'sent':>6} {'ok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-             f"{'speed-up':>8} {'acc':>6}  errors / points"]
+             f"{'speed-up':>8} {'acc':>6} {'client':>6}  errors / points"]
     for rate in report.rates:
         points = Counter()
         for second in rate.point_timeline:
             points.update(second)
         lines.append(
             f"{rate.offered_rps:9.1f} {rate.sent:6d} {rate.achieved_rps:7.1f} {number(rate.p50_ms):>7} {number(rate.p99_ms):>7} "
-            f"{number(rate.layer_speedup, 3):>8} {number(rate.accuracy, 3):>6}  {rate.errors or 'no errors'} {dict(points)}"
+            f"{number(rate.layer_speedup, 3):>8} {number(rate.accuracy, 3):>6} {rate.client_cpu_cores:6.2f}  {rate.errors or 'no errors'} {dict(points)}"
         )
     if report.in_process_rows_per_s is not None:
         lines.append(f"in-process runtime at the served point: {report.in_process_rows_per_s:.1f} rows/s")
-    if report.max_sustainable_rps is not None or report.plan["slo_p99_ms"] is not None:
+    if report.plan["slo_p99_ms"] is not None:
         lines.append(f"max sustainable rate at p99 <= {report.plan['slo_p99_ms']:g} ms, no errors: {report.max_sustainable_rps}")
     return "\n".join(lines)
 
@@ -341,7 +386,8 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Start `pcee-serve BUNDLE` on a free loopback port for the run; arguments after -- go to pcee-serve.")
+              help="Start `pcee-serve BUNDLE` on a free loopback port for the run; arguments after -- go to pcee-serve. "
+                   "With --url: the bundle that server serves, for --compare-in-process.")
 @click.option("--url", help="Load a server that is already running instead (loopback only), e.g. http://127.0.0.1:8000.")
 @click.option("--rates", default="10,20,40", callback=parse_rates, help="Offered loads in requests per second, comma-separated, run in order.")
 @click.option("--duration-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Length of each rate's run.")
@@ -352,16 +398,24 @@ def main() -> None:
 @click.option("--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Mark each rate sustainable or not: p99 within this and no errors.")
 @click.option("--compare-in-process", is_flag=True, help="With --bundle: after the load, time runtime.predict in this process at the point the server used (batches of --in-process-batch-size).")
 @click.option("--in-process-batch-size", default=32, type=click.IntRange(min=1), help="Batch size of the in-process reference (pcee-serve's --max-batch-size).")
+@click.option("--in-process-threads", type=click.IntRange(min=1), help="onnxruntime threads of the in-process reference (pcee-serve's --intra-op-threads; default: one per core).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An SST-2 style TSV (sentence, label) the texts come from; default: the shipped SST-2 dev sample.")
 @click.option("--seed", default=0, help="Seed of the arrival times.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
 def run(bundle_dir: Path | None, url: str | None, rates: tuple[float, ...], duration_s: float, max_requests: int, rows_per_request: int,
-         connections: int, timeout_s: float, slo_p99_ms: float | None, compare_in_process: bool, in_process_batch_size: int, data: Path | None, seed: int,
-         as_json: bool, server_args: tuple[str, ...]) -> None:
+         connections: int, timeout_s: float, slo_p99_ms: float | None, compare_in_process: bool, in_process_batch_size: int,
+         in_process_threads: int | None, data: Path | None, seed: int, as_json: bool, server_args: tuple[str, ...]) -> None:
     """Open-loop load (Poisson arrivals) on pcee-serve's /v1/classify, one rate after another.
 
     Give --bundle (the server is started here, with the arguments after --) or --url.
+
+    \b
+    The server alone, against the runtime on the same core (the client on the other one):
+      taskset -c 0 pcee-serve runs/demo/sst2-pcee --port 8000 --intra-op-threads 1 &
+      taskset -c 1 python -m pcee.benchmarks.serve_load run --url http://127.0.0.1:8000 --rates 100,200 \
+          --bundle runs/demo/sst2-pcee --compare-in-process --in-process-threads 1
+    (that last step times the runtime on core 1 while the idle server waits on core 0)
 
     \b
     Examples:
@@ -370,16 +424,18 @@ def run(bundle_dir: Path | None, url: str | None, rates: tuple[float, ...], dura
           -- --slo-p99-ms 50 --adaptive-points quality,speedup-0.50,speedup-0.75
       python -m pcee.benchmarks.serve_load run --bundle runs/demo/sst2-pcee --rates 40 -- --ray --replicas 2
     """
-    if (bundle_dir is None) == (url is None):
-        raise click.UsageError("give --bundle (start a server) or --url (use a running one), not both")
-    if server_args and bundle_dir is None:
+    if bundle_dir is None and url is None:
+        raise click.UsageError("give --bundle (start a server) or --url (use a running one)")
+    if server_args and url is not None:
         raise click.UsageError("arguments after -- go to the pcee-serve that --bundle starts; with --url there is none")
     if compare_in_process and bundle_dir is None:
         raise click.UsageError("--compare-in-process needs --bundle: the runtime is loaded in this process")
+    if url is not None and bundle_dir is not None and not compare_in_process:
+        raise click.UsageError("--bundle with --url only names the bundle for --compare-in-process")
     plan = LoadPlan(rates, duration_s, max_requests, rows_per_request, connections, timeout_s, seed, slo_p99_ms)
+    reference = InProcessReference(bundle_dir, in_process_batch_size, in_process_threads) if compare_in_process else None
     try:
-        report = load_test(plan, Labelled.sst2(data or Path(str(DEFAULT_DATA))), bundle_dir, url, server_args,
-                           in_process_batch_size if compare_in_process else None)
+        report = load_test(plan, Labelled.sst2(data or Path(str(DEFAULT_DATA))), bundle_dir, url, server_args, reference)
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(asdict(report), indent=2) if as_json else format_report(report))
@@ -408,7 +464,7 @@ def plot(reports: tuple[str, ...], output: Path, slo_p99_ms: float | None) -> No
     if slo_p99_ms is not None:
         axes.axhline(slo_p99_ms, color="grey", linestyle="--", label=f"p99 target {slo_p99_ms:g} ms")
     axes.set(xlabel="offered load (requests/s, Poisson)", ylabel="p99 latency of answered requests (ms)", yscale="log")
-    axes.legend()
+    axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     click.echo(f"wrote {output}")
@@ -422,12 +478,12 @@ def named_report(value: str) -> tuple[str, Path]:
 
 
 def load_test(plan: LoadPlan, data: Labelled, bundle_dir: Path | None, url: str | None, server_args: tuple[str, ...],
-              in_process_batch_size: int | None) -> LoadReport:
+              reference: InProcessReference | None) -> LoadReport:
     with (started_server(bundle_dir, server_args) if url is None else running_server(url)) as target:
         report = LoadReport(url=target, plan=asdict(plan), rates=asyncio.run(run_load(target, data, plan)))
-        point = served_point(target, data) if in_process_batch_size is not None else None
-    if point is not None:
-        report.in_process_rows_per_s = in_process_rows_per_s(bundle_dir, point, data, in_process_batch_size, plan.duration_s)
+        point = served_point(target, data) if reference is not None else None
+    if reference is not None:
+        report.in_process_rows_per_s = reference.rows_per_s(point, data, plan.duration_s)
         for rate in report.rates:
             rate.fraction_of_in_process = rate.achieved_rows_per_s / report.in_process_rows_per_s
     sustainable = [rate.offered_rps for rate in report.rates if rate.sustainable]

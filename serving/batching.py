@@ -23,6 +23,7 @@ from .protocol import ClassifyRequest
 
 Predict = Callable[[list[str], "list[str] | None", OperatingPoint], PredictionResult]
 Outcome = PredictionResult | Exception
+Observe = Callable[[PredictionResult], None]
 
 
 @dataclass
@@ -159,8 +160,7 @@ class Batcher:
         return predict_each(self.predict, [pending.request for pending in batch], batch[0].point, self.metrics.observe_batch)
 
 
-def predict_each(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint,
-                 observe: Callable[[PredictionResult], None]) -> list[Outcome]:
+def predict_each(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe) -> list[Outcome]:
     """Each request's own rows, from one runtime call for all of them (same point and pairing).
 
     If a row is bad, each request runs alone, so only its sender gets the 400 (its outcome is the error).
@@ -173,8 +173,7 @@ def predict_each(predict: Predict, requests: list[ClassifyRequest], point: Opera
     return [predict_alone(predict, request, point, observe) for request in requests]
 
 
-def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint,
-                   observe: Callable[[PredictionResult], None]) -> PredictionResult:
+def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe) -> PredictionResult:
     texts = [text for request in requests for text in request.texts]
     pairs = None
     if requests[0].text_pairs is not None:
@@ -184,8 +183,7 @@ def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: Ope
     return result
 
 
-def predict_alone(predict: Predict, request: ClassifyRequest, point: OperatingPoint,
-                  observe: Callable[[PredictionResult], None]) -> Outcome:
+def predict_alone(predict: Predict, request: ClassifyRequest, point: OperatingPoint, observe: Observe) -> Outcome:
     try:
         return predict_joined(predict, [request], point, observe)
     except InputError as error:

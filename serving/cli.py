@@ -72,8 +72,6 @@ def serve_on_ray(bundle_dir: Path, settings: ServerSettings, backend: str, intra
                  replica_cpus: float, host: str, port: int) -> None:
     if settings.controller is not None:
         raise click.UsageError("--slo-p99-ms and --adaptive-points are single-process features; drop them with --ray")
-    # Read when Ray loads: without it, Ray's crash handler also takes SIGTERM, logs a crash and aborts at exit.
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         from .ray import ReplicaOptions, serve_until_signalled
     except ImportError as error:
@@ -81,8 +79,10 @@ def serve_on_ray(bundle_dir: Path, settings: ServerSettings, backend: str, intra
     options = ReplicaOptions(str(bundle_dir.resolve()), backend, intra_op_threads, replicas, replica_cpus)
     try:
         serve_until_signalled(settings, options, host, port)
-    except (PceeError, RuntimeError) as error:
+    except PceeError as error:
         raise click.ClickException(str(error)) from None
+    except RuntimeError as error:  # serve.run's; the replica's own error is in Ray's log lines above
+        raise click.ClickException(f"{error} (the replicas' errors are in the log above)") from None
 
 
 def refuse_ray_only_options(*names: str) -> None:

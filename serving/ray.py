@@ -191,7 +191,7 @@ def deploy(settings: ServerSettings, options: ReplicaOptions, host: str, port: i
 
 
 def local_cluster_options() -> dict:
-    """A cluster this process starts itself listens on loopback only; RAY_ADDRESS names one to join instead."""
+    """A cluster this process starts itself gets node address 127.0.0.1; RAY_ADDRESS names one to join instead."""
     return {} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}
 
 

@@ -1,4 +1,4 @@
-"""`pcee-serve --ray`: two Ray Serve replicas of a tiny bundle on a local, loopback-only Ray cluster.
+"""`pcee-serve --ray`: two Ray Serve replicas of a tiny bundle on a local Ray cluster, HTTP on 127.0.0.1.
 
 Slow-marked: a Ray cluster starts and stops (about 20 s on 2 cores). Ray comes with the dev extra;
 without it the tests are skipped. Alone: pip install -e ".[ray]" && python -m pytest -q tests/test_serving_ray.py
