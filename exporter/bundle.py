@@ -32,7 +32,7 @@ from pcee.runtime import (
     PceeError, TensorRTEngines, TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of,
     staging_directory_for,
 )
-from pcee.runtime.graphs import EMBEDDINGS_GRAPH, embeddings_spec, full_model_spec, layer_spec
+from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
 from pcee.runtime.manifest import TASK_TYPES
 
 from .errors import ExportError, OutputDirectoryError, TokenizerError
@@ -50,7 +50,6 @@ from .quantize import (
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ENGINE_DIR, ShapeRange, build_engines, require_tensorrt
 
 ONNX_DIR = "onnx"
-FULL_GRAPH = "full_model"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

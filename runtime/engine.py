@@ -20,6 +20,7 @@ from .policies import ExitPolicy, OperatingPoint, build_policy
 from .tokenization import BundleTokenizer, EncodedBatch
 
 PointLike = OperatingPoint | dict | str
+FULL_POINT = OperatingPoint("full", name="full")  # what a backend with the last exit only serves
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class EarlyExitRuntime:
         """Load and check a bundle.
 
         backend: 'auto', 'onnxruntime' (CPU, or CUDA when available), 'onnxruntime-cpu',
-        'onnxruntime-cuda', 'tensorrt'. intra_op_threads: onnxruntime CPU threads per session
+        'onnxruntime-cuda', 'tensorrt', or 'onnxruntime-single-graph' (the bundle's whole-model graph,
+        --with-full-graph; full operating point only). intra_op_threads: onnxruntime CPU threads per session
         (default: one per core). max_concurrency: callers the TensorRT backend serves at once,
         each with its own execution contexts; more wait (bounds GPU memory).
         """
@@ -93,7 +95,7 @@ class EarlyExitRuntime:
             backend, manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir), intra_op_threads, max_concurrency,
         )
         try:
-            runtime = cls(bundle_dir, manifest, runner, manifest.operating_point)
+            runtime = cls(bundle_dir, manifest, runner, FULL_POINT if runner.only_full_point else manifest.operating_point)
             if operating_point is not None:
                 runtime.set_operating_point(operating_point)
         except BaseException:
@@ -142,7 +144,13 @@ class EarlyExitRuntime:
         raise PolicyError(f"operating point must be an OperatingPoint, dict or saved name, got {type(point).__name__}")
 
     def make_policy(self, point: PointLike) -> ExitPolicy:
-        return build_policy(self.resolve_operating_point(point), self.num_layers, self.manifest.model.learned_confidence)
+        resolved = self.resolve_operating_point(point)
+        if self.backend.only_full_point and resolved.policy != FULL_POINT.policy:
+            raise PolicyError(
+                f"backend {self.backend.name!r} runs the whole model as one graph, which has only the last exit: "
+                f"it serves the full operating point only, not policy {resolved.policy!r}"
+            )
+        return build_policy(resolved, self.num_layers, self.manifest.model.learned_confidence)
 
     def set_operating_point(self, point: PointLike) -> OperatingPoint:
         """Switch the default policy for later calls; calls already running keep the one they started with.
@@ -214,6 +222,11 @@ class EarlyExitRuntime:
     def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, on_chunk: Callable[[int], None] | None = None) -> AllExits:
         """Every exit of every row, in input order (calibration's one pass over the data)."""
         check_batch_size(batch_size)
+        if self.backend.only_full_point:
+            raise PolicyError(
+                f"the {self.backend_name} backend runs the whole model as one graph and has only the last exit; "
+                "record every exit (pcee-calibrate, pcee-eval) with a per-layer backend such as onnxruntime"
+            )
         return record_every_exit(self.backend, batch, rows_per_chunk(batch_size, self.backend), on_chunk)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ MAX_PROBABILITY = "max_probability"
 CONFIDENCE_SCORE = "confidence_score"
 
 EMBEDDINGS_GRAPH = "embeddings"
+FULL_GRAPH = "full_model"  # the whole model as one graph, exported with --with-full-graph
 GRAPH_NAME_KEY = "pcee.graph"  # ONNX metadata: which graph of the chain a file holds
 
 
@@ -137,10 +138,14 @@ class LocatedGraph:
 
 @dataclass(frozen=True)
 class GraphChain:
-    """What a backend is built from: the embeddings graph and one graph per layer, in order."""
+    """What a backend is built from: the embeddings graph and one graph per layer, in order.
+
+    full: the whole model as one graph, when the bundle has one (the single-graph backend runs it).
+    """
 
     embeddings: LocatedGraph
     layers: tuple[LocatedGraph, ...]
+    full: LocatedGraph | None = None
 
     @property
     def num_layers(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .atomic import write_file_atomically
 from .errors import BundleError, PceeError
 from .graphs import (
-    EMBEDDINGS_GRAPH, EngineChain, GraphChain, GraphSpec, LocatedGraph, embeddings_spec, layer_graph_name, layer_spec, spec_from_dict,
+    EMBEDDINGS_GRAPH, FULL_GRAPH, EngineChain, GraphChain, GraphSpec, LocatedGraph, embeddings_spec, layer_graph_name, layer_spec, spec_from_dict,
 )
 from .policies import OperatingPoint
 
@@ -335,7 +335,7 @@ class Manifest:
 
     # -- what the backends are built from ----------------------------------------------------------
     def graph_chain(self, bundle_dir: Path) -> GraphChain:
-        return graph_chain_of(bundle_dir, self.embeddings, self.layers)
+        return graph_chain_of(bundle_dir, self.embeddings, self.layers, self.full_graph)
 
     def engine_chain(self, bundle_dir: Path) -> EngineChain | None:
         engines = self.tensorrt
@@ -389,11 +389,12 @@ class Manifest:
                 raise BundleError(f"{path}: sha256 does not match the manifest (file changed or corrupted since export); {REEXPORT}")
 
 
-def graph_chain_of(bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile]) -> GraphChain:
+def graph_chain_of(bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], full: GraphFile | None = None) -> GraphChain:
     """The chain a backend runs, from graph entries (the exporter's, before its manifest exists)."""
     return GraphChain(
         embeddings.located(bundle_dir, EMBEDDINGS_GRAPH),
         tuple(layer.located(bundle_dir, layer_graph_name(index)) for index, layer in enumerate(layers)),
+        None if full is None else full.located(bundle_dir, FULL_GRAPH),
     )
 
 

@@ -12,7 +12,7 @@ from ..errors import BackendUnavailableError, InputError
 from ..graphs import EngineChain, GraphChain
 from .base import Backend
 
-BACKEND_NAMES = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+BACKEND_NAMES = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-single-graph", "tensorrt")
 # From 10.1 (device_memory_size_v2, IExecutionContext.set_device_memory) up to, not including, 12: the
 # majors whose Python API the TensorRT backend and the exporter are written to (TensorRT 11 removed
 # the weak-typing builder flags and device_memory_size; 12 is unknown).
@@ -53,6 +53,8 @@ def create_backend(
 ) -> Backend:
     """The backend `name` over `chain` (and `engines` for TensorRT); 'auto' picks the best that runs here.
 
+    'onnxruntime-single-graph' runs the chain's whole-model graph instead (full operating point only).
+
     max_concurrency: how many callers the TensorRT backend serves at once; more wait for one to finish.
     """
     if name not in BACKEND_NAMES:
@@ -66,6 +68,8 @@ def create_backend(
         name = "onnxruntime"
     if name == "tensorrt":
         return create_tensorrt_backend(chain, engines, max_concurrency)
+    if name == "onnxruntime-single-graph":
+        return create_single_graph_backend(chain, intra_op_threads)
     if name == "onnxruntime-cuda" or (name == "onnxruntime" and cuda_provider_available()):
         return create_cuda_backend(chain, explicit=name == "onnxruntime-cuda", intra_op_threads=intra_op_threads)
     if name == "onnxruntime":
@@ -86,6 +90,12 @@ def create_cpu_backend(chain: GraphChain, intra_op_threads: int | None) -> Backe
     from .onnxruntime_cpu import OnnxRuntimeCpuBackend
 
     return OnnxRuntimeCpuBackend(chain, intra_op_threads)
+
+
+def create_single_graph_backend(chain: GraphChain, intra_op_threads: int | None) -> Backend:
+    from .single_graph import SingleGraphBackend
+
+    return SingleGraphBackend(chain, intra_op_threads)
 
 
 def create_tensorrt_backend(chain: GraphChain, engines: EngineChain | None, max_concurrency: int) -> Backend:

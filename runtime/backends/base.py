@@ -19,6 +19,7 @@ from ..tokenization import EncodedBatch
 
 class Backend(ABC):
     name: str = "abstract"
+    only_full_point: bool = False  # it has the last exit only (the single graph): no early exit
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers

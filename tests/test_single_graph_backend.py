@@ -1,0 +1,73 @@
+"""The single-graph backend: the bundle's whole-model graph behind the ordinary runtime, full point only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundles import SENTENCES
+from click.testing import CliRunner
+from tiny_models import make_tiny_model_dir
+
+from pcee.exporter.bundle import ExportOptions, export_bundle
+from pcee.runtime import BundleError, EarlyExitRuntime, OperatingPoint, PolicyError
+from pcee.runtime.cli import main as predict_cli
+
+BACKEND = "onnxruntime-single-graph"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("single-graph"))
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir: Path) -> Path:
+    return export_bundle(model_dir, model_dir.with_name("with-full-graph-pcee"), ExportOptions(with_full_graph=True)).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle: Path):
+    with EarlyExitRuntime.from_bundle(bundle, backend=BACKEND) as loaded:
+        yield loaded
+
+
+def test_predictions_equal_the_chain_at_the_full_point(bundle, runtime):
+    with EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu", operating_point=OperatingPoint("full")) as chain:
+        expected = chain.predict(SENTENCES)
+    served = runtime.predict(SENTENCES)
+    assert runtime.backend_name == BACKEND and served.operating_point.policy == "full"
+    assert served.layers_run == expected.layers_run and served.layer_speedup == 0
+    for got, want in zip(served.predictions, expected.predictions):
+        np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
+        assert (got.label, got.exit_layer) == (want.label, want.exit_layer)
+        assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
+
+
+@pytest.mark.parametrize("point", [OperatingPoint("pcee", tau=0.3, patience=1), OperatingPoint("budgeted", layer=1)])
+def test_other_points_are_refused(runtime, point):
+    with pytest.raises(PolicyError, match="full operating point only"):
+        runtime.set_operating_point(point)
+    with pytest.raises(PolicyError, match="full operating point only"):
+        runtime.predict(["good"], operating_point=point)
+    assert runtime.operating_point.policy == "full"
+
+
+def test_a_bundle_without_a_full_graph_is_refused(model_dir):
+    plain = export_bundle(model_dir, model_dir.with_name("chain-only-pcee")).bundle_dir
+    with pytest.raises(BundleError, match="--with-full-graph"):
+        EarlyExitRuntime.from_bundle(plain, backend=BACKEND)
+
+
+def test_predict_cli_serves_the_single_graph(bundle, runtime):
+    result = CliRunner().invoke(predict_cli, [str(bundle), "--text", "the movie was good", "--backend", BACKEND])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output.splitlines()[-1])
+    assert row["exit_layer"] == runtime.num_layers
+
+
+def test_recording_every_exit_needs_a_per_layer_backend(runtime):
+    with pytest.raises(PolicyError, match="only the last exit"):
+        runtime.run_all_exits(runtime.tokenizer.encode_texts(["good"]))
