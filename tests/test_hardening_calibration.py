@@ -135,6 +135,7 @@ def failing_writes(monkeypatch, target_name: str | None, code: int) -> None:
     monkeypatch.setattr("pcee.runtime.atomic.os.replace", replace)
 
 
+@pytest.mark.filterwarnings("ignore:could not cache the recorded exits")  # the cache write fails too, as it should
 @pytest.mark.parametrize("case, target_name, code", [
     ("read-only manifest", "manifest.json", errno.EROFS),
     ("read-only bundle", None, errno.EROFS),
