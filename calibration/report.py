@@ -9,12 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcee.runtime import write_file_atomically
+from pcee.runtime import temporary_file_pattern, write_file_atomically, written_before_this_process
 
 from .calibrate import CalibrationResult
 from .errors import CalibrationError
@@ -30,10 +28,7 @@ FRONTIER_COLUMNS = ("policy", "tau", "patience", "layer", "layer_speedup", "metr
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'pcee[export]'"
 MAIN_POLICY_STYLE = {"linewidth": 2.6, "zorder": 3}
 BASELINE_STYLE = {"linewidth": 1.2, "zorder": 2}
-# write_file_atomically's temporary files: mkstemp's ".NAME." prefix and 8 random characters.
-TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
-# No temporary file last written before this moment can be this process's own.
-IMPORTED_AT = time.time()
+TEMPORARY_NAMES = [temporary_file_pattern(name) for name in REPORT_FILES]  # write_file_atomically's, for our files
 
 
 @dataclass(frozen=True)
@@ -104,8 +99,8 @@ def remove_stale_temporaries(report_dir: Path) -> None:
     if not report_dir.is_dir():
         return
     for path in report_dir.iterdir():
-        match = TEMPORARY_NAME.fullmatch(path.name)
-        if match and match["name"] in REPORT_FILES and path.is_file() and path.stat().st_mtime < IMPORTED_AT:
+        ours = any(pattern.fullmatch(path.name) for pattern in TEMPORARY_NAMES)
+        if ours and path.is_file() and written_before_this_process(path):
             path.unlink(missing_ok=True)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
     FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult, QuantizationResult,
     PceeError, TensorRTEngines, TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of,
-    staging_directory_for,
+    staging_directory_for, backup_directory_for, staging_directory_pattern, written_before_this_process,
 )
 from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
 from pcee.runtime.manifest import TASK_TYPES
@@ -60,7 +59,6 @@ OPTIONAL_TOKENIZER_FILES = (
 )
 BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
 BUNDLE_SUFFIX = "-pcee"
-BACKUP_SUFFIX = ".old"  # where replace_directory keeps the previous bundle while it swaps in the new one
 # What a bundle directory may hold besides what pcee-export writes: what pcee-calibrate adds (its
 # recordings, .pcee-cache; its reports, reports/ and older calibration-* files; its manifest lock,
 # .manifest.lock), and the temporary files of an atomic manifest write that a kill left behind
@@ -69,9 +67,6 @@ BUNDLE_ENTRY_PATTERNS = (
     MANIFEST_NAME, ONNX_DIR, ENGINE_DIR, TOKENIZER_DIR, ".pcee-cache", "reports", "calibration-*", ".manifest.lock",
     f".{MANIFEST_NAME}.*",
 )
-# A staging directory older than this belongs to an export that is no longer running. The exporter is
-# imported before any export starts, so this is (a moment after) the start of this process.
-PROCESS_STARTED = time.time()
 
 # Normalized entropy 0.3 is a binary exit with max probability ~0.95; two such exits in a row make a
 # conservative start that stays close to full-model accuracy. pcee-calibrate replaces it with a
@@ -283,14 +278,10 @@ def default_bundle_dir(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + BUNDLE_SUFFIX)
 
 
-def backup_dir_for(output_dir: Path) -> Path:
-    return output_dir.with_name(output_dir.name + BACKUP_SUFFIX)
-
-
 def check_output_dir(output_dir: Path) -> None:
     """The output, and the backup path the swap reuses, must each be absent, empty, or a pcee bundle of bundle files alone."""
     check_replaceable(output_dir, f"--output {output_dir}")
-    backup = backup_dir_for(output_dir)
+    backup = backup_directory_for(output_dir)
     check_replaceable(backup, f"{backup} (the path where pcee-export keeps the previous bundle while it swaps in the new one)")
 
 
@@ -355,9 +346,9 @@ def remove_stale_debris(output_dir: Path) -> None:
     """
     if not output_dir.parent.is_dir():
         return
-    staging_name = re.compile(re.escape(f".{output_dir.name}.") + r"[^.]+" + re.escape(".partial"))
+    staging_name = staging_directory_pattern(output_dir)
     stale = [entry for entry in output_dir.parent.iterdir() if staging_name.fullmatch(entry.name) and is_stale(entry)]
-    backup = backup_dir_for(output_dir)
+    backup = backup_directory_for(output_dir)
     if output_dir.is_dir() and is_stale(backup):
         stale.append(backup)
     for directory in stale:
@@ -365,14 +356,7 @@ def remove_stale_debris(output_dir: Path) -> None:
 
 
 def is_stale(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and last_written(path) < PROCESS_STARTED
-
-
-def last_written(directory: Path) -> float:
-    try:
-        return max(path.lstat().st_mtime for path in (directory, *directory.rglob("*")))
-    except OSError:  # removed or rewritten while we looked: someone is at work in it
-        return float("inf")
+    return path.is_dir() and not path.is_symlink() and written_before_this_process(path)
 
 
 @contextmanager

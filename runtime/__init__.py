@@ -8,7 +8,10 @@ This module's names are the runtime's public surface: the other rooms (exporter,
 benchmarks, serving) import from here, never from a backend module.
 """
 
-from .atomic import replace_directory, staging_directory_for, write_file_atomically
+from .atomic import (
+    backup_directory_for, replace_directory, staging_directory_for, staging_directory_pattern, temporary_file_pattern,
+    write_file_atomically, written_before_this_process,
+)
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
@@ -25,7 +28,8 @@ from .policies import POLICY_NAMES, SIGNALS, ExitPolicy, OperatingPoint, build_p
 from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
-    "replace_directory", "staging_directory_for", "write_file_atomically",
+    "backup_directory_for", "replace_directory", "staging_directory_for", "staging_directory_pattern", "temporary_file_pattern",
+    "write_file_atomically", "written_before_this_process",
     "BACKEND_NAMES", "Backend", "create_backend", "open_cpu_session", "tensorrt_version_problem",
     "EarlyExitRuntime", "PredictionResult", "RowPrediction",
     "BackendError", "BackendUnavailableError", "BundleError", "InputError", "PceeError", "PolicyError",
