@@ -105,9 +105,7 @@ class ModelInfo:
     def check(self) -> None:
         """Every field's type and range: a manifest edited by hand fails here, not at predict time."""
         for name in ("num_layers", "hidden_size", "max_seq_len", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BundleError(f"model.{name} must be a positive integer, got {value!r}")
+            require_positive_integer(f"model.{name}", getattr(self, name))
         for name in ("uses_token_type_ids", "learned_confidence"):
             if not isinstance(getattr(self, name), bool):
                 raise BundleError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
@@ -120,6 +118,11 @@ class ModelInfo:
         for name, allowed in (("task_type", TASK_TYPES), ("precision", PRECISIONS), ("exit_pooling", EXIT_POOLINGS)):
             if getattr(self, name) not in allowed:
                 raise BundleError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+def require_positive_integer(field_name: str, value, advice: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"{field_name} must be a positive integer, got {value!r}{advice}")
 
 
 def check_labels(labels) -> None:
@@ -226,9 +229,7 @@ class TensorRTEngines:
             data.get("timing_cache"),
         )
         for name in ("max_batch_size", "max_seq_len"):
-            value = getattr(block, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BundleError(f"tensorrt.{name} must be a positive integer, got {value!r}; rebuild with pcee-export --tensorrt")
+            require_positive_integer(f"tensorrt.{name}", getattr(block, name), "; rebuild with pcee-export --tensorrt")
         return block
 
 
