@@ -30,7 +30,8 @@ RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers i
 SINGLE_GRAPH_FILE = "full_model.onnx"
 PLAIN_SINGLE_GRAPH = "single_graph_onnx"
 ALL_LAYERS = "runtime_all_layers"
-OPERATING_POINT = "runtime_operating_point"  # as exported, unfused: every speed is also given as a multiple of its rows/s
+OPERATING_POINT = "runtime_operating_point"  # the bundle's default point
+SAVED_POINT = "runtime_point_"  # + the name of a saved point measured with --points
 
 
 class BenchmarkError(PceeError, ValueError):
@@ -160,7 +161,8 @@ def summarize(
     """Each contender's figures; its wall speed-up against `reference`, by default the fastest single graph of its precision.
 
     `versus_plain` is the contender's rows/s as a multiple of the plain (unfused float) single graph's.
-    A chain's `chain_overhead` and `throughput_vs_single_graph` use its contender's reference too.
+    A chain contender's `throughput_vs_single_graph` (reference time / its time) and a chain's `chain_overhead`
+    use that reference too.
     """
     strongest = strongest_single_graphs(timings, contenders)
     plain = timings[PLAIN_SINGLE_GRAPH].total_seconds() if PLAIN_SINGLE_GRAPH in timings else None
@@ -178,7 +180,7 @@ def summarize(
             entry.update(p50_ms=round(float(np.percentile(latencies, 50)), 3), p99_ms=round(float(np.percentile(latencies, 99)), 3))
         if contender.layer_based:
             saved = layer_speedup(timing.layers_run, rows, num_layers)
-            entry["layer_speedup"] = round(saved, 4)
+            entry.update(layer_speedup=round(saved, 4), throughput_vs_single_graph=round(base / total, 4))
             if saved > 0:
                 entry["efficiency"] = round(entry["wall_speedup"] / saved, 4)
         figures[contender.name] = entry
@@ -187,20 +189,14 @@ def summarize(
 
 
 def chain_figures(figures: dict, timings: dict[str, Timing]) -> dict:
-    """chain_overhead (all layers / reference) and throughput_vs_single_graph (reference / operating point) per chain.
+    """chain_overhead per chain: its all-layers time over its reference's.
 
-    A chain's contenders are named runtime_all_layers and runtime_operating_point, with an "@label" suffix
-    for every chain after the first.
+    A chain's all-layers contender is named runtime_all_layers, with an "@label" suffix for every chain after the first.
     """
-    chains = {}
-    for name in timings:
-        if name.startswith(ALL_LAYERS):
-            suffix = name[len(ALL_LAYERS):]
-            reference = timings[figures[name]["reference"]].total_seconds()
-            chains[f"chain_overhead{suffix}"] = round(timings[name].total_seconds() / reference, 4)
-            if OPERATING_POINT + suffix in timings:
-                chains[f"throughput_vs_single_graph{suffix}"] = round(reference / timings[OPERATING_POINT + suffix].total_seconds(), 4)
-    return chains
+    return {
+        f"chain_overhead{name[len(ALL_LAYERS):]}": round(timings[name].total_seconds() / timings[figures[name]["reference"]].total_seconds(), 4)
+        for name in timings if name.startswith(ALL_LAYERS)
+    }
 
 
 # -- the single-graph reference ----------------------------------------------------------------------

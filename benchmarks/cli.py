@@ -17,11 +17,26 @@ from pcee.calibration.simulate import simulate
 from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, build_policy
 
 from .bench import (
-    ALL_LAYERS, OPERATING_POINT, BenchmarkError, Contender, SingleGraph, cached_single_graph, chunks_of, default_cache_dir, measure,
+    ALL_LAYERS, OPERATING_POINT, SAVED_POINT, BenchmarkError, Contender, SingleGraph, cached_single_graph, chunks_of, default_cache_dir, measure,
     runtime_contender, single_graph_contender, single_graph_for, single_graph_variants, summarize, torch_contender,
 )
+from .figure import write_throughput_plot
 
 QUANTIZATIONS = ("int8",)
+
+
+class PointNames(click.ParamType):
+    """A comma-separated list of saved operating point names, e.g. speedup-0.5,speedup-0.75."""
+
+    name = "NAME[,NAME...]"
+
+    def convert(self, value, param, context) -> list[str]:
+        if isinstance(value, list):
+            return value
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        if not names:
+            self.fail(f"{value!r} names no operating point; give saved names, e.g. speedup-0.5,speedup-0.75", param, context)
+        return names
 
 
 class BatchSizes(click.ParamType):
@@ -47,6 +62,9 @@ class BatchSizes(click.ParamType):
 @click.option("--batch-sizes", type=BatchSizes(), default="1,32",
               help="Batch sizes to measure, comma-separated. Batch 1 gives p50/p99 latency per row; larger batches "
                    "show throughput, where rows that exit early leave the batch.")
+@click.option("--points", type=PointNames(),
+              help="Saved operating points (pcee-calibrate --name) to measure every chain at, comma-separated, each "
+                   "read from that bundle's own manifest. Default: each bundle's default point.")
 @click.option("--repeats", default=3, type=click.IntRange(min=1),
               help="Interleaved passes over the rows per contender; the median pass is reported. More repeats "
                    "steady the figures on a busy machine.")
@@ -70,6 +88,9 @@ class BatchSizes(click.ParamType):
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS),
               help="Also measure the optimized single graphs dynamically quantized (onnxruntime quantize_dynamic, int8 "
                    "weights, per channel): the reference for int8 bundles.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a PNG bar chart of every contender's rows/s (as a multiple of the plain single graph's), "
+                   "one panel per batch size (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, figures under results[<batch size>], instead of tables.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars (they go to stderr).")
 def main(bundle_dir: Path, **options) -> None:
@@ -85,8 +106,10 @@ def main(bundle_dir: Path, **options) -> None:
       single_graph_*_int8       the optimized ones dynamically quantized (--quantize int8)
       pytorch_eager             the PyTorch model, full depth (with --model-dir)
       runtime_all_layers        the per-layer chain, no early exit
-      runtime_operating_point   the chain at the bundle's operating point
+      runtime_operating_point   the chain at the bundle's default operating point
+      runtime_point_NAME        the chain at saved point NAME (--points)
       runtime_pabee             PABEE at the patience closest in layer speed-up
+                                to the first point's
       ...@NAME                  the chain of each --also-bundle
     Every onnxruntime session has the same settings.
 
@@ -103,12 +126,17 @@ def main(bundle_dir: Path, **options) -> None:
     --cache-dir.
 
     \b
-    Example (pcee-export runs/sst2 wrote runs/sst2-pcee; --quantize int8 -o runs/sst2-int8):
+    Example (pcee-export runs/sst2 wrote runs/sst2-pcee; --quantize int8 -o runs/sst2-int8;
+    both calibrated with --name speedup-0.5 and --name speedup-0.75):
       pcee-bench runs/sst2-pcee --data data/glue/SST-2 --model-dir runs/sst2 \\
-          --also-bundle runs/sst2-int8 --quantize int8 --json
+          --also-bundle runs/sst2-int8 --quantize int8 \\
+          --points speedup-0.5,speedup-0.75 --json
     """
     try:
+        check_plot_path(options["plot"])
         report = run_benchmark(bundle_dir, options)
+        if options["plot"]:
+            write_throughput_plot(report, options["plot"])
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(report, indent=2) if options["as_json"] else format_report(report))
@@ -116,14 +144,15 @@ def main(bundle_dir: Path, **options) -> None:
 
 @dataclass
 class Chain:
-    """One bundle's per-layer chain, at its own operating point; `suffix` tells its contenders apart ("" for the first)."""
+    """One bundle's per-layer chain and the points to measure it at; `suffix` tells its contenders apart ("" for the first)."""
 
     runtime: EarlyExitRuntime
     suffix: str
+    points: list[tuple[str, OperatingPoint]]  # (contender name, point), all layers excluded
     pabee: OperatingPoint | None = None  # the first bundle also runs PABEE at a matched layer speed-up
 
     def contenders(self, batch_size: int) -> list[Contender]:
-        points = [(ALL_LAYERS, OperatingPoint("full")), (OPERATING_POINT, self.runtime.operating_point)]
+        points = [(ALL_LAYERS, OperatingPoint("full")), *self.points]
         if self.pabee is not None:
             points.append(("runtime_pabee", self.pabee))
         return [runtime_contender(name + self.suffix, self.runtime, point, batch_size) for name, point in points]
@@ -132,8 +161,15 @@ class Chain:
         manifest = self.runtime.manifest
         return {
             "bundle": str(self.runtime.bundle_dir), "precision": manifest.model.precision,
-            "fused_operators": manifest.layers[0].fused_operators, "operating_point": self.runtime.operating_point.to_dict(),
+            "fused_operators": manifest.layers[0].fused_operators,
+            "operating_points": {name + self.suffix: point.to_dict() for name, point in self.points},
         }
+
+
+def check_plot_path(path: Path | None) -> None:
+    """Before minutes of timing: the chart must have somewhere to go."""
+    if path is not None and (path.suffix.lower() != ".png" or not path.parent.is_dir()):
+        raise BenchmarkError(f"--plot {path}: give a .png file in an existing directory")
 
 
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:
@@ -143,12 +179,13 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="pcee-bench-") as workdir:  # sessions keep what they load; the files may go
         single_graph, references = reference_contenders(bundle_dir, manifest, options, Path(workdir))
     chains = [open_chain(bundle_dir, "", options)] + [open_chain(other, f"@{other.name}", options) for other in options["also_bundles"]]
+    first_point = chains[0].points[0][1]
     first = chains[0].runtime
     batch = first.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     if options["max_rows"]:
         batch = batch.select(np.arange(min(options["max_rows"], len(batch))))
     exits = record_all_exits(first, batch, progress=not options["no_progress"]).exits
-    expected_speedup = simulate(build_policy(first.operating_point, first.num_layers, manifest.model.learned_confidence), exits).layer_speedup
+    expected_speedup = simulate(build_policy(first_point, first.num_layers, manifest.model.learned_confidence), exits).layer_speedup
     chains[0].pabee = closest_pabee(first, exits, expected_speedup)
     results = {}
     for batch_size in options["batch_sizes"]:
@@ -158,7 +195,7 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
         "bundle": str(bundle_dir), "rows": len(batch), "repeats": options["repeats"], "backend": first.backend_name,
         "device": first.device, "intra_op_threads": options["intra_op_threads"],
         "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
-        "operating_point": first.operating_point.to_dict(), "pabee_point": chains[0].pabee.to_dict(),
+        "pabee_point": chains[0].pabee.to_dict(),
         "chains": {chain.suffix or "first": chain.describe() for chain in chains}, "results": results,
     }
 
@@ -174,7 +211,15 @@ def check_same_model(manifest: Manifest, others: tuple[Path, ...]) -> None:
 
 
 def open_chain(bundle_dir: Path, suffix: str, options: dict) -> Chain:
-    return Chain(EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"]), suffix)
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"])
+    if not options["points"]:
+        return Chain(runtime, suffix, [(OPERATING_POINT, runtime.operating_point)])
+    missing = [name for name in options["points"] if runtime.manifest.saved_point(name) is None]
+    if missing:
+        saved = [point.name for point in runtime.manifest.operating_points]
+        runtime.close()
+        raise BenchmarkError(f"{bundle_dir} has no saved operating point {', '.join(missing)} (saved: {saved}); calibrate it with pcee-calibrate --name")
+    return Chain(runtime, suffix, [(SAVED_POINT + name, runtime.manifest.saved_point(name)) for name in options["points"]])
 
 
 def reference_contenders(bundle_dir: Path, manifest: Manifest, options: dict, workdir: Path) -> tuple[SingleGraph, list[Contender]]:
@@ -218,7 +263,8 @@ def format_report(report: dict) -> str:
     threads = report["intra_op_threads"] or "default"
     lines = [
         f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads; "
-        f"operating point {OperatingPoint.from_dict(report['operating_point']).describe()}, PABEE patience {report['pabee_point']['patience']}",
+        f"PABEE patience {report['pabee_point']['patience']}",
+        *(f"{name}: {OperatingPoint.from_dict(point).describe()}" for chain in report["chains"].values() for name, point in chain["operating_points"].items()),
         f"single graph ({report['single_graph']['origin']}): {report['single_graph']['file']}",
     ]
     columns = (("rows_per_second", "rows/s", 10), ("versus_plain", "x plain", 9), ("p50_ms", "p50 ms", 9), ("p99_ms", "p99 ms", 9),

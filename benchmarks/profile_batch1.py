@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
 
-from .bench import Contender, runtime_contender, single_graph_contender, single_graph_for
+from .bench import OPERATING_POINT, Contender, runtime_contender, single_graph_contender, single_graph_for
 
 
 class SessionClock:
@@ -54,7 +54,7 @@ def main(bundle_dir: str, tsv: str, rows: int = 400, repeats: int = 3) -> None:
     contenders = [
         single_graph_contender(single_graph.path, None),
         runtime_contender("runtime_all_layers", runtime, OperatingPoint("full"), 1),
-        runtime_contender("runtime_operating_point", runtime, runtime.operating_point, 1),
+        runtime_contender(OPERATING_POINT, runtime, runtime.operating_point, 1),
     ]
     results: dict[str, list[tuple[float, float]]] = {contender.name: [] for contender in contenders}
     for _ in range(repeats):

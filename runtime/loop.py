@@ -50,6 +50,8 @@ def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, nu
             records = backend.run_layers(state, layers_done, span)
             exited = settle_span(policy, policy_state, records, layers_done, outcome, active)
             layers_done += span
+            if not exited.any():  # nobody left: nothing to compact (the common case between exits)
+                continue
             keep = ~exited
             if keep.any():
                 state = backend.compact(state, keep)

@@ -162,6 +162,26 @@ def test_one_batch_size_option_and_every_option_explains_itself(bundle_with_sing
     assert sorted(json.loads(result.stdout)["results"]) == ["1", "4"]
 
 
+def test_points_measure_every_chain_at_each_saved_point(bundle_with_single_graph, data_csv, tmp_path):
+    from pcee.calibration.cli import calibrate_main
+
+    bundle = Path(shutil.copytree(bundle_with_single_graph, tmp_path / "calibrated-pcee"))
+    data = ["--data", str(data_csv), "--text-column", "text", "--label-column", "label", "--no-progress"]
+    for name, target in (("half", "0.3"), ("most", "0.6")):
+        calibrated = CliRunner().invoke(calibrate_main, [str(bundle), *data, "--target-speedup", target, "--name", name])
+        assert calibrated.exit_code == 0, calibrated.output
+    plot = tmp_path / "rows-per-second.png"
+    report = json.loads(run_bench(bundle, data_csv, "--points", "half,most", "--plot", plot, "--json").stdout)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    figures = report["results"]["1"]
+    for name in ("half", "most"):
+        entry = figures[f"runtime_point_{name}"]
+        assert entry["throughput_vs_single_graph"] == pytest.approx(1 / (1 - entry["wall_speedup"]), rel=1e-3)
+    assert set(report["chains"]["first"]["operating_points"]) == {"runtime_point_half", "runtime_point_most"}
+    assert "runtime_operating_point" not in figures and "chain_overhead" in figures
+    assert "no saved operating point nowhere" in single_error_line(run_bench(bundle, data_csv, "--points", "half,nowhere"))
+
+
 # ------------------------------------------------------------------ 5. docs name no machine's paths
 
 
@@ -184,6 +204,8 @@ def test_the_glue_study_names_bundles_as_pcee_export_does(tmp_path):
 @pytest.mark.parametrize("arguments, says", [
     (["--model-dir", "{bundle}"], "config.json"),  # a bundle is not a model directory
     (["--batch-sizes", "0,1"], "--batch-sizes"),
+    (["--plot", "{bundle}/no-such-dir/chart.png"], "--plot"),
+    (["--plot", "{bundle}/chart.svg"], "--plot"),
     (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json"], "--cache-dir"),
     (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json/below"], "writable"),
 ])

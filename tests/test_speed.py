@@ -163,6 +163,41 @@ def test_runtime_calibration_and_eval_run_an_int8_bundle(int8_bundle, parity_dat
     assert json.loads(evaluated.stdout)["layer_speedup"] >= 0
 
 
+# ------------------------------------------------------------------ session settings of the chain
+
+
+def optimized_operators(path: Path, options, open_with) -> set[str]:
+    """The operator types left after onnxruntime's session-level optimizations of the graph at `path`."""
+    saved = path.with_name(path.stem + ".optimized.onnx")
+    options.optimized_model_filepath = str(saved)
+    open_with(path, options)
+    operators = {node.op_type for node in onnx.load(str(saved)).graph.node}
+    saved.unlink()
+    return operators
+
+
+def test_cpu_layer_sessions_leave_residual_layer_norms_unfused(int8_bundle):
+    import onnxruntime as ort
+
+    from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, open_session
+
+    layer = int8_bundle / Manifest.load(int8_bundle).layers[0].file
+    by_default = optimized_operators(layer, ort.SessionOptions(), lambda path, options: ort.InferenceSession(str(path), options))
+    assert "SkipLayerNormalization" in by_default  # onnxruntime fuses it on its own: the setting is not vacuous
+    runtime_opened = optimized_operators(layer, cpu_session_options(1), lambda path, options: open_session(path, options, ["CPUExecutionProvider"]))
+    assert "SkipLayerNormalization" not in runtime_opened and "LayerNormalization" in runtime_opened
+
+
+def test_the_chain_sessions_share_one_arena_and_cuda_sessions_do_not_opt_in(int8_bundle):
+    from pcee.runtime.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend, cpu_session_options
+
+    backend = OnnxRuntimeCpuBackend(Manifest.load(int8_bundle).graph_chain(int8_bundle), intra_op_threads=1)
+    sessions = [backend.embeddings[0], *(session for session, _ in backend.layers)]
+    assert {session.get_session_options().get_session_config_entry("session.use_env_allocators") for session in sessions} == {"1"}
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        cpu_session_options(1, share_arena=False).get_session_config_entry("session.use_env_allocators")
+
+
 # ------------------------------------------------------------------ format versions
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from .base import Backend
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
-def cpu_session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
-    """Options for every CPU session this project creates."""
+def cpu_session_options(intra_op_threads: int | None = None, share_arena: bool = True) -> ort.SessionOptions:
+    """Options for every session this project creates; `share_arena` for CPU-only ones (see share_process_arena)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -32,12 +33,43 @@ def cpu_session_options(intra_op_threads: int | None = None) -> ort.SessionOptio
     # without. (onnxruntime's process-wide pool measured no better here, and it would force every
     # other session of a server's process onto it.)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if share_arena:
+        share_process_arena(options)
     return options
 
 
+# Session-level fusions that make our CPU graphs slower. SkipLayerNormFusion fires in a layer graph
+# (residual add + LayerNorm) though not in the single graph; measured at batch 1, one thread, on the
+# demo MiniLM: the int8 chain went from 1.65x to 1.23x the int8 single graph's time with it off,
+# the fused float chain from 1.18x to 1.09x. CUDA sessions keep every fusion.
+CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def share_process_arena(options: ort.SessionOptions) -> None:
+    """Make the session allocate from one CPU arena shared by every session of this process that opts in.
+
+    Each session otherwise owns an arena, so a chain of seven sessions spreads its intermediate
+    buffers over seven sets of memory; sharing one keeps them in cache between layers. Measured at
+    batch 1, one thread: the float chain 1.10x -> 1.07x the single graph's time, the int8 chain
+    1.23x -> 1.15x. The arena is registered once per process; sessions that do not opt in (anyone
+    else's) are untouched.
+    """
+    global _arena_registered
+    with _arena_lock:
+        if not _arena_registered:
+            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))  # -1: onnxruntime's defaults
+            _arena_registered = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def open_session(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    disabled = CPU_DISABLED_OPTIMIZERS if providers == ["CPUExecutionProvider"] else None
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
     except Exception as error:  # onnxruntime raises its own exception types for bad graphs
         raise BundleError(f"{path} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle") from None
 

@@ -88,7 +88,7 @@ class OnnxRuntimeCudaBackend(Backend):
         self.cuda = require_cuda("onnxruntime-cuda", cuda_provider_problems())
         # Only nodes that fall back to the CPU use these threads: one per session keeps a dozen
         # sessions from each starting a pool the size of the machine.
-        options = cpu_session_options(intra_op_threads=1)
+        options = cpu_session_options(intra_op_threads=1, share_arena=False)
         self.embeddings_spec = chain.embeddings.spec
         self.embeddings = open_cuda_session(chain.embeddings, options)
         self.layers = [open_cuda_session(layer, options) for layer in chain.layers]
