@@ -31,12 +31,11 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
          "another task name.",
 )
 @click.option(
-    "--fuse/--no-fuse", "fuse", default=None, show_default=False,
+    "--fuse/--no-fuse", "fuse", default=True, show_default=True,
     help="Give the graphs onnxruntime's transformer fusions (one Attention node per layer for BERT and RoBERTa, "
-         "BiasGelu), which run on onnxruntime alone, or write portable graphs of standard ONNX operators. Default: "
-         "fused for --quantize int8, portable otherwise (a fused float chain measured slower than a portable one on "
-         "CPU; see docs/RESULTS.md). --tensorrt, --fp16 and --opset below 17 always write portable graphs (TensorRT "
-         "does its own fusion).",
+         "BiasGelu), which run on onnxruntime alone (the faster chain on CPU; see docs/RESULTS.md), or write "
+         "portable graphs of standard ONNX operators for other runtimes. --tensorrt, --fp16 and --opset below 17 "
+         "always write portable graphs (TensorRT does its own fusion).",
 )
 @click.option(
     "--quantize", type=click.Choice(QUANTIZATIONS),

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pcee.modeling.adapters import attention_bias, mask_from_bias
-from pcee.modeling.model import MultiExitClassifier, normalized_entropy
+from pcee.modeling.model import MultiExitClassifier, exit_probabilities_and_entropy
 
 from .optimize import CONTRIB_DOMAIN
 
@@ -41,8 +41,8 @@ def to_model_dtype(model: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -
 def exit_signals(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 logits, normalized entropy and max probability of one exit, as the runtime's policies read them."""
     logits = logits.float()
-    probabilities = torch.softmax(logits, dim=-1)
-    return logits, normalized_entropy(probabilities), probabilities.max(dim=-1).values
+    probabilities, entropy = exit_probabilities_and_entropy(logits)
+    return logits, entropy, probabilities.max(dim=-1).values
 
 
 class EmbeddingsGraph(nn.Module):

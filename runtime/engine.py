@@ -21,6 +21,7 @@ from .tokenization import BundleTokenizer, EncodedBatch
 
 PointLike = OperatingPoint | dict | str
 FULL_POINT = OperatingPoint("full", name="full")  # what a backend with the last exit only serves
+POLICY_CACHE_SIZE = 64  # distinct points kept built; requests naming more are built each call
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class EarlyExitRuntime:
         self.backend = backend
         self.tokenizer = open_tokenizer(bundle_dir, manifest)
         self._policy_lock = threading.Lock()
+        self._built_policies: dict[OperatingPoint, ExitPolicy] = {}  # policies are immutable: safe to share between threads
         self._policy = self.make_policy(operating_point)
 
     @classmethod
@@ -144,13 +146,22 @@ class EarlyExitRuntime:
         raise PolicyError(f"operating point must be an OperatingPoint, dict or saved name, got {type(point).__name__}")
 
     def make_policy(self, point: PointLike) -> ExitPolicy:
+        """The validated policy of `point`; points already seen come from a small cache (a request may name one per call)."""
         resolved = self.resolve_operating_point(point)
-        if self.backend.only_full_point and resolved.policy != FULL_POINT.policy:
+        policy = self._built_policies.get(resolved)
+        if policy is None:
+            policy = self.build_checked_policy(resolved)
+            if len(self._built_policies) < POLICY_CACHE_SIZE:
+                self._built_policies[resolved] = policy
+        return policy
+
+    def build_checked_policy(self, point: OperatingPoint) -> ExitPolicy:
+        if self.backend.only_full_point and point.policy != FULL_POINT.policy:
             raise PolicyError(
                 f"backend {self.backend.name!r} runs the whole model as one graph, which has only the last exit: "
-                f"it serves the full operating point only, not policy {resolved.policy!r}"
+                f"it serves the full operating point only, not policy {point.policy!r}"
             )
-        return build_policy(resolved, self.num_layers, self.manifest.model.learned_confidence)
+        return build_policy(point, self.num_layers, self.manifest.model.learned_confidence)
 
     def set_operating_point(self, point: PointLike) -> OperatingPoint:
         """Switch the default policy for later calls; calls already running keep the one they started with.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AlbertConfig, AutoModel, BertConfig, DistilBertConfig, 
 from pcee.modeling.adapters import attention_bias, get_adapter, mask_from_bias
 from pcee.modeling.config import PceeConfig, default_exit_pooling
 from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureError
-from pcee.modeling.model import MultiExitClassifier, exit_loss_weights, normalized_entropy
+from pcee.modeling.model import MultiExitClassifier, exit_loss_weights, exit_probabilities_and_entropy
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
 BACKBONE_CONFIGS = {
@@ -108,11 +109,19 @@ def test_mask_round_trips_through_the_bias():
     assert torch.equal(mask_from_bias(attention_bias(mask, torch.float32)), mask.float())
 
 
-def test_normalized_entropy_bounds():
-    uniform = torch.full((1, 4), 0.25)
-    certain = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    assert torch.allclose(normalized_entropy(uniform), torch.tensor([1.0]))
-    assert torch.allclose(normalized_entropy(certain), torch.tensor([0.0]))
+def test_normalized_entropy_bounds_and_no_nan_where_probabilities_underflow():
+    uniform = torch.zeros((1, 4))
+    certain = torch.tensor([[200.0, 0.0, -200.0, 0.0]])  # exp(-200) underflows to 0 in float32
+    assert torch.allclose(exit_probabilities_and_entropy(uniform)[1], torch.tensor([1.0]))
+    probabilities, entropy = exit_probabilities_and_entropy(certain)
+    assert probabilities[0, 2] == 0 and torch.allclose(entropy, torch.tensor([0.0]))
+
+
+def test_normalized_entropy_matches_its_definition():
+    logits = torch.randn(64, 3) * 4
+    probabilities = torch.softmax(logits, dim=-1)
+    expected = (probabilities * probabilities.log()).sum(-1) / math.log(1 / 3)
+    assert torch.allclose(exit_probabilities_and_entropy(logits)[1], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", sorted(BACKBONE_CONFIGS))

@@ -103,8 +103,9 @@ def test_no_fuse_writes_portable_graphs_for_tensorrt(model_dirs, tmp_path):
     assert not ExportOptions(opset=14, fuse=True).fuses
 
 
-def test_float_bundles_are_portable_and_int8_bundles_fused_by_default():
-    assert not ExportOptions().fuses and ExportOptions(quantize="int8").fuses and not ExportOptions(quantize="int8", fuse=False).fuses
+def test_float_and_int8_bundles_are_fused_by_default_and_portable_on_request():
+    assert ExportOptions().fuses and ExportOptions(quantize="int8").fuses
+    assert not ExportOptions(fuse=False).fuses and not ExportOptions(quantize="int8", fuse=False).fuses
 
 
 # ------------------------------------------------------------------ int8
@@ -120,6 +121,25 @@ def test_int8_agreement_and_accuracy_are_recorded(int8_bundle, parity_data):
     assert quantization.parity_data == str(parity_data)
     for layer in manifest.layers:
         assert {"QAttention", "MatMulInteger"} <= set(layer.fused_operators)
+
+
+def test_int8_exit_heads_stay_float_as_the_manifest_says(int8_bundle):
+    from pcee.exporter.optimize import exit_head_nodes
+
+    manifest = Manifest.load(int8_bundle)
+    assert manifest.quantization.float_exit_heads
+    for layer in manifest.layers:
+        head = {node.op_type for node in exit_head_nodes(onnx.load(str(int8_bundle / layer.file)).graph)}
+        assert head & {"Gemm", "MatMul"} and not head & {"MatMulInteger", "DynamicQuantizeLinear"}, (layer.file, head)
+
+
+def test_a_quantizer_that_quantizes_the_head_anyway_fails_the_export(model_dirs, tmp_path, monkeypatch):
+    from pcee.exporter import optimize
+
+    monkeypatch.setattr(optimize, "float_head_exclusions", lambda graph: [node.name for node in optimize.exit_head_nodes(graph)])
+    with pytest.raises(ExportError, match="into the exit head of layer_01.onnx"):
+        export_bundle(model_dirs["bert"], tmp_path / "int8", ExportOptions(quantize="int8"))
+    assert not (tmp_path / "int8").exists()
 
 
 def test_int8_export_fails_below_the_agreement_threshold_and_keeps_the_previous_bundle(model_dirs, tmp_path, monkeypatch):
