@@ -1,82 +1,205 @@
-"""Where batch-1 time goes: onnxruntime calls versus the runtime's Python, next to the single graph.
+"""Where batch-1 time goes: the early-exit chain taken apart step by step, next to the single graph.
 
-    python -m pcee.benchmarks.profile_batch1 BUNDLE_DIR GLUE_TSV [ROWS]
-
-BUNDLE_DIR needs its own single-graph model (pcee-export --with-full-graph); GLUE_TSV is a file
-whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.
+    python -m pcee.benchmarks.profile_batch1 BUNDLE_DIR --data data/glue/SST-2/dev.tsv
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
-import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import click
 import numpy as np
-import onnxruntime as ort
 
-from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
+from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
 
-from .bench import OPERATING_POINT, Contender, runtime_contender, single_graph_contender, single_graph_for
+from .bench import BenchmarkError, single_graph_for
 
-
-class SessionClock:
-    """Wraps InferenceSession.run to add up the time spent inside onnxruntime."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.original = ort.InferenceSession.run
-
-    def __enter__(self) -> "SessionClock":
-        original = self.original
-
-        def timed(session, *args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(session, *args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        ort.InferenceSession.run = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        ort.InferenceSession.run = self.original
+Step = Callable[[EncodedBatch], object]
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
-def main(bundle_dir: str, tsv: str, rows: int = 400, repeats: int = 3) -> None:
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu")
-    single_graph = single_graph_for(Path(bundle_dir), runtime.manifest)
-    texts = [line.split("\t")[0] for line in open(tsv, encoding="utf-8").read().splitlines()[1 : rows + 1]]
+@click.command(context_settings=CONTEXT)
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.")
+@click.option("--rows", default=300, type=click.IntRange(min=1), help="How many sentences, one per call.")
+@click.option("--repeats", default=7, type=click.IntRange(min=1), help="Interleaved passes; the median pass is reported.")
+@click.option("--single-graph", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The reference graph. Default: the bundle's own (pcee-export --with-full-graph). pcee-bench keeps the "
+                   "ones it exports under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx.")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).")
+@click.option("--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def main(
+    bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph: Path | None, quantize: str | None, intra_op_threads: int, as_json: bool,
+) -> None:
+    """Take the batch-1 cost of the early-exit chain apart, next to the single graph.
+
+    \b
+    Each step adds one thing to the one before, over the same rows, one row per
+    call, every step interleaved; ms per row, median pass:
+      single_graph              the whole network as one graph (the reference)
+      sessions_no_exit_heads    the chain's onnxruntime sessions called directly,
+                                each layer graph cut down to its next hidden state
+      sessions                  the same with the exit heads: what the graphs cost
+      backend                   the runtime's backend over the same graphs
+      runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point
+      runtime_operating_point   the same at the bundle's default point
+      sessions_onnxruntime_defaults
+                                `sessions` on onnxruntime's own settings, not the
+                                runtime's (per-session arenas, every fusion)
+
+    \b
+    Example (an int8 bundle, against the fused single graph pcee-bench exported
+    and cached, quantized the way pcee-bench quantizes it):
+      python -m pcee.benchmarks.profile_batch1 runs/sst2-pcee-int8 \\
+          --data data/glue/SST-2/dev.tsv --quantize int8 \\
+          --single-graph ~/.cache/pcee/single-graph/HASH-fused/full_model.onnx
+    """
+    try:
+        report = profile(bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads)
+    except PceeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph: Path | None, quantize: str | None, threads: int) -> dict:
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
+    reference = single_graph or single_graph_for(bundle_dir, runtime.manifest).path
+    singles = one_row_batches(runtime, data, rows)
+    chain = runtime.manifest.graph_chain(bundle_dir)
+    with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:
+        headless = [open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, Path(workdir))]
+        reference_session = open_cpu_session(quantized_copy(reference, Path(workdir)) if quantize else reference, threads)
+    steps = {
+        "single_graph": session_step(reference_session),
+        "sessions_no_exit_heads": chain_step(open_cpu_session(chain.embeddings.path, threads), headless, chain),
+        "sessions": chain_step(open_cpu_session(chain.embeddings.path, threads), [open_cpu_session(g.path, threads) for g in chain.layers], chain),
+        "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
+        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
+        "runtime_operating_point": lambda row: runtime.predict_encoded(row),
+        "sessions_onnxruntime_defaults": chain_step(
+            plain_session(chain.embeddings.path, threads), [plain_session(g.path, threads) for g in chain.layers], chain,
+        ),
+    }
+    milliseconds = time_steps(steps, singles, repeats)
+    base = milliseconds["single_graph"]
+    return {
+        "bundle": str(bundle_dir), "single_graph": str(reference), "rows": len(singles), "repeats": repeats, "intra_op_threads": threads,
+        "operating_point": runtime.operating_point.to_dict(),
+        "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
+        "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
+    }
+
+
+def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:
+    lines = data.read_text(encoding="utf-8").splitlines()[1 : rows + 1]
+    texts = [line.split("\t")[0] for line in lines if line.strip()]
+    if not texts:
+        raise BenchmarkError(f"{data} holds no sentences below its header line")
     batch = runtime.tokenizer.encode_texts(texts)
-    singles = [batch.select(np.array([index])) for index in range(len(texts))]
-    contenders = [
-        single_graph_contender(single_graph.path, None),
-        runtime_contender("runtime_all_layers", runtime, OperatingPoint("full"), 1),
-        runtime_contender(OPERATING_POINT, runtime, runtime.operating_point, 1),
-    ]
-    results: dict[str, list[tuple[float, float]]] = {contender.name: [] for contender in contenders}
+    return [batch.select(np.array([index])) for index in range(len(batch))]
+
+
+def layers_without_exit_heads(chain: graphs.GraphChain, workdir: Path) -> list[Path]:
+    """Each layer graph cut down to what its next hidden state needs."""
+    import onnx.utils
+
+    paths = []
+    for layer in chain.layers:
+        path = workdir / layer.path.name
+        onnx.utils.extract_model(str(layer.path), str(path), layer.spec.input_names, [graphs.NEXT_HIDDEN_STATES])
+        paths.append(path)
+    return paths
+
+
+def quantized_copy(path: Path, workdir: Path) -> Path:
+    from pcee.exporter.optimize import quantize_graph
+
+    copy = workdir / "single_graph.int8.onnx"
+    shutil.copyfile(path, copy)
+    quantize_graph(copy, float_exit_head=False)
+    return copy
+
+
+def plain_session(path: Path, threads: int):
+    """A session on onnxruntime's own settings (its own memory arena, every fusion), spinning off as the runtime's.
+
+    Left spinning, a chain of sessions measured ~2x slower still; that is not the comparison made here.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def session_step(session) -> Step:
+    names = [tensor.name for tensor in session.get_inputs()]
+    return lambda row: session.run(None, {name: getattr(row, name) for name in names})
+
+
+def chain_step(embeddings, layers: list, chain: graphs.GraphChain) -> Step:
+    names = chain.embeddings.spec.input_names
+
+    def run(row: EncodedBatch) -> None:
+        hidden, bias = embeddings.run(None, {name: getattr(row, name) for name in names})
+        for session in layers:
+            hidden = session.run(None, {graphs.HIDDEN_STATES: hidden, graphs.ATTENTION_BIAS: bias})[0]
+
+    return run
+
+
+def backend_step(backend) -> Step:
+    def run(row: EncodedBatch) -> None:
+        state = backend.begin(row)
+        try:
+            backend.run_layers(state, 0, backend.num_layers)
+        finally:
+            backend.finish(state)
+
+    return run
+
+
+def time_steps(steps: dict[str, Step], rows: list[EncodedBatch], repeats: int) -> dict[str, float]:
+    """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike."""
+    for step in steps.values():
+        step(rows[0])
+    passes: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for contender in contenders:
-            results[contender.name].append(time_rows(contender, singles))
-    for name, runs in results.items():
-        total = statistics.median(t for t, _ in runs) / len(singles) * 1000
-        inside = statistics.median(o for _, o in runs) / len(singles) * 1000
-        print(f"{name:26s} {total:.3f} ms/row, {inside:.3f} in onnxruntime, {total - inside:.3f} in Python")
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for row in rows:
+                step(row)
+            passes[name].append((time.perf_counter() - started) / len(rows) * 1000)
+    return {name: statistics.median(values) for name, values in passes.items()}
 
 
-def time_rows(contender: Contender, rows: list) -> tuple[float, float]:
-    """Seconds for all rows one at a time, and the part of it spent inside onnxruntime."""
-    with SessionClock() as clock:
-        started = time.perf_counter()
-        for row in rows:
-            contender.run(row)
-        return time.perf_counter() - started, clock.seconds
+COMPARED_WITH = {  # the step each row's "added" column is measured against
+    "sessions_no_exit_heads": "single_graph", "sessions": "sessions_no_exit_heads", "backend": "sessions",
+    "runtime_all_layers": "backend", "sessions_onnxruntime_defaults": "sessions",
+}
+
+
+def format_report(report: dict) -> str:
+    point = OperatingPoint.from_dict(report["operating_point"]).describe()
+    milliseconds = report["ms_per_row"]
+    lines = [f"{report['rows']} rows one at a time, median of {report['repeats']} passes, {report['intra_op_threads']} thread(s); "
+             f"operating point {point}", f"{'step':<31}{'ms/row':>9}{'x single':>10}{'added':>9}  to"]
+    for name, value in milliseconds.items():
+        before = COMPARED_WITH.get(name)
+        added = f"{value - milliseconds[before]:>+9.3f}  {before}" if before else ""
+        lines.append(f"{name:<31}{value:>9.3f}{report['versus_single_graph'][name]:>10.3f}{added}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], sys.argv[2], *(int(value) for value in sys.argv[3:4]))
-    except PceeError as error:
-        sys.exit(f"Error: {error}")
+    main()

@@ -44,12 +44,17 @@ def export_graph(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
-                custom_opsets={CONTRIB_DOMAIN: 1} if writes_contrib_operators(module) else None,
+                custom_opsets={CONTRIB_DOMAIN: 1} if holds_attention(spec) and writes_contrib_operators(module) else None,
             )
     if fusion is not None:
         fuse_graph(path, fusion)
     record_graph_name(path, name)
     check_onnx_file(path)
+
+
+def holds_attention(spec: GraphSpec) -> bool:
+    """The embeddings graph never does (declaring the contrib domain there makes torch warn it is unused)."""
+    return spec.kind != "embeddings"
 
 
 def record_graph_name(path: Path, name: str) -> None:

@@ -65,21 +65,25 @@ def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, nu
 def settle_span(
     policy: ExitPolicy, policy_state: PolicyState, records: list[ExitRecord], layers_done: int, outcome: BatchOutcome, active: np.ndarray
 ) -> np.ndarray:
-    """Step the policy through a span's layers; record the rows that exit; return their mask."""
-    exited = np.zeros(active.size, dtype=bool)
-    for layer, record in enumerate(records, start=layers_done + 1):
-        leaving = policy.step(policy_state, layer, record) & ~exited
-        if leaving.any():
-            rows = np.flatnonzero(leaving)
-            probabilities = policy.exit_probabilities(policy_state, record, rows)
-            outcome.record(active[rows], layer, probabilities, policy.exit_confidence(record, rows))
-            exited |= leaving
-        if layer == policy.num_layers and not exited.all():
-            # Never satisfied: the row takes the last exit's prediction.
-            rows = np.flatnonzero(~exited)
-            outcome.record(active[rows], layer, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
-            exited[:] = True
-    return exited
+    """Step the policy through a span's layers; record the rows that exit at its last layer; return their mask.
+
+    No row can exit before a span's last layer (what `layers_until_possible_exit` promises), so the
+    layers before it only advance the policy's state: at batch 1 every array operation skipped counts.
+    """
+    last_layer = layers_done + len(records)
+    for layer, record in enumerate(records[:-1], start=layers_done + 1):
+        policy.step(policy_state, layer, record)
+    record = records[-1]
+    leaving = policy.step(policy_state, last_layer, record)
+    if leaving.any():
+        rows = np.flatnonzero(leaving)
+        outcome.record(active[rows], last_layer, policy.exit_probabilities(policy_state, record, rows), policy.exit_confidence(record, rows))
+    if last_layer == policy.num_layers and not leaving.all():
+        # Never satisfied: the row takes the last exit's prediction.
+        rows = np.flatnonzero(~leaving)
+        outcome.record(active[rows], last_layer, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
+        return np.ones(active.size, dtype=bool)
+    return leaving
 
 
 def run_every_exit(backend: Backend, batch: EncodedBatch) -> AllExits:

@@ -216,3 +216,21 @@ def test_bad_input_gets_one_line_and_no_traceback(bundle, model_dir, data_csv, a
 
 def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
     assert "manifest.json" in single_error_line(run_bench(tmp_path / "nowhere", data_csv))
+
+
+# ------------------------------------------------------------------ 7. the batch-1 profile
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
+def test_the_batch1_profile_takes_every_step_against_the_single_graph(bundle_with_single_graph, tmp_path, extra):
+    from pcee.benchmarks.profile_batch1 import main as profile_cli
+
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
+    result = CliRunner().invoke(profile_cli, [str(bundle_with_single_graph), "--data", str(data), "--rows", "5", "--repeats", "1", "--json", *extra])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    steps = ["single_graph", "sessions_no_exit_heads", "sessions", "backend", "runtime_all_layers", "runtime_operating_point",
+             "sessions_onnxruntime_defaults"]
+    assert list(report["ms_per_row"]) == steps and report["rows"] == 5 and report["versus_single_graph"]["single_graph"] == 1
+    assert all(value > 0 for value in report["ms_per_row"].values())
