@@ -85,9 +85,9 @@ class ExportOptions:
     task_type: str | None = None  # "single_sentence" or "sentence_pair"; None: what the model's config says
     with_full_graph: bool = False
     progress: bool = False
-    # onnxruntime's transformer fusions: the fused float chain measured 1.06x (batch 1) and 0.99x (batch 32)
-    # the portable chain's rows/s at a 50% point, the int8 one faster still (docs/RESULTS.md). TensorRT,
-    # fp16 and pre-17 opset bundles always get portable graphs.
+    # onnxruntime's transformer fusions: the fused float chain measured 1.02-1.03x (batch 1) and 0.99x
+    # (batch 32) the portable chain's rows/s at a 50% point (docs/RESULTS.md). TensorRT, fp16 and
+    # pre-17 opset bundles always get portable graphs.
     fuse: bool = True
     quantize: str | None = None  # "int8": dynamic quantization of the layer graphs' weights
     parity_data: Path | None = None  # labelled rows an int8 bundle's agreement and accuracy are measured on

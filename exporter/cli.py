@@ -33,7 +33,8 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 @click.option(
     "--fuse/--no-fuse", "fuse", default=True, show_default=True,
     help="Give the graphs onnxruntime's transformer fusions (one Attention node per layer for BERT and RoBERTa, "
-         "BiasGelu), which run on onnxruntime alone (the faster chain on CPU; see docs/RESULTS.md), or write "
+         "BiasGelu), which run on onnxruntime alone (on CPU as fast as portable graphs or slightly faster; see "
+         "docs/RESULTS.md), or write "
          "portable graphs of standard ONNX operators for other runtimes. --tensorrt, --fp16 and --opset below 17 "
          "always write portable graphs (TensorRT does its own fusion).",
 )
