@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .bench import (
     ALL_LAYERS, OPERATING_POINT, SAVED_POINT, BenchmarkError, Contender, SingleGraph, cached_single_graph, chunks_of, default_cache_dir, measure,
     runtime_contender, single_graph_contender, single_graph_for, single_graph_variants, summarize, torch_contender,
 )
-from .figure import write_throughput_plot
+from .figure import MATPLOTLIB_MISSING, write_throughput_plot
 
 QUANTIZATIONS = ("int8",)
 
@@ -167,9 +168,13 @@ class Chain:
 
 
 def check_plot_path(path: Path | None) -> None:
-    """Before minutes of timing: the chart must have somewhere to go."""
-    if path is not None and (path.suffix.lower() != ".png" or not path.parent.is_dir()):
+    """Before minutes of timing: the chart must have somewhere to go, and matplotlib to draw it."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png" or not path.parent.is_dir():
         raise BenchmarkError(f"--plot {path}: give a .png file in an existing directory")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchmarkError(MATPLOTLIB_MISSING)
 
 
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:

@@ -9,6 +9,7 @@ from pcee.runtime import write_file_atomically
 from .bench import BenchmarkError
 
 SINGLE_GRAPH_COLOR, CHAIN_COLOR, OTHER_COLOR = "#8c8c8c", "#1f77b4", "#d9a13b"
+MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install 'pcee[export]'"
 
 
 def contender_color(name: str) -> str:
@@ -45,7 +46,7 @@ def write_throughput_plot(report: dict, path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise BenchmarkError("--plot needs matplotlib: pip install 'pcee[export]'") from None
+        raise BenchmarkError(MATPLOTLIB_MISSING) from None
     matplotlib.use("Agg")
     figure = draw_throughput(report)
     write_file_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))

@@ -214,6 +214,17 @@ def test_bad_input_gets_one_line_and_no_traceback(bundle, model_dir, data_csv, a
     assert says in single_error_line(run_bench(bundle, data_csv, *filled))
 
 
+def test_plot_without_matplotlib_fails_before_any_timing(bundle, data_csv, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    import pcee.benchmarks.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "measure", lambda *args, **kwargs: pytest.fail("timed before checking --plot"))
+    assert "--plot needs matplotlib" in single_error_line(run_bench(bundle, data_csv, "--plot", tmp_path / "chart.png"))
+
+
 def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
     assert "manifest.json" in single_error_line(run_bench(tmp_path / "nowhere", data_csv))
 
