@@ -18,7 +18,7 @@ import numpy as np
 
 from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
 
-from .bench import BenchmarkError, single_graph_for
+from .bench import BenchmarkError
 
 Step = Callable[[EncodedBatch], object]
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -72,7 +72,7 @@ def main(
 
 def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph: Path | None, quantize: str | None, threads: int) -> dict:
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
-    reference = single_graph or single_graph_for(bundle_dir, runtime.manifest).path
+    reference = single_graph or own_single_graph(bundle_dir, runtime)
     singles = one_row_batches(runtime, data, rows)
     chain = runtime.manifest.graph_chain(bundle_dir)
     with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:
@@ -97,6 +97,15 @@ def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph:
         "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
     }
+
+
+def own_single_graph(bundle_dir: Path, runtime: EarlyExitRuntime) -> Path:
+    if runtime.manifest.full_graph is None:
+        raise BenchmarkError(
+            f"{bundle_dir} holds no single-graph model to compare against: pass --single-graph PATH (pcee-bench --model-dir "
+            "keeps one under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx) or re-export with --with-full-graph"
+        )
+    return bundle_dir / runtime.manifest.full_graph.file
 
 
 def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:

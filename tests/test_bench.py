@@ -245,3 +245,11 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(bundle_wit
              "sessions_onnxruntime_defaults"]
     assert list(report["ms_per_row"]) == steps and report["rows"] == 5 and report["versus_single_graph"]["single_graph"] == 1
     assert all(value > 0 for value in report["ms_per_row"].values())
+
+
+def test_the_batch1_profile_without_a_single_graph_says_how_to_give_one(bundle, tmp_path):
+    from pcee.benchmarks.profile_batch1 import main as profile_cli
+
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
+    assert "--single-graph" in single_error_line(CliRunner().invoke(profile_cli, [str(bundle), "--data", str(data)]))
