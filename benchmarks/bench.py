@@ -274,7 +274,7 @@ def single_graph_variants(
     exported with pcee's fused attention (`fused`, when a model directory was given); with `quantize`, each
     optimized graph dynamically quantized as well. Derived graphs are written to `workdir`.
     """
-    from pcee.exporter.optimize import Fusion, fuse_graph, quantize_graph
+    from pcee.exporter.optimize import Fusion, fuse_graph
 
     optimized = workdir / "optimized.onnx"
     shutil.copyfile(plain.path, optimized)
@@ -284,8 +284,15 @@ def single_graph_variants(
         variants.append(SingleGraphVariant("single_graph_fused", "fp32", fused.path))
     if quantize:
         for variant in variants[1:]:
-            quantized = workdir / f"{variant.name}.{quantize}.onnx"
-            shutil.copyfile(variant.path, quantized)
-            quantize_graph(quantized, float_exit_head=False)
+            quantized = quantized_copy(variant.path, workdir / f"{variant.name}.{quantize}.onnx")
             variants.append(SingleGraphVariant(f"{variant.name}_{quantize}", quantize, quantized))
     return variants
+
+
+def quantized_copy(path: Path, destination: Path) -> Path:
+    """The single graph at `path` dynamically quantized to int8 at `destination`: the int8 reference."""
+    from pcee.exporter.optimize import quantize_graph
+
+    shutil.copyfile(path, destination)
+    quantize_graph(destination, float_exit_head=False)
+    return destination

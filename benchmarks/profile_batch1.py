@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -18,7 +17,7 @@ import numpy as np
 
 from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
 
-from .bench import BenchmarkError
+from .bench import BenchmarkError, quantized_copy, single_graph_contender
 
 Step = Callable[[EncodedBatch], object]
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -75,13 +74,15 @@ def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph:
     reference = single_graph or own_single_graph(bundle_dir, runtime)
     singles = one_row_batches(runtime, data, rows)
     chain = runtime.manifest.graph_chain(bundle_dir)
-    with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:
+    embeddings = open_cpu_session(chain.embeddings.path, threads)
+    with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:  # sessions keep what they load; the files may go
         headless = [open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, Path(workdir))]
-        reference_session = open_cpu_session(quantized_copy(reference, Path(workdir)) if quantize else reference, threads)
+        graph = quantized_copy(reference, Path(workdir) / "single_graph.int8.onnx") if quantize else reference
+        single = single_graph_contender(graph, threads)
     steps = {
-        "single_graph": session_step(reference_session),
-        "sessions_no_exit_heads": chain_step(open_cpu_session(chain.embeddings.path, threads), headless, chain),
-        "sessions": chain_step(open_cpu_session(chain.embeddings.path, threads), [open_cpu_session(g.path, threads) for g in chain.layers], chain),
+        "single_graph": single.run,
+        "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
+        "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
         "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
         "runtime_operating_point": lambda row: runtime.predict_encoded(row),
@@ -129,15 +130,6 @@ def layers_without_exit_heads(chain: graphs.GraphChain, workdir: Path) -> list[P
     return paths
 
 
-def quantized_copy(path: Path, workdir: Path) -> Path:
-    from pcee.exporter.optimize import quantize_graph
-
-    copy = workdir / "single_graph.int8.onnx"
-    shutil.copyfile(path, copy)
-    quantize_graph(copy, float_exit_head=False)
-    return copy
-
-
 def plain_session(path: Path, threads: int):
     """A session on onnxruntime's own settings (its own memory arena, every fusion), spinning off as the runtime's.
 
@@ -149,11 +141,6 @@ def plain_session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def session_step(session) -> Step:
-    names = [tensor.name for tensor in session.get_inputs()]
-    return lambda row: session.run(None, {name: getattr(row, name) for name in names})
 
 
 def chain_step(embeddings, layers: list, chain: graphs.GraphChain) -> Step:
