@@ -16,13 +16,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
 
 import numpy as np
 
 from pcee.runtime import (
-    EarlyExitRuntime, EncodedBatch, Manifest, OperatingPoint, PceeError, layer_speedup, open_cpu_session, replace_directory,
-    sha256_of, staging_directory_for,
+    EarlyExitRuntime,
+    EncodedBatch,
+    Manifest,
+    OperatingPoint,
+    PceeError,
+    layer_speedup,
+    open_cpu_session,
+    replace_directory,
+    sha256_of,
+    staging_directory_for,
 )
 from pcee.runtime.graphs import LOGITS
 
@@ -44,8 +51,10 @@ class Contender:
     run: RunChunk
     layer_based: bool = True
     # Entered around each of its passes: process-wide knobs (torch's thread count) hold only while it runs.
-    settings: Callable[[], ContextManager] = contextlib.nullcontext
-    precision: str = "fp32"  # layer-based contenders are compared with the fastest single graph of their precision
+    settings: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    precision: str = (
+        "fp32"  # layer-based contenders are compared with the fastest single graph of their precision
+    )
     single_graph: bool = False  # one ONNX graph of the whole network: a candidate reference
 
 
@@ -61,17 +70,24 @@ class Timing:
 
 def chunks_of(batch: EncodedBatch, batch_size: int) -> list[EncodedBatch]:
     """Consecutive rows in data order, each chunk padded to its own longest row."""
-    return [batch.select(np.arange(start, min(start + batch_size, len(batch)))) for start in range(0, len(batch), batch_size)]
+    return [
+        batch.select(np.arange(start, min(start + batch_size, len(batch))))
+        for start in range(0, len(batch), batch_size)
+    ]
 
 
-def runtime_contender(name: str, runtime: EarlyExitRuntime, point: OperatingPoint, batch_size: int) -> Contender:
+def runtime_contender(
+    name: str, runtime: EarlyExitRuntime, point: OperatingPoint, batch_size: int
+) -> Contender:
     def run(chunk: EncodedBatch) -> int:
         return runtime.predict_encoded(chunk, point, batch_size).layers_run
 
     return Contender(name, run, precision=runtime.manifest.model.precision)
 
 
-def single_graph_contender(path: Path, intra_op_threads: int | None, name: str = PLAIN_SINGLE_GRAPH, precision: str = "fp32") -> Contender:
+def single_graph_contender(
+    path: Path, intra_op_threads: int | None, name: str = PLAIN_SINGLE_GRAPH, precision: str = "fp32"
+) -> Contender:
     session = open_cpu_session(path, intra_op_threads)
     input_names = [tensor.name for tensor in session.get_inputs()]
 
@@ -92,10 +108,17 @@ def torch_contender(model_dir: Path, intra_op_threads: int | None) -> Contender:
 
     def run(chunk: EncodedBatch) -> int:
         with torch.inference_mode():
-            model(*(torch.from_numpy(array) for array in (chunk.input_ids, chunk.attention_mask, chunk.token_type_ids)))
+            model(
+                *(
+                    torch.from_numpy(array)
+                    for array in (chunk.input_ids, chunk.attention_mask, chunk.token_type_ids)
+                )
+            )
         return 0
 
-    return Contender("pytorch_eager", run, layer_based=False, settings=functools.partial(torch_threads, intra_op_threads))
+    return Contender(
+        "pytorch_eager", run, layer_based=False, settings=functools.partial(torch_threads, intra_op_threads)
+    )
 
 
 @contextlib.contextmanager
@@ -118,7 +141,9 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def measure(contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None) -> dict[str, Timing]:
+def measure(
+    contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None
+) -> dict[str, Timing]:
     """Repeat r runs every contender over all chunks before repeat r+1 starts, so drift hits all alike."""
     timings = {contender.name: Timing([], 0) for contender in contenders}
     for contender in contenders:  # warm-up: first calls allocate and JIT
@@ -150,13 +175,20 @@ def strongest_single_graphs(timings: dict[str, Timing], contenders: list[Contend
     strongest: dict[str, str] = {}
     for contender in contenders:
         best = strongest.get(contender.precision)
-        if contender.single_graph and (best is None or timings[contender.name].total_seconds() < timings[best].total_seconds()):
+        if contender.single_graph and (
+            best is None or timings[contender.name].total_seconds() < timings[best].total_seconds()
+        ):
             strongest[contender.precision] = contender.name
     return strongest
 
 
 def summarize(
-    timings: dict[str, Timing], contenders: list[Contender], rows: int, batch_size: int, num_layers: int, reference: str | None = None
+    timings: dict[str, Timing],
+    contenders: list[Contender],
+    rows: int,
+    batch_size: int,
+    num_layers: int,
+    reference: str | None = None,
 ) -> dict:
     """Each contender's figures; its wall speed-up against `reference`, by default the fastest single graph of its precision.
 
@@ -172,12 +204,20 @@ def summarize(
         total = timing.total_seconds()
         against = reference or strongest.get(contender.precision, strongest.get("fp32", PLAIN_SINGLE_GRAPH))
         base = timings[against].total_seconds()
-        entry = {"seconds_per_pass": round(total, 4), "rows_per_second": round(rows / total, 2), "reference": against, "wall_speedup": round(1 - total / base, 4)}
+        entry = {
+            "seconds_per_pass": round(total, 4),
+            "rows_per_second": round(rows / total, 2),
+            "reference": against,
+            "wall_speedup": round(1 - total / base, 4),
+        }
         if plain is not None:
             entry["versus_plain"] = round(plain / total, 4)
         if batch_size == 1:
             latencies = np.concatenate(timing.chunk_seconds) * 1000
-            entry.update(p50_ms=round(float(np.percentile(latencies, 50)), 3), p99_ms=round(float(np.percentile(latencies, 99)), 3))
+            entry.update(
+                p50_ms=round(float(np.percentile(latencies, 50)), 3),
+                p99_ms=round(float(np.percentile(latencies, 99)), 3),
+            )
         if contender.layer_based:
             saved = layer_speedup(timing.layers_run, rows, num_layers)
             entry.update(layer_speedup=round(saved, 4), throughput_vs_single_graph=round(base / total, 4))
@@ -194,8 +234,11 @@ def chain_figures(figures: dict, timings: dict[str, Timing]) -> dict:
     A chain's all-layers contender is named runtime_all_layers, with an "@label" suffix for every chain after the first.
     """
     return {
-        f"chain_overhead{name[len(ALL_LAYERS):]}": round(timings[name].total_seconds() / timings[figures[name]["reference"]].total_seconds(), 4)
-        for name in timings if name.startswith(ALL_LAYERS)
+        f"chain_overhead{name[len(ALL_LAYERS) :]}": round(
+            timings[name].total_seconds() / timings[figures[name]["reference"]].total_seconds(), 4
+        )
+        for name in timings
+        if name.startswith(ALL_LAYERS)
     }
 
 
@@ -216,7 +259,9 @@ def default_cache_dir() -> Path:
     return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "pcee"
 
 
-def single_graph_for(bundle_dir: Path, manifest: Manifest, model_dir: Path | None = None, cache_dir: Path | None = None) -> SingleGraph:
+def single_graph_for(
+    bundle_dir: Path, manifest: Manifest, model_dir: Path | None = None, cache_dir: Path | None = None
+) -> SingleGraph:
     """The bundle's own single graph, else the one exported from `model_dir` into the cache (once per model)."""
     if manifest.full_graph is not None:
         return SingleGraph(bundle_dir / manifest.full_graph.file, "bundle")
@@ -239,7 +284,9 @@ def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) ->
     try:
         staging = staging_directory_for(entry)
     except OSError as error:
-        raise BenchmarkError(f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory") from None
+        raise BenchmarkError(
+            f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory"
+        ) from None
     try:
         export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse)
         replace_directory(staging, entry)
@@ -253,7 +300,11 @@ def model_dir_sha256(model_dir: Path) -> str:
     """One hash over the files that define the model's arithmetic: its config.json and weights."""
     from pcee.modeling.model import CONFIG_NAME, REFERENCE_WEIGHT_NAMES
 
-    files = {name: sha256_of(model_dir / name) for name in (CONFIG_NAME, *REFERENCE_WEIGHT_NAMES) if (model_dir / name).is_file()}
+    files = {
+        name: sha256_of(model_dir / name)
+        for name in (CONFIG_NAME, *REFERENCE_WEIGHT_NAMES)
+        if (model_dir / name).is_file()
+    }
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
@@ -279,7 +330,10 @@ def single_graph_variants(
     optimized = workdir / "optimized.onnx"
     shutil.copyfile(plain.path, optimized)
     fuse_graph(optimized, Fusion(num_heads=0, hidden_size=0), as_optimum_o2=True)  # 0, 0: read off the graph
-    variants = [SingleGraphVariant(PLAIN_SINGLE_GRAPH, "fp32", plain.path), SingleGraphVariant("single_graph_optimized", "fp32", optimized)]
+    variants = [
+        SingleGraphVariant(PLAIN_SINGLE_GRAPH, "fp32", plain.path),
+        SingleGraphVariant("single_graph_optimized", "fp32", optimized),
+    ]
     if fused is not None:
         variants.append(SingleGraphVariant("single_graph_fused", "fp32", fused.path))
     if quantize:

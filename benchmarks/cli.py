@@ -18,8 +18,22 @@ from pcee.calibration.simulate import simulate
 from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, build_policy
 
 from .bench import (
-    ALL_LAYERS, OPERATING_POINT, SAVED_POINT, BenchmarkError, Contender, SingleGraph, cached_single_graph, chunks_of, default_cache_dir, measure,
-    runtime_contender, single_graph_contender, single_graph_for, single_graph_variants, summarize, torch_contender,
+    ALL_LAYERS,
+    OPERATING_POINT,
+    SAVED_POINT,
+    BenchmarkError,
+    Contender,
+    SingleGraph,
+    cached_single_graph,
+    chunks_of,
+    default_cache_dir,
+    measure,
+    runtime_contender,
+    single_graph_contender,
+    single_graph_for,
+    single_graph_variants,
+    summarize,
+    torch_contender,
 )
 from .figure import MATPLOTLIB_MISSING, write_throughput_plot
 
@@ -36,7 +50,11 @@ class PointNames(click.ParamType):
             return value
         names = [part.strip() for part in value.split(",") if part.strip()]
         if not names:
-            self.fail(f"{value!r} names no operating point; give saved names, e.g. speedup-0.5,speedup-0.75", param, context)
+            self.fail(
+                f"{value!r} names no operating point; give saved names, e.g. speedup-0.5,speedup-0.75",
+                param,
+                context,
+            )
         return names
 
 
@@ -57,42 +75,83 @@ class BatchSizes(click.ParamType):
         return sizes
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+)
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
-@click.option("--batch-sizes", type=BatchSizes(), default="1,32",
-              help="Batch sizes to measure, comma-separated. Batch 1 gives p50/p99 latency per row; larger batches "
-                   "show throughput, where rows that exit early leave the batch.")
-@click.option("--points", type=PointNames(),
-              help="Saved operating points (pcee-calibrate --name) to measure every chain at, comma-separated, each "
-                   "read from that bundle's own manifest. Default: each bundle's default point.")
-@click.option("--repeats", default=3, type=click.IntRange(min=1),
-              help="Interleaved passes over the rows per contender; the median pass is reported. More repeats "
-                   "steady the figures on a busy machine.")
-@click.option("--max-rows", type=click.IntRange(min=1),
-              help="Use only the first N rows of --data: a quick look. Below a few hundred rows p99 is noisy.")
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The pcee-train output the bundle was exported from. Adds the PyTorch eager contender (needs "
-                   "torch). REQUIRED when the bundle has no single-graph model (exported without "
-                   "--with-full-graph): that graph is then exported from here, once, into --cache-dir.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the single-graph model exported from --model-dir is kept for later runs, keyed by the "
-                   "model's hash, outside the bundle. [default: $XDG_CACHE_HOME/pcee or ~/.cache/pcee]")
-@click.option("--intra-op-threads", type=click.IntRange(min=1),
-              help="Threads per onnxruntime session and for PyTorch, the same for every contender (default: each "
-                   "library's own, one per core). On a shared or loaded machine pass 1: threads fighting for "
-                   "busy cores slow PyTorch far more than onnxruntime and skew the comparison.")
-@click.option("--also-bundle", "also_bundles", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Another bundle of the same model measured in the same run, e.g. one written with pcee-export "
-                   "--quantize int8 or --no-fuse (repeatable). Its chain contenders are named @BUNDLE_NAME and compared "
-                   "with the fastest single graph of its own precision, at its own operating point.")
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS),
-              help="Also measure the optimized single graphs dynamically quantized (onnxruntime quantize_dynamic, int8 "
-                   "weights, per channel): the reference for int8 bundles.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write a PNG bar chart of every contender's rows/s (as a multiple of the plain single graph's), "
-                   "one panel per batch size (needs matplotlib).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, figures under results[<batch size>], instead of tables.")
+@click.option(
+    "--batch-sizes",
+    type=BatchSizes(),
+    default="1,32",
+    help="Batch sizes to measure, comma-separated. Batch 1 gives p50/p99 latency per row; larger batches "
+    "show throughput, where rows that exit early leave the batch.",
+)
+@click.option(
+    "--points",
+    type=PointNames(),
+    help="Saved operating points (pcee-calibrate --name) to measure every chain at, comma-separated, each "
+    "read from that bundle's own manifest. Default: each bundle's default point.",
+)
+@click.option(
+    "--repeats",
+    default=3,
+    type=click.IntRange(min=1),
+    help="Interleaved passes over the rows per contender; the median pass is reported. More repeats "
+    "steady the figures on a busy machine.",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=1),
+    help="Use only the first N rows of --data: a quick look. Below a few hundred rows p99 is noisy.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The pcee-train output the bundle was exported from. Adds the PyTorch eager contender (needs "
+    "torch). REQUIRED when the bundle has no single-graph model (exported without "
+    "--with-full-graph): that graph is then exported from here, once, into --cache-dir.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the single-graph model exported from --model-dir is kept for later runs, keyed by the "
+    "model's hash, outside the bundle. [default: $XDG_CACHE_HOME/pcee or ~/.cache/pcee]",
+)
+@click.option(
+    "--intra-op-threads",
+    type=click.IntRange(min=1),
+    help="Threads per onnxruntime session and for PyTorch, the same for every contender (default: each "
+    "library's own, one per core). On a shared or loaded machine pass 1: threads fighting for "
+    "busy cores slow PyTorch far more than onnxruntime and skew the comparison.",
+)
+@click.option(
+    "--also-bundle",
+    "also_bundles",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Another bundle of the same model measured in the same run, e.g. one written with pcee-export "
+    "--quantize int8 or --no-fuse (repeatable). Its chain contenders are named @BUNDLE_NAME and compared "
+    "with the fastest single graph of its own precision, at its own operating point.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZATIONS),
+    help="Also measure the optimized single graphs dynamically quantized (onnxruntime quantize_dynamic, int8 "
+    "weights, per channel): the reference for int8 bundles.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a PNG bar chart of every contender's rows/s (as a multiple of the plain single graph's), "
+    "one panel per batch size (needs matplotlib).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object, figures under results[<batch size>], instead of tables.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars (they go to stderr).")
 def main(bundle_dir: Path, **options) -> None:
     """Measure whether layer savings turn into wall-clock savings.
@@ -156,12 +215,15 @@ class Chain:
         points = [(ALL_LAYERS, OperatingPoint("full")), *self.points]
         if self.pabee is not None:
             points.append(("runtime_pabee", self.pabee))
-        return [runtime_contender(name + self.suffix, self.runtime, point, batch_size) for name, point in points]
+        return [
+            runtime_contender(name + self.suffix, self.runtime, point, batch_size) for name, point in points
+        ]
 
     def describe(self) -> dict:
         manifest = self.runtime.manifest
         return {
-            "bundle": str(self.runtime.bundle_dir), "precision": manifest.model.precision,
+            "bundle": str(self.runtime.bundle_dir),
+            "precision": manifest.model.precision,
             "fused_operators": manifest.layers[0].fused_operators,
             "operating_points": {name + self.suffix: point.to_dict() for name, point in self.points},
         }
@@ -181,27 +243,42 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
     """Bad input (data, labels, model dir, missing single graph, another model's bundle) fails before the first timing."""
     manifest, dataset, _ = open_labelled_data(bundle_dir, options)
     check_same_model(manifest, options["also_bundles"])
-    with tempfile.TemporaryDirectory(prefix="pcee-bench-") as workdir:  # sessions keep what they load; the files may go
+    with tempfile.TemporaryDirectory(
+        prefix="pcee-bench-"
+    ) as workdir:  # sessions keep what they load; the files may go
         single_graph, references = reference_contenders(bundle_dir, manifest, options, Path(workdir))
-    chains = [open_chain(bundle_dir, "", options)] + [open_chain(other, f"@{other.name}", options) for other in options["also_bundles"]]
+    chains = [open_chain(bundle_dir, "", options)] + [
+        open_chain(other, f"@{other.name}", options) for other in options["also_bundles"]
+    ]
     first_point = chains[0].points[0][1]
     first = chains[0].runtime
     batch = first.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     if options["max_rows"]:
         batch = batch.select(np.arange(min(options["max_rows"], len(batch))))
     exits = record_all_exits(first, batch, progress=not options["no_progress"]).exits
-    expected_speedup = simulate(build_policy(first_point, first.num_layers, manifest.model.learned_confidence), exits).layer_speedup
+    expected_speedup = simulate(
+        build_policy(first_point, first.num_layers, manifest.model.learned_confidence), exits
+    ).layer_speedup
     chains[0].pabee = closest_pabee(first, exits, expected_speedup)
     results = {}
     for batch_size in options["batch_sizes"]:
-        contenders = references + [contender for chain in chains for contender in chain.contenders(batch_size)]
-        results[str(batch_size)] = measure_batch_size(contenders, batch, batch_size, first.num_layers, options)
+        contenders = references + [
+            contender for chain in chains for contender in chain.contenders(batch_size)
+        ]
+        results[str(batch_size)] = measure_batch_size(
+            contenders, batch, batch_size, first.num_layers, options
+        )
     return {
-        "bundle": str(bundle_dir), "rows": len(batch), "repeats": options["repeats"], "backend": first.backend_name,
-        "device": first.device, "intra_op_threads": options["intra_op_threads"],
+        "bundle": str(bundle_dir),
+        "rows": len(batch),
+        "repeats": options["repeats"],
+        "backend": first.backend_name,
+        "device": first.device,
+        "intra_op_threads": options["intra_op_threads"],
         "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
         "pabee_point": chains[0].pabee.to_dict(),
-        "chains": {chain.suffix or "first": chain.describe() for chain in chains}, "results": results,
+        "chains": {chain.suffix or "first": chain.describe() for chain in chains},
+        "results": results,
     }
 
 
@@ -209,35 +286,61 @@ def check_same_model(manifest: Manifest, others: tuple[Path, ...]) -> None:
     """Every chain of one run reads the same tokens: the bundles must share the tokenizer and the labels."""
     for other in others:
         theirs = Manifest.load(other, verify_hashes=False)
-        if theirs.tokenizer.files[0].sha256 != manifest.tokenizer.files[0].sha256 or theirs.model.labels != manifest.model.labels:
-            raise BenchmarkError(f"--also-bundle {other} holds another model (tokenizer or labels differ); compare bundles exported from one model")
+        if (
+            theirs.tokenizer.files[0].sha256 != manifest.tokenizer.files[0].sha256
+            or theirs.model.labels != manifest.model.labels
+        ):
+            raise BenchmarkError(
+                f"--also-bundle {other} holds another model (tokenizer or labels differ); compare bundles exported from one model"
+            )
         if other.name in {path.name for path in others if path != other}:
-            raise BenchmarkError(f"two --also-bundle directories are named {other.name}; their contenders would share a name")
+            raise BenchmarkError(
+                f"two --also-bundle directories are named {other.name}; their contenders would share a name"
+            )
 
 
 def open_chain(bundle_dir: Path, suffix: str, options: dict) -> Chain:
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"])
+    runtime = EarlyExitRuntime.from_bundle(
+        bundle_dir, backend="onnxruntime-cpu", intra_op_threads=options["intra_op_threads"]
+    )
     if not options["points"]:
         return Chain(runtime, suffix, [(OPERATING_POINT, runtime.operating_point)])
     missing = [name for name in options["points"] if runtime.manifest.saved_point(name) is None]
     if missing:
         saved = [point.name for point in runtime.manifest.operating_points]
         runtime.close()
-        raise BenchmarkError(f"{bundle_dir} has no saved operating point {', '.join(missing)} (saved: {saved}); calibrate it with pcee-calibrate --name")
-    return Chain(runtime, suffix, [(SAVED_POINT + name, runtime.manifest.saved_point(name)) for name in options["points"]])
+        raise BenchmarkError(
+            f"{bundle_dir} has no saved operating point {', '.join(missing)} (saved: {saved}); calibrate it with pcee-calibrate --name"
+        )
+    return Chain(
+        runtime,
+        suffix,
+        [(SAVED_POINT + name, runtime.manifest.saved_point(name)) for name in options["points"]],
+    )
 
 
-def reference_contenders(bundle_dir: Path, manifest: Manifest, options: dict, workdir: Path) -> tuple[SingleGraph, list[Contender]]:
+def reference_contenders(
+    bundle_dir: Path, manifest: Manifest, options: dict, workdir: Path
+) -> tuple[SingleGraph, list[Contender]]:
     """Every single graph (plain, optimized, fused, quantized), and PyTorch eager with --model-dir, on --intra-op-threads."""
     model_dir, threads = options["model_dir"], options["intra_op_threads"]
     if model_dir is not None:
         require_torch(model_dir)
     single_graph = single_graph_for(bundle_dir, manifest, model_dir, options["cache_dir"])
     if single_graph.origin == "exported":
-        click.echo(f"Exported the single-graph model of {model_dir} to {single_graph.path} (reused by later runs).", err=True)
-    fused = None if model_dir is None else cached_single_graph(model_dir, options["cache_dir"] or default_cache_dir(), fuse=True)
+        click.echo(
+            f"Exported the single-graph model of {model_dir} to {single_graph.path} (reused by later runs).",
+            err=True,
+        )
+    fused = (
+        None
+        if model_dir is None
+        else cached_single_graph(model_dir, options["cache_dir"] or default_cache_dir(), fuse=True)
+    )
     variants = single_graph_variants(single_graph, fused, options["quantize"], workdir)
-    contenders = [single_graph_contender(variant.path, threads, variant.name, variant.precision) for variant in variants]
+    contenders = [
+        single_graph_contender(variant.path, threads, variant.name, variant.precision) for variant in variants
+    ]
     if model_dir is not None:
         contenders.append(torch_contender(model_dir, threads))
     return single_graph, contenders
@@ -247,7 +350,9 @@ def require_torch(model_dir: Path) -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise BenchmarkError(f"--model-dir {model_dir} needs PyTorch to run and export the model: pip install 'pcee[export]'") from None
+        raise BenchmarkError(
+            f"--model-dir {model_dir} needs PyTorch to run and export the model: pip install 'pcee[export]'"
+        ) from None
 
 
 def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingPoint:
@@ -258,8 +363,14 @@ def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingP
     return candidates[int(np.argmin([abs(s - target) for s in speedups]))]
 
 
-def measure_batch_size(contenders: list[Contender], batch, batch_size: int, num_layers: int, options: dict) -> dict:
-    with tqdm(total=options["repeats"] * len(contenders), desc=f"batch size {batch_size}", disable=options["no_progress"]) as bar:
+def measure_batch_size(
+    contenders: list[Contender], batch, batch_size: int, num_layers: int, options: dict
+) -> dict:
+    with tqdm(
+        total=options["repeats"] * len(contenders),
+        desc=f"batch size {batch_size}",
+        disable=options["no_progress"],
+    ) as bar:
         timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar)
     return summarize(timings, contenders, len(batch), batch_size, num_layers)
 
@@ -269,17 +380,35 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads; "
         f"PABEE patience {report['pabee_point']['patience']}",
-        *(f"{name}: {OperatingPoint.from_dict(point).describe()}" for chain in report["chains"].values() for name, point in chain["operating_points"].items()),
+        *(
+            f"{name}: {OperatingPoint.from_dict(point).describe()}"
+            for chain in report["chains"].values()
+            for name, point in chain["operating_points"].items()
+        ),
         f"single graph ({report['single_graph']['origin']}): {report['single_graph']['file']}",
     ]
-    columns = (("rows_per_second", "rows/s", 10), ("versus_plain", "x plain", 9), ("p50_ms", "p50 ms", 9), ("p99_ms", "p99 ms", 9),
-               ("layer_speedup", "layer sp", 10), ("wall_speedup", "wall sp", 9), ("efficiency", "effic.", 8), ("reference", "  reference", 0))
+    columns = (
+        ("rows_per_second", "rows/s", 10),
+        ("versus_plain", "x plain", 9),
+        ("p50_ms", "p50 ms", 9),
+        ("p99_ms", "p99 ms", 9),
+        ("layer_speedup", "layer sp", 10),
+        ("wall_speedup", "wall sp", 9),
+        ("efficiency", "effic.", 8),
+        ("reference", "  reference", 0),
+    )
     for batch_size, figures in report["results"].items():
-        chains = ", ".join(f"{name} {value}" for name, value in figures.items() if not isinstance(value, dict))
+        chains = ", ".join(
+            f"{name} {value}" for name, value in figures.items() if not isinstance(value, dict)
+        )
         lines.append(f"\nbatch size {batch_size}: {chains}")
         lines.append(f"{'contender':<36}" + "".join(f"{title:>{width}}" for _, title, width in columns))
         for name, entry in figures.items():
             if isinstance(entry, dict):
                 cells = [entry.get(key) for key, _, _ in columns]
-                lines.append(f"{name:<36}" + "".join(f"{'' if c is None else c:>{w}}" for c, (_, _, w) in zip(cells, columns[:-1])) + f"  {cells[-1]}")
+                lines.append(
+                    f"{name:<36}"
+                    + "".join(f"{'' if c is None else c:>{w}}" for c, (_, _, w) in zip(cells, columns[:-1]))
+                    + f"  {cells[-1]}"
+                )
     return "\n".join(lines)

@@ -36,7 +36,10 @@ def draw_throughput(report: dict):
         axes.margins(x=0.12)
         if column > 1:
             axes.tick_params(labelleft=False)
-    figure.suptitle(f"pcee-bench: {report['rows']} rows, median of {report['repeats']} interleaved passes", fontsize="medium")
+    figure.suptitle(
+        f"pcee-bench: {report['rows']} rows, median of {report['repeats']} interleaved passes",
+        fontsize="medium",
+    )
     figure.tight_layout()
     return figure
 

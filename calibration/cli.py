@@ -13,7 +13,15 @@ import click
 import numpy as np
 
 from pcee.modeling.data import TextDataset
-from pcee.runtime import BACKEND_NAMES, MANIFEST_NAME, POLICY_NAMES, EarlyExitRuntime, Manifest, OperatingPoint, PceeError
+from pcee.runtime import (
+    BACKEND_NAMES,
+    MANIFEST_NAME,
+    POLICY_NAMES,
+    EarlyExitRuntime,
+    Manifest,
+    OperatingPoint,
+    PceeError,
+)
 
 from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest
 from .calibrate import CalibrationResult, Objective, calibrate
@@ -44,7 +52,9 @@ def writing(path: Path):
     try:
         yield
     except OSError as error:
-        raise click.ClickException(f"could not write {path}: {error.strerror or error}; make room there or make it writable, then run again") from None
+        raise click.ClickException(
+            f"could not write {path}: {error.strerror or error}; make room there or make it writable, then run again"
+        ) from None
 
 
 def apply_options(command: Callable, options: list[Callable]) -> Callable:
@@ -55,28 +65,57 @@ def apply_options(command: Callable, options: list[Callable]) -> Callable:
 
 def data_options(command: Callable) -> Callable:
     """The labelled data: --data and how to read it."""
-    return apply_options(command, [
-        click.option("--data", required=True, type=click.Path(path_type=Path),
-                     help="Labelled data: a GLUE task directory (its dev split is used), one file in that task's GLUE format, "
-                          "or a generic .csv/.tsv/.jsonl with --text-column/--label-column."),
-        click.option("--task", help="GLUE task of a GLUE file or directory (default: the bundle's task)."),
-        click.option("--text-column", help="Generic files: the column holding the text."),
-        click.option("--text-pair-column", help="Generic files: the column holding the second text of a pair."),
-        click.option("--label-column", help="Generic files: the column holding the label (names must be the bundle's labels)."),
-    ])
+    return apply_options(
+        command,
+        [
+            click.option(
+                "--data",
+                required=True,
+                type=click.Path(path_type=Path),
+                help="Labelled data: a GLUE task directory (its dev split is used), one file in that task's GLUE format, "
+                "or a generic .csv/.tsv/.jsonl with --text-column/--label-column.",
+            ),
+            click.option(
+                "--task", help="GLUE task of a GLUE file or directory (default: the bundle's task)."
+            ),
+            click.option("--text-column", help="Generic files: the column holding the text."),
+            click.option(
+                "--text-pair-column", help="Generic files: the column holding the second text of a pair."
+            ),
+            click.option(
+                "--label-column",
+                help="Generic files: the column holding the label (names must be the bundle's labels).",
+            ),
+        ],
+    )
 
 
 def run_options(command: Callable) -> Callable:
     """How the bundle runs: --backend and --batch-size."""
-    return apply_options(command, [
-        click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", help="The backend the bundle will be deployed on."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Rows per batch through the runtime."),
-    ])
+    return apply_options(
+        command,
+        [
+            click.option(
+                "--backend",
+                type=click.Choice(BACKEND_NAMES),
+                default="auto",
+                help="The backend the bundle will be deployed on.",
+            ),
+            click.option(
+                "--batch-size",
+                type=click.IntRange(min=1),
+                default=32,
+                help="Rows per batch through the runtime.",
+            ),
+        ],
+    )
 
 
 def check_point_name(context: click.Context, parameter: click.Parameter, name: str | None) -> str | None:
     if name is not None and not POINT_NAME.fullmatch(name):
-        raise click.BadParameter(f"{name!r} cannot name a point and its report folder; use letters, digits, '.', '_' and '-'")
+        raise click.BadParameter(
+            f"{name!r} cannot name a point and its report folder; use letters, digits, '.', '_' and '-'"
+        )
     return name
 
 
@@ -85,7 +124,12 @@ def open_labelled_data(bundle_dir: Path, options: dict) -> tuple[Manifest, TextD
     manifest = Manifest.load(bundle_dir, verify_hashes=False)
     bundle_labels = manifest.model.labels
     dataset = load_labelled_data(
-        options["data"], manifest, options["task"], options["text_column"], options["text_pair_column"], options["label_column"]
+        options["data"],
+        manifest,
+        options["task"],
+        options["text_column"],
+        options["text_pair_column"],
+        options["label_column"],
     )
     return manifest, dataset, bundle_label_indices(dataset, bundle_labels)
 
@@ -101,16 +145,40 @@ def emit(document: dict, as_json: bool, text: str) -> None:
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
 @run_options
-@click.option("--target-speedup", type=OPEN_UNIT_INTERVAL, help="Layer speed-up to reach (Eq. 4: 1 - layers run / (rows x layers)).")
-@click.option("--max-drop", type=OPEN_UNIT_INTERVAL, help="Largest accuracy drop against the full model to certify.")
-@click.option("--confidence", type=OPEN_UNIT_INTERVAL, default=0.95, help="With --max-drop: probability that the drop bound holds.")
-@click.option("--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate.")
-@click.option("--holdout-fraction", type=OPEN_UNIT_INTERVAL, default=0.2, help="Share of the rows held out of the search; the chosen point is reported on them.")
+@click.option(
+    "--target-speedup",
+    type=OPEN_UNIT_INTERVAL,
+    help="Layer speed-up to reach (Eq. 4: 1 - layers run / (rows x layers)).",
+)
+@click.option(
+    "--max-drop", type=OPEN_UNIT_INTERVAL, help="Largest accuracy drop against the full model to certify."
+)
+@click.option(
+    "--confidence",
+    type=OPEN_UNIT_INTERVAL,
+    default=0.95,
+    help="With --max-drop: probability that the drop bound holds.",
+)
+@click.option(
+    "--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate."
+)
+@click.option(
+    "--holdout-fraction",
+    type=OPEN_UNIT_INTERVAL,
+    default=0.2,
+    help="Share of the rows held out of the search; the chosen point is reported on them.",
+)
 @click.option("--seed", type=int, default=0, help="Seed of the random hold-out split.")
-@click.option("--name", callback=check_point_name,
-              help="Name of the new operating point and of its report folder. [default: speedup-S or max-drop-D]")
-@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
-              help=f"Folder of per-point report folders: this run writes REPORT_DIR/NAME/. {REPORTS_DEFAULT}")
+@click.option(
+    "--name",
+    callback=check_point_name,
+    help="Name of the new operating point and of its report folder. [default: speedup-S or max-drop-D]",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Folder of per-point report folders: this run writes REPORT_DIR/NAME/. {REPORTS_DEFAULT}",
+)
 @click.option("--dry-run", is_flag=True, help="Report only; leave the manifest unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -164,8 +232,14 @@ def run_calibration(bundle_dir: Path, options: dict) -> None:
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     recording = record_all_exits(runtime, batch, options["batch_size"], progress=not options["no_progress"])
     result = calibrate(
-        CalibrationRows(recording.exits, labels), manifest.model.metric, objective, options["policy"],
-        options["holdout_fraction"], options["seed"], manifest.model.learned_confidence, options["name"],
+        CalibrationRows(recording.exits, labels),
+        manifest.model.metric,
+        objective,
+        options["policy"],
+        options["holdout_fraction"],
+        options["seed"],
+        manifest.model.learned_confidence,
+        options["name"],
     )
     context = {
         "bundle": str(bundle_dir),
@@ -183,7 +257,9 @@ def run_calibration(bundle_dir: Path, options: dict) -> None:
         with writing(bundle_dir / MANIFEST_NAME):
             record_in_manifest(bundle_dir, result.point, {**result.to_dict(), **context})
     document = {
-        **result.to_dict(), **context, "manifest_updated": not options["dry_run"],
+        **result.to_dict(),
+        **context,
+        "manifest_updated": not options["dry_run"],
         "recording": {"cache_file": str(recording.cache_file), "from_cache": recording.from_cache},
         "report_files": [str(path) for path in report.files],
     }
@@ -197,11 +273,13 @@ def reports_root(bundle_dir: Path, options: dict) -> Path:
 def closing_text(result: CalibrationResult, document: dict) -> str:
     source = "cached recording" if document["recording"]["from_cache"] else "new recording"
     outcome = "written to the manifest" if document["manifest_updated"] else "not written (--dry-run)"
-    return "\n".join([
-        format_table(result),
-        f"\nOperating point {result.point.name!r} {outcome}. Exits from the {source} {document['recording']['cache_file']}.",
-        "Report: " + ", ".join(document["report_files"]),
-    ])
+    return "\n".join(
+        [
+            format_table(result),
+            f"\nOperating point {result.point.name!r} {outcome}. Exits from the {source} {document['recording']['cache_file']}.",
+            "Report: " + ", ".join(document["report_files"]),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -211,14 +289,27 @@ def closing_text(result: CalibrationResult, document: dict) -> str:
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
 @run_options
-@click.option("--holdout-of", metavar="NAME", callback=check_point_name,
-              help="Evaluate only the rows that the calibration of point NAME held out of its search (give the same "
-                   "--data; the split is read from NAME's report), at point NAME unless --point or --policy is given.")
-@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
-              help=f"With --holdout-of: the folder of per-point report folders pcee-calibrate wrote to. {REPORTS_DEFAULT}")
-@click.option("--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name).")
-@click.option("--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point.")
-@click.option("--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it).")
+@click.option(
+    "--holdout-of",
+    metavar="NAME",
+    callback=check_point_name,
+    help="Evaluate only the rows that the calibration of point NAME held out of its search (give the same "
+    "--data; the split is read from NAME's report), at point NAME unless --point or --policy is given.",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"With --holdout-of: the folder of per-point report folders pcee-calibrate wrote to. {REPORTS_DEFAULT}",
+)
+@click.option(
+    "--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name)."
+)
+@click.option(
+    "--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point."
+)
+@click.option(
+    "--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it)."
+)
 @click.option("--patience", type=click.IntRange(min=1), help="Consecutive confident layers needed to exit.")
 @click.option("--layer", type=click.IntRange(min=1), help="Exit layer of the budgeted policy.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -248,23 +339,37 @@ def run_evaluation(bundle_dir: Path, options: dict) -> None:
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     default_point = runtime.operating_point
     if options["holdout_of"] is not None:
-        report = load_report(report_dir_for(reports_root(bundle_dir, options), options["holdout_of"]), options["holdout_of"])
+        report = load_report(
+            report_dir_for(reports_root(bundle_dir, options), options["holdout_of"]), options["holdout_of"]
+        )
         rows = held_out_rows(report, batch)
         batch, labels = batch.select(rows), labels[rows]
         default_point = OperatingPoint.from_dict(report["operating_point"])
-    point = requested_point(runtime, default_point, options["point_name"], options["policy"], options["tau"], options["patience"], options["layer"])
+    point = requested_point(
+        runtime,
+        default_point,
+        options["point_name"],
+        options["policy"],
+        options["tau"],
+        options["patience"],
+        options["layer"],
+    )
     evaluation = evaluate_bundle(runtime, batch, labels, point, options["batch_size"])
     emit(evaluation, options["as_json"], evaluation_text(evaluation))
 
 
 def evaluation_text(evaluation: dict) -> str:
     metric = evaluation["metric_name"]
-    histogram = "  ".join(f"L{layer}:{count}" for layer, count in enumerate(evaluation["exit_histogram"], start=1))
+    histogram = "  ".join(
+        f"L{layer}:{count}" for layer, count in enumerate(evaluation["exit_histogram"], start=1)
+    )
     wall = "n/a" if evaluation["wall_speedup"] is None else f"{evaluation['wall_speedup']:.4f}"
-    return "\n".join([
-        f"{OperatingPoint.from_dict(evaluation['operating_point']).describe()} on {evaluation['rows']} rows ({evaluation['backend']})",
-        f"layer speed-up {evaluation['layer_speedup']:.4f}   wall-clock speed-up {wall}",
-        f"{metric} {evaluation['metric']:.4f}   (full model {evaluation['full_model']['metric']:.4f})",
-        f"wall time {evaluation['wall_time_s']:.3f} s   (full model {evaluation['full_model']['wall_time_s']:.3f} s)",
-        f"exits per layer: {histogram}",
-    ])
+    return "\n".join(
+        [
+            f"{OperatingPoint.from_dict(evaluation['operating_point']).describe()} on {evaluation['rows']} rows ({evaluation['backend']})",
+            f"layer speed-up {evaluation['layer_speedup']:.4f}   wall-clock speed-up {wall}",
+            f"{metric} {evaluation['metric']:.4f}   (full model {evaluation['full_model']['metric']:.4f})",
+            f"wall time {evaluation['wall_time_s']:.3f} s   (full model {evaluation['full_model']['wall_time_s']:.3f} s)",
+            f"exits per layer: {histogram}",
+        ]
+    )

@@ -50,7 +50,12 @@ def data_sha256(batch: EncodedBatch) -> str:
     return digest.hexdigest()
 
 
-def record_all_exits(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> Recording:
+def record_all_exits(
+    runtime: EarlyExitRuntime,
+    batch: EncodedBatch,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> Recording:
     """Every exit of every row of `batch`, from the cache when this model and data were recorded before."""
     model_hash, data_hash = model_sha256(runtime), data_sha256(batch)
     cache_file = runtime.bundle_dir / CACHE_DIRECTORY / f"exits-{model_hash[:16]}-{data_hash[:16]}.npz"
@@ -62,7 +67,9 @@ def record_all_exits(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size:
     return Recording(exits, cache_file, False, model_hash, data_hash)
 
 
-def run_with_progress(runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size: int, progress: bool) -> AllExits:
+def run_with_progress(
+    runtime: EarlyExitRuntime, batch: EncodedBatch, batch_size: int, progress: bool
+) -> AllExits:
     with tqdm(total=len(batch), unit="rows", desc="Recording every exit", disable=not progress) as bar:
         return runtime.run_all_exits(batch, batch_size, on_chunk=bar.update)
 
@@ -87,7 +94,9 @@ def load_exits(path: Path, shapes: dict[str, tuple[int, ...]]) -> AllExits | Non
         problem = shape_problem(arrays, shapes)
     if problem is None:
         return AllExits(**arrays)
-    warnings.warn(f"discarding the cached recording {path}: {problem}; recording the exits again", stacklevel=3)
+    warnings.warn(
+        f"discarding the cached recording {path}: {problem}; recording the exits again", stacklevel=3
+    )
     return None
 
 
@@ -106,4 +115,7 @@ def save_exits(path: Path, exits: AllExits) -> None:
     try:
         write_file_atomically(path, lambda handle: np.savez(handle, **arrays))
     except OSError as error:
-        warnings.warn(f"could not cache the recorded exits in {path.parent} ({error}); the next calibration will run the model again", stacklevel=2)
+        warnings.warn(
+            f"could not cache the recorded exits in {path.parent} ({error}); the next calibration will run the model again",
+            stacklevel=2,
+        )

@@ -17,14 +17,23 @@ from .simulate import exit_histogram
 
 
 def requested_point(
-    runtime: EarlyExitRuntime, default: OperatingPoint, point_name: str | None, policy: str | None,
-    tau: float | None, patience: int | None, layer: int | None,
+    runtime: EarlyExitRuntime,
+    default: OperatingPoint,
+    point_name: str | None,
+    policy: str | None,
+    tau: float | None,
+    patience: int | None,
+    layer: int | None,
 ) -> OperatingPoint:
     """A new point when a policy is given; otherwise `default` (or the named point) with any knob overridden."""
     if policy is not None:
         return OperatingPoint(policy, tau=tau, patience=patience, layer=layer)
     base = default if point_name is None else runtime.resolve_operating_point(point_name)
-    overrides = {name: value for name, value in (("tau", tau), ("patience", patience), ("layer", layer)) if value is not None}
+    overrides = {
+        name: value
+        for name, value in (("tau", tau), ("patience", patience), ("layer", layer))
+        if value is not None
+    }
     return replace(base, **overrides)
 
 
@@ -39,10 +48,14 @@ def held_out_rows(report: dict, batch: EncodedBatch) -> np.ndarray:
             )
         return holdout_split(len(batch), report["holdout_fraction"], report["seed"])[1]
     except (KeyError, TypeError) as error:
-        raise CalibrationError(f"the calibration report has no usable hold-out split ({error!r}); calibrate the point again") from None
+        raise CalibrationError(
+            f"the calibration report has no usable hold-out split ({error!r}); calibrate the point again"
+        ) from None
 
 
-def run_point(runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray, point: OperatingPoint, batch_size: int) -> dict:
+def run_point(
+    runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray, point: OperatingPoint, batch_size: int
+) -> dict:
     result = runtime.predict_encoded(batch, point, batch_size)
     predictions = np.array([row.label_index for row in result.predictions])
     exit_layers = np.array([row.exit_layer for row in result.predictions])
@@ -58,13 +71,17 @@ def run_point(runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray
     }
 
 
-def evaluate_bundle(runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray, point: OperatingPoint, batch_size: int) -> dict:
+def evaluate_bundle(
+    runtime: EarlyExitRuntime, batch: EncodedBatch, labels: np.ndarray, point: OperatingPoint, batch_size: int
+) -> dict:
     """The point's layer speed-up, metric, exit histogram and wall time; the full model's beside it."""
     # One warm-up batch first, so neither timed run pays for session start-up.
     runtime.predict_encoded(batch.select(np.arange(min(len(batch), batch_size))), FULL_MODEL, batch_size)
     evaluation = run_point(runtime, batch, labels, point, batch_size)
     full = run_point(runtime, batch, labels, FULL_MODEL, batch_size)
     evaluation["full_model"] = {"metric": full["metric"], "wall_time_s": full["wall_time_s"]}
-    evaluation["wall_speedup"] = round(1.0 - evaluation["wall_time_s"] / full["wall_time_s"], 6) if full["wall_time_s"] > 0 else None
+    evaluation["wall_speedup"] = (
+        round(1.0 - evaluation["wall_time_s"] / full["wall_time_s"], 6) if full["wall_time_s"] > 0 else None
+    )
     evaluation["backend"] = runtime.backend_name
     return evaluation

@@ -28,7 +28,9 @@ FRONTIER_COLUMNS = ("policy", "tau", "patience", "layer", "layer_speedup", "metr
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'pcee[export]'"
 MAIN_POLICY_STYLE = {"linewidth": 2.6, "zorder": 3}
 BASELINE_STYLE = {"linewidth": 1.2, "zorder": 2}
-TEMPORARY_NAMES = [temporary_file_pattern(name) for name in REPORT_FILES]  # write_file_atomically's, for our files
+TEMPORARY_NAMES = [
+    temporary_file_pattern(name) for name in REPORT_FILES
+]  # write_file_atomically's, for our files
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,18 @@ def load_report(report_dir: Path, point_name: str) -> dict:
             "or give the --report-dir it was written to"
         ) from None
     except (OSError, ValueError) as error:
-        raise CalibrationError(f"{path} is not a readable calibration report ({error}); calibrate point {point_name!r} again") from None
+        raise CalibrationError(
+            f"{path} is not a readable calibration report ({error}); calibrate point {point_name!r} again"
+        ) from None
 
 
 def outcome_row(outcome) -> dict:
     """An outcome or sweep state: its point's fields (OperatingPoint.to_dict), layer speed-up and metric."""
-    return {**outcome.point.to_dict(), "layer_speedup": round(outcome.layer_speedup, 6), "metric": round(outcome.metric, 6)}
+    return {
+        **outcome.point.to_dict(),
+        "layer_speedup": round(outcome.layer_speedup, 6),
+        "metric": round(outcome.metric, 6),
+    }
 
 
 def frontier_rows(result: CalibrationResult) -> list[dict]:
@@ -77,7 +85,10 @@ def write_report(result: CalibrationResult, report_dir: Path, context: dict) -> 
     remove_stale_temporaries(report_dir)
     rows = frontier_rows(result)
     document = {**result.to_dict(), **context, "frontiers": rows}
-    contents = {REPORT_JSON: (json.dumps(document, indent=2) + "\n").encode(), FRONTIER_CSV: frontier_csv(rows).encode()}
+    contents = {
+        REPORT_JSON: (json.dumps(document, indent=2) + "\n").encode(),
+        FRONTIER_CSV: frontier_csv(rows).encode(),
+    }
     for name, content in contents.items():
         write_file_atomically(report_dir / name, lambda handle, content=content: handle.write(content))
     written = [report_dir / name for name in contents]
@@ -88,7 +99,9 @@ def write_report(result: CalibrationResult, report_dir: Path, context: dict) -> 
     matplotlib.use("Agg")
     for name, draw in ((FRONTIER_PLOT, draw_frontiers), (PATIENCE_PLOT, draw_patience_scatter)):
         figure = draw(result)
-        write_file_atomically(report_dir / name, lambda handle, figure=figure: figure.savefig(handle, format="png", dpi=120))
+        write_file_atomically(
+            report_dir / name, lambda handle, figure=figure: figure.savefig(handle, format="png", dpi=120)
+        )
         written.append(report_dir / name)
     return WrittenReport(written)
 
@@ -124,11 +137,30 @@ def draw_frontiers(result: CalibrationResult):
     labels = frontier_labels(result)
     for policy, states in result.frontiers.items():
         style = MAIN_POLICY_STYLE if policy == result.point.policy else BASELINE_STYLE
-        axes.plot([s.layer_speedup for s in states], [s.metric for s in states], marker="o", markersize=3, label=labels[policy], **style)
+        axes.plot(
+            [s.layer_speedup for s in states],
+            [s.metric for s in states],
+            marker="o",
+            markersize=3,
+            label=labels[policy],
+            **style,
+        )
     axes.axhline(result.full_search.metric, color="grey", linestyle="--", linewidth=1.0, label="full model")
-    axes.plot([result.chosen.layer_speedup], [result.chosen.metric], marker="*", markersize=14, color="black", linestyle="none",
-              label="chosen", zorder=4)
-    axes.set(xlabel="layer speed-up", ylabel=result.metric_name, title=f"Pareto frontiers on {len(result.chosen.exit_layers)} calibration rows")
+    axes.plot(
+        [result.chosen.layer_speedup],
+        [result.chosen.metric],
+        marker="*",
+        markersize=14,
+        color="black",
+        linestyle="none",
+        label="chosen",
+        zorder=4,
+    )
+    axes.set(
+        xlabel="layer speed-up",
+        ylabel=result.metric_name,
+        title=f"Pareto frontiers on {len(result.chosen.exit_layers)} calibration rows",
+    )
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -142,9 +174,17 @@ def draw_patience_scatter(result: CalibrationResult):
     outcomes = result.patience_grid
     figure = Figure(figsize=(6, 4.5))
     axes = figure.add_subplot()
-    dots = axes.scatter([o.point.patience for o in outcomes], [o.layer_speedup for o in outcomes], c=[o.point.tau for o in outcomes], cmap="viridis", s=14)
+    dots = axes.scatter(
+        [o.point.patience for o in outcomes],
+        [o.layer_speedup for o in outcomes],
+        c=[o.point.tau for o in outcomes],
+        cmap="viridis",
+        s=14,
+    )
     figure.colorbar(dots, ax=axes, label="tau (normalized entropy)")
-    axes.set(xlabel="patience", ylabel="layer speed-up", title="Reachable layer speed-ups per patience (pcee)")
+    axes.set(
+        xlabel="patience", ylabel="layer speed-up", title="Reachable layer speed-ups per patience (pcee)"
+    )
     axes.set_xticks(range(1, result.num_layers + 1))
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -154,24 +194,40 @@ def draw_patience_scatter(result: CalibrationResult):
 def format_table(result: CalibrationResult) -> str:
     """The chosen point on calibration and held-out rows, and every policy's best at the chosen speed-up."""
     metric = result.metric_name
-    lines = [f"Chosen operating point: {result.point.describe()}" + (f"  (name {result.point.name})" if result.point.name else "")]
+    lines = [
+        f"Chosen operating point: {result.point.describe()}"
+        + (f"  (name {result.point.name})" if result.point.name else "")
+    ]
     lines.append(f"{'':<22}{'rows':>7}{'layer speed-up':>16}{metric:>12}")
-    for label, outcome in (("calibration", result.chosen), ("held-out", result.holdout), ("full model, held-out", result.full_holdout)):
-        lines.append(f"{label:<22}{len(outcome.exit_layers):>7}{outcome.layer_speedup:>16.4f}{outcome.metric:>12.4f}")
+    for label, outcome in (
+        ("calibration", result.chosen),
+        ("held-out", result.holdout),
+        ("full model, held-out", result.full_holdout),
+    ):
+        lines.append(
+            f"{label:<22}{len(outcome.exit_layers):>7}{outcome.layer_speedup:>16.4f}{outcome.metric:>12.4f}"
+        )
     histogram = result.summarize(result.holdout)["exit_histogram"]
-    lines.append("Held-out exits per layer: " + "  ".join(f"L{layer}:{count}" for layer, count in enumerate(histogram, start=1)))
+    lines.append(
+        "Held-out exits per layer: "
+        + "  ".join(f"L{layer}:{count}" for layer, count in enumerate(histogram, start=1))
+    )
     if result.certification is not None:
         guarantee = result.certification
         lines.append(
             f"Certified: accuracy drop <= {guarantee.max_drop:g} with confidence {guarantee.confidence:g} "
             f"({guarantee.chosen.losses} losses in {guarantee.testing_rows} testing rows, p = {guarantee.chosen.p_value:.3g})"
         )
-    lines.append(f"\nBest {metric} per policy at layer speed-up >= {result.chosen.layer_speedup:.4f} (calibration rows, every threshold):")
+    lines.append(
+        f"\nBest {metric} per policy at layer speed-up >= {result.chosen.layer_speedup:.4f} (calibration rows, every threshold):"
+    )
     lines.append(f"{'policy':<14}{'point':<34}{'layer speed-up':>16}{metric:>12}")
     for policy, states in result.frontiers.items():
         best = best_reaching(states, result.chosen.layer_speedup)
         if best is None:
             lines.append(f"{policy:<14}{'(cannot reach this speed-up)':<34}")
         else:
-            lines.append(f"{policy:<14}{best.point.describe():<34}{best.layer_speedup:>16.4f}{best.metric:>12.4f}")
+            lines.append(
+                f"{policy:<14}{best.point.describe():<34}{best.layer_speedup:>16.4f}{best.metric:>12.4f}"
+            )
     return "\n".join(lines)

@@ -27,7 +27,15 @@ from pcee.runtime import SIGNALS, AllExits, OperatingPoint, layer_speedup
 from .errors import CalibrationError
 from .simulate import Outcome, Simulator
 
-CALIBRATION_POLICIES = ("pcee", "pcee-maxprob", "pcee-learned", "pabee", "branchynet", "shallow-deep", "budgeted")
+CALIBRATION_POLICIES = (
+    "pcee",
+    "pcee-maxprob",
+    "pcee-learned",
+    "pabee",
+    "branchynet",
+    "shallow-deep",
+    "budgeted",
+)
 PATIENCE_ONE_POLICIES = ("branchynet", "shallow-deep")
 BOUNDED_SIGNALS = ("entropy", "max_probability")  # both lie in [0, 1]
 # Endpoint thresholds sit this far beyond the observed values: all rows confident, or none.
@@ -70,7 +78,9 @@ class SweepState:
     @property
     def patience(self) -> int:
         """The point's patience (0 for budgeted exit), without building the point."""
-        return int(self.sweep.values[self.index]) if self.sweep.knob == "patience" else self.sweep.patience or 0
+        return (
+            int(self.sweep.values[self.index]) if self.sweep.knob == "patience" else self.sweep.patience or 0
+        )
 
 
 def candidate_thresholds(signal: str, values: np.ndarray) -> np.ndarray:
@@ -80,7 +90,13 @@ def candidate_thresholds(signal: str, values: np.ndarray) -> np.ndarray:
     threshold, whatever float noise the deployed backend adds), plus one beyond each end.
     """
     distinct = np.unique(np.asarray(values, dtype=np.float64))
-    thresholds = np.concatenate([[distinct[0] - ENDPOINT_MARGIN], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + ENDPOINT_MARGIN]])
+    thresholds = np.concatenate(
+        [
+            [distinct[0] - ENDPOINT_MARGIN],
+            (distinct[:-1] + distinct[1:]) / 2,
+            [distinct[-1] + ENDPOINT_MARGIN],
+        ]
+    )
     if signal in BOUNDED_SIGNALS:
         thresholds = np.unique(np.clip(thresholds, 0.0, 1.0))
     # Entropy is confident below tau (larger is more aggressive); the others above tau.
@@ -94,17 +110,23 @@ def sweeps_for(policy: str, exits: AllExits) -> list[Sweep]:
         signal = SIGNALS[policy]
         values = getattr(exits, signal)
         if values is None:
-            raise CalibrationError(f"policy {policy} needs a learned confidence score; this bundle has none. Choose pcee or pcee-maxprob")
+            raise CalibrationError(
+                f"policy {policy} needs a learned confidence score; this bundle has none. Choose pcee or pcee-maxprob"
+            )
         taus = candidate_thresholds(signal, values)
         patiences = [1] if policy in PATIENCE_ONE_POLICIES else range(1, num_layers + 1)
         return [Sweep(policy, "tau", taus, patience) for patience in patiences]
     if policy == "pabee":
         if num_layers < 2:
-            raise CalibrationError("pabee compares consecutive layers and needs a model with at least 2 layers")
+            raise CalibrationError(
+                "pabee compares consecutive layers and needs a model with at least 2 layers"
+            )
         return [Sweep(policy, "patience", np.arange(num_layers - 1, 0, -1))]
     if policy == "budgeted":
         return [Sweep(policy, "layer", np.arange(num_layers, 0, -1))]
-    raise CalibrationError(f"policy {policy!r} cannot be calibrated; choose one of {', '.join(CALIBRATION_POLICIES)}")
+    raise CalibrationError(
+        f"policy {policy!r} cannot be calibrated; choose one of {', '.join(CALIBRATION_POLICIES)}"
+    )
 
 
 # ------------------------------------------------------------------------------ exact sweep states
@@ -114,7 +136,10 @@ def sweep_states(simulator: Simulator, sweep: Sweep) -> list[SweepState]:
     """Every distinct state of the sweep, most conservative first."""
     if sweep.knob != "tau":  # a handful of points: simulate each
         outcomes = (simulator.run(sweep.point(index)) for index in range(len(sweep)))
-        return [SweepState(sweep, index, outcome.layer_speedup, outcome.metric) for index, outcome in enumerate(outcomes)]
+        return [
+            SweepState(sweep, index, outcome.layer_speedup, outcome.metric)
+            for index, outcome in enumerate(outcomes)
+        ]
     return tau_sweep_states(simulator, sweep)
 
 
@@ -127,9 +152,14 @@ def tau_sweep_states(simulator: Simulator, sweep: Sweep) -> list[SweepState]:
     order = np.argsort(event_indices, kind="stable")
     event_rows, event_indices = event_rows[order], event_indices[order]
     starts = np.union1d([0], event_indices)
-    firsts, ends = np.searchsorted(event_indices, starts, side="left"), np.searchsorted(event_indices, starts, side="right")
+    firsts, ends = (
+        np.searchsorted(event_indices, starts, side="left"),
+        np.searchsorted(event_indices, starts, side="right"),
+    )
     argmax = exits.logits.argmax(axis=-1)
-    exit_layers = np.full(len(labels), num_layers)  # before any confident streak every row runs to the last layer
+    exit_layers = np.full(
+        len(labels), num_layers
+    )  # before any confident streak every row runs to the last layer
     predictions = argmax[:, -1].copy()
     states = []
     for index, first, end in zip(starts, firsts, ends, strict=True):
@@ -138,7 +168,9 @@ def tau_sweep_states(simulator: Simulator, sweep: Sweep) -> list[SweepState]:
         exit_layers[rows] = np.minimum(num_layers, sweep.patience + (earliest[rows] > index).sum(axis=1))
         predictions[rows] = argmax[rows, exit_layers[rows] - 1]
         speedup = layer_speedup(int(exit_layers.sum()), len(labels), num_layers)
-        states.append(SweepState(sweep, int(index), speedup, task_metric(simulator.metric_name, predictions, labels)))
+        states.append(
+            SweepState(sweep, int(index), speedup, task_metric(simulator.metric_name, predictions, labels))
+        )
     return states
 
 
@@ -158,7 +190,9 @@ def confidence_onsets(sweep: Sweep, values: np.ndarray) -> np.ndarray:
     taus = sweep.values.astype(values.dtype)
     if SIGNALS[sweep.policy] == "entropy":  # confident below tau; the taus ascend
         return np.searchsorted(taus, values, side="right")
-    return len(taus) - np.searchsorted(taus[::-1], values, side="left")  # confident above tau; the taus descend
+    return len(taus) - np.searchsorted(
+        taus[::-1], values, side="left"
+    )  # confident above tau; the taus descend
 
 
 def all_states(simulator: Simulator, sweeps: list[Sweep]) -> list[SweepState]:

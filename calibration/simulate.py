@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcee.modeling.metrics import task_metric
-from pcee.runtime import AllExits, ExitPolicy, OperatingPoint, PolicyError, build_policy, layer_speedup, replay
+from pcee.runtime import (
+    AllExits,
+    ExitPolicy,
+    OperatingPoint,
+    PolicyError,
+    build_policy,
+    layer_speedup,
+    replay,
+)
 
 from .errors import CalibrationError
 
@@ -26,9 +34,13 @@ class CalibrationRows:
 
     def __post_init__(self) -> None:
         if len(self.labels) == 0:
-            raise CalibrationError("the calibration data has no rows; give a labelled data set with at least one row per part")
+            raise CalibrationError(
+                "the calibration data has no rows; give a labelled data set with at least one row per part"
+            )
         if self.exits.logits.shape[0] != len(self.labels):
-            raise CalibrationError(f"recorded exits cover {self.exits.logits.shape[0]} rows but {len(self.labels)} labels were given")
+            raise CalibrationError(
+                f"recorded exits cover {self.exits.logits.shape[0]} rows but {len(self.labels)} labels were given"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -37,7 +49,7 @@ class CalibrationRows:
     def num_layers(self) -> int:
         return self.exits.logits.shape[1]
 
-    def subset(self, rows: np.ndarray) -> "CalibrationRows":
+    def subset(self, rows: np.ndarray) -> CalibrationRows:
         return CalibrationRows(self.exits.select(rows), self.labels[rows])
 
 

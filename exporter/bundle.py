@@ -27,9 +27,28 @@ from pcee.modeling.config import PceeConfig, glue_task_or_none
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
-    FORMAT_VERSION, MANIFEST_NAME, FileEntry, GraphFile, GraphSpec, Manifest, ModelInfo, OperatingPoint, ParityResult, QuantizationResult,
-    PceeError, TensorRTEngines, TokenizerInfo, create_backend, graph_chain_of, layer_graph_name, replace_directory, sha256_of,
-    staging_directory_for, backup_directory_for, staging_directory_pattern, written_before_this_process,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    FileEntry,
+    GraphFile,
+    GraphSpec,
+    Manifest,
+    ModelInfo,
+    OperatingPoint,
+    ParityResult,
+    PceeError,
+    QuantizationResult,
+    TensorRTEngines,
+    TokenizerInfo,
+    backup_directory_for,
+    create_backend,
+    graph_chain_of,
+    layer_graph_name,
+    replace_directory,
+    sha256_of,
+    staging_directory_for,
+    staging_directory_pattern,
+    written_before_this_process,
 )
 from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
 from pcee.runtime.manifest import TASK_TYPES
@@ -37,14 +56,26 @@ from pcee.runtime.manifest import TASK_TYPES
 from .errors import ExportError, OutputDirectoryError, TokenizerError
 from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph, contrib_attention
 from .onnx_export import export_graph, record_graph_name
-from .optimize import FLOAT_EXIT_HEADS, Fusion, fused_operator_counts, quantize_graph
 from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, FUSION_MIN_OPSET, QUANTIZATIONS, check_opset
+from .optimize import FLOAT_EXIT_HEADS, Fusion, fused_operator_counts, quantize_graph
 from .parity import (
-    FP16_TOLERANCE, FP32_TOLERANCE, SENTENCE_PAIRS, SENTENCES, TENSORRT_FP32_TOLERANCE, ParityTarget, TokenBatch, parity_batches,
-    torch_exit_outputs, verify_parity,
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    SENTENCE_PAIRS,
+    SENTENCES,
+    TENSORRT_FP32_TOLERANCE,
+    ParityTarget,
+    TokenBatch,
+    parity_batches,
+    torch_exit_outputs,
+    verify_parity,
 )
 from .quantize import (
-    agreement_rows, check_agreement, load_parity_data, measure_agreement, torch_exit_labels,
+    agreement_rows,
+    check_agreement,
+    load_parity_data,
+    measure_agreement,
+    torch_exit_labels,
 )
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ENGINE_DIR, ShapeRange, build_engines, require_tensorrt
 
@@ -54,8 +85,13 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 WORDPIECE_VOCABULARY = "vocab.txt"
 OPTIONAL_TOKENIZER_FILES = (
-    TOKENIZER_CONFIG, "special_tokens_map.json", WORDPIECE_VOCABULARY, "vocab.json", "merges.txt",
-    "spiece.model", "sentencepiece.bpe.model",
+    TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    WORDPIECE_VOCABULARY,
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
 )
 BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
 BUNDLE_SUFFIX = "-pcee"
@@ -64,7 +100,14 @@ BUNDLE_SUFFIX = "-pcee"
 # .manifest.lock), and the temporary files of an atomic manifest write that a kill left behind
 # (write_file_atomically names them .manifest.json.*). The calibration room is not imported here.
 BUNDLE_ENTRY_PATTERNS = (
-    MANIFEST_NAME, ONNX_DIR, ENGINE_DIR, TOKENIZER_DIR, ".pcee-cache", "reports", "calibration-*", ".manifest.lock",
+    MANIFEST_NAME,
+    ONNX_DIR,
+    ENGINE_DIR,
+    TOKENIZER_DIR,
+    ".pcee-cache",
+    "reports",
+    "calibration-*",
+    ".manifest.lock",
     f".{MANIFEST_NAME}.*",
 )
 
@@ -117,7 +160,9 @@ class ExportResult:
             "parity": self.manifest.parity.to_dict(),
             "precision": self.manifest.model.precision,
             "fused_operators": {graph.file: graph.fused_operators for graph in self.manifest.graph_files()},
-            "quantization": None if self.manifest.quantization is None else self.manifest.quantization.to_dict(),
+            "quantization": None
+            if self.manifest.quantization is None
+            else self.manifest.quantization.to_dict(),
             "tensorrt": self.manifest.tensorrt is not None,
             "export_seconds": round(self.seconds, 2),
         }
@@ -125,7 +170,11 @@ class ExportResult:
 
 def default_operating_point(num_layers: int) -> OperatingPoint:
     return OperatingPoint(
-        "pcee", tau=DEFAULT_TAU, patience=min(DEFAULT_PATIENCE, num_layers), name="default", source="export default (uncalibrated)",
+        "pcee",
+        tau=DEFAULT_TAU,
+        patience=min(DEFAULT_PATIENCE, num_layers),
+        name="default",
+        source="export default (uncalibrated)",
     )
 
 
@@ -173,9 +222,13 @@ def load_fast_tokenizer(model_dir: Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as error:  # tokenizers and transformers raise many types for a damaged file
-        raise ModelDirectoryError(f"{model_dir}: the tokenizer cannot be loaded ({type(error).__name__}: {error})") from None
+        raise ModelDirectoryError(
+            f"{model_dir}: the tokenizer cannot be loaded ({type(error).__name__}: {error})"
+        ) from None
     if tokenizer.pad_token is None:
-        raise ModelDirectoryError(f"{model_dir}: the tokenizer has no padding token; batches cannot be padded. Set pad_token in tokenizer_config.json")
+        raise ModelDirectoryError(
+            f"{model_dir}: the tokenizer has no padding token; batches cannot be padded. Set pad_token in tokenizer_config.json"
+        )
     return tokenizer
 
 
@@ -189,7 +242,9 @@ def wordpiece_tokenizer(model_dir: Path) -> Tokenizer:
     try:
         vocabulary = WordPiece.read_file(str(path))
     except Exception as error:  # the Rust reader raises plain Exception
-        raise TokenizerError(f"{path} cannot be read as a WordPiece vocabulary, one token per line ({error})") from None
+        raise TokenizerError(
+            f"{path} cannot be read as a WordPiece vocabulary, one token per line ({error})"
+        ) from None
     missing = [token for token in BERT_SPECIAL_TOKENS.values() if token not in vocabulary]
     if missing:
         raise TokenizerError(
@@ -206,7 +261,9 @@ def normalization(model_dir: Path, vocabulary: dict[str, int]) -> dict[str, bool
     lowercase, strip_accents = settings.get("do_lower_case"), settings.get("strip_accents")
     return {
         "lowercase": lowercase if isinstance(lowercase, bool) else is_uncased(vocabulary),
-        "strip_accents": strip_accents if isinstance(strip_accents, bool) else None,  # None: strip when lowercasing
+        "strip_accents": strip_accents
+        if isinstance(strip_accents, bool)
+        else None,  # None: strip when lowercasing
     }
 
 
@@ -225,31 +282,41 @@ def tokenizer_settings(model_dir: Path) -> dict:
 
 def is_uncased(vocabulary: dict[str, int]) -> bool:
     """BERT-uncased (the reference default) has no upper-case token besides its [SPECIAL] ones; a cased vocabulary has many."""
-    return not any(token != token.lower() for token in vocabulary if not (token.startswith("[") and token.endswith("]")))
+    return not any(
+        token != token.lower() for token in vocabulary if not (token.startswith("[") and token.endswith("]"))
+    )
 
 
 def wrap_for_batches(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     # A copy: transformers sets padding and truncation on the tokenizer it wraps, the bundle's must have neither.
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), **BERT_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), **BERT_SPECIAL_TOKENS
+    )
 
 
 def resolve_max_seq_len(model: MultiExitClassifier, requested: int | None) -> int:
     max_seq_len = requested or model.pcee_config.max_seq_len
     limit = model.adapter.max_positions(model.backbone_config)
     if not 1 <= max_seq_len <= limit:
-        raise ExportError(f"--max-seq-len {max_seq_len} is outside 1..{limit}, the positions this {model.backbone_config.model_type} model has")
+        raise ExportError(
+            f"--max-seq-len {max_seq_len} is outside 1..{limit}, the positions this {model.backbone_config.model_type} model has"
+        )
     return max_seq_len
 
 
 def task_type(config: PceeConfig) -> str:
     """Pair input when the training data had pairs, or (older models) when the GLUE task has them."""
     task = glue_task_or_none(config.task)
-    return "sentence_pair" if config.sentence_pair or (task is not None and task.is_pair) else "single_sentence"
+    return (
+        "sentence_pair" if config.sentence_pair or (task is not None and task.is_pair) else "single_sentence"
+    )
 
 
 def check_task_type(requested: str | None) -> None:
     if requested is not None and requested not in TASK_TYPES:
-        raise ExportError(f"--task-type {requested!r} is not one of {', '.join(TASK_TYPES)}; leave it out to use the model's own")
+        raise ExportError(
+            f"--task-type {requested!r} is not one of {', '.join(TASK_TYPES)}; leave it out to use the model's own"
+        )
 
 
 def model_info(model: MultiExitClassifier, max_seq_len: int, options: ExportOptions) -> ModelInfo:
@@ -281,7 +348,10 @@ def check_output_dir(output_dir: Path) -> None:
     """The output, and the backup path the swap reuses, must each be absent, empty, or a pcee bundle of bundle files alone."""
     check_replaceable(output_dir, f"--output {output_dir}")
     backup = backup_directory_for(output_dir)
-    check_replaceable(backup, f"{backup} (the path where pcee-export keeps the previous bundle while it swaps in the new one)")
+    check_replaceable(
+        backup,
+        f"{backup} (the path where pcee-export keeps the previous bundle while it swaps in the new one)",
+    )
 
 
 def check_replaceable(directory: Path, described: str) -> None:
@@ -305,7 +375,9 @@ def check_replaceable(directory: Path, described: str) -> None:
             f"{described} has a {MANIFEST_NAME} that is not a pcee bundle manifest ({problem}); refusing to replace "
             f"the directory, which would delete everything in it. {advice}"
         )
-    foreign = [name for name in entries if not any(fnmatchcase(name, pattern) for pattern in BUNDLE_ENTRY_PATTERNS)]
+    foreign = [
+        name for name in entries if not any(fnmatchcase(name, pattern) for pattern in BUNDLE_ENTRY_PATTERNS)
+    ]
     if foreign:
         raise OutputDirectoryError(
             f"{described} is a pcee bundle but also holds {', '.join(foreign)}, which pcee-export did not write; "
@@ -346,7 +418,11 @@ def remove_stale_debris(output_dir: Path) -> None:
     if not output_dir.parent.is_dir():
         return
     staging_name = staging_directory_pattern(output_dir)
-    stale = [entry for entry in output_dir.parent.iterdir() if staging_name.fullmatch(entry.name) and is_stale(entry)]
+    stale = [
+        entry
+        for entry in output_dir.parent.iterdir()
+        if staging_name.fullmatch(entry.name) and is_stale(entry)
+    ]
     backup = backup_directory_for(output_dir)
     if output_dir.is_dir() and is_stale(backup):
         stale.append(backup)
@@ -377,7 +453,7 @@ class GraphSpecs:
     full: GraphSpec
 
     @classmethod
-    def of(cls, info: ModelInfo) -> "GraphSpecs":
+    def of(cls, info: ModelInfo) -> GraphSpecs:
         return cls(
             embeddings_spec(info.uses_token_type_ids, info.hidden_size),
             layer_spec(info.hidden_size, info.num_labels, info.learned_confidence),
@@ -390,7 +466,13 @@ def token_tensors(spec: GraphSpec, batch: TokenBatch) -> tuple[torch.Tensor, ...
 
 
 def write_graph(
-    bundle_dir: Path, name: str, module: torch.nn.Module, inputs: tuple, spec: GraphSpec, opset: int, fusion: Fusion | None
+    bundle_dir: Path,
+    name: str,
+    module: torch.nn.Module,
+    inputs: tuple,
+    spec: GraphSpec,
+    opset: int,
+    fusion: Fusion | None,
 ) -> GraphFile:
     relative = f"{ONNX_DIR}/{name}.onnx"
     export_graph(module, inputs, spec, bundle_dir / relative, opset, name, fusion)
@@ -398,32 +480,63 @@ def write_graph(
 
 
 def graph_file(bundle_dir: Path, relative: str, spec: GraphSpec) -> GraphFile:
-    return GraphFile(relative, sha256_of(bundle_dir / relative), spec, fused_operator_counts(bundle_dir / relative))
+    return GraphFile(
+        relative, sha256_of(bundle_dir / relative), spec, fused_operator_counts(bundle_dir / relative)
+    )
 
 
 def export_graphs(
-    model: MultiExitClassifier, bundle_dir: Path, specs: GraphSpecs, trace_batch: TokenBatch, options: ExportOptions
+    model: MultiExitClassifier,
+    bundle_dir: Path,
+    specs: GraphSpecs,
+    trace_batch: TokenBatch,
+    options: ExportOptions,
 ) -> tuple[GraphFile, list[GraphFile], GraphFile | None]:
     """Trace every graph on one real batch, feeding each layer the previous graph's outputs; fused when options.fuses."""
     (bundle_dir / ONNX_DIR).mkdir()
     fusion = Fusion.of(model) if options.fuses else None
-    progress = tqdm(total=model.num_layers + 1 + options.with_full_graph, desc="export", unit="graph", disable=not options.progress)
+    progress = tqdm(
+        total=model.num_layers + 1 + options.with_full_graph,
+        desc="export",
+        unit="graph",
+        disable=not options.progress,
+    )
     with progress, torch.no_grad(), fused_modules(model, fusion):
         embeddings_graph = EmbeddingsGraph(model)
         token_inputs = token_tensors(specs.embeddings, trace_batch)
-        embeddings = write_graph(bundle_dir, EMBEDDINGS_GRAPH, embeddings_graph, token_inputs, specs.embeddings, options.opset, fusion)
+        embeddings = write_graph(
+            bundle_dir,
+            EMBEDDINGS_GRAPH,
+            embeddings_graph,
+            token_inputs,
+            specs.embeddings,
+            options.opset,
+            fusion,
+        )
         progress.update()
         hidden, bias = embeddings_graph(*token_inputs)
         layers = []
         for index in range(model.num_layers):
             layer_graph = LayerGraph(model, index)
-            layers.append(write_graph(bundle_dir, layer_graph_name(index), layer_graph, (hidden, bias), specs.layer, options.opset, fusion))
+            layers.append(
+                write_graph(
+                    bundle_dir,
+                    layer_graph_name(index),
+                    layer_graph,
+                    (hidden, bias),
+                    specs.layer,
+                    options.opset,
+                    fusion,
+                )
+            )
             hidden = layer_graph(hidden, bias)[0]
             progress.update()
         full = None
         if options.with_full_graph:
             full_inputs = token_tensors(specs.full, trace_batch)
-            full = write_graph(bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset, fusion)
+            full = write_graph(
+                bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset, fusion
+            )
             progress.update()
     return embeddings, layers, full
 
@@ -434,7 +547,10 @@ def fused_modules(model: MultiExitClassifier, fusion: Fusion | None):
 
 
 def export_full_graph(
-    model_dir_or_model: str | Path | MultiExitClassifier, path: str | Path, opset: int = DEFAULT_OPSET, fuse: bool = False
+    model_dir_or_model: str | Path | MultiExitClassifier,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    fuse: bool = False,
 ) -> Path:
     """The whole model as one ONNX graph (last exit's logits), for benchmarks; traced on a dummy batch.
 
@@ -458,7 +574,15 @@ def export_full_graph(
     path.parent.mkdir(parents=True, exist_ok=True)
     fusion = Fusion.of(model) if fuse else None
     with fused_modules(model, fusion):
-        export_graph(FullModelGraph(model), tuple(dummy[name] for name in spec.input_names), spec, path, opset, FULL_GRAPH, fusion)
+        export_graph(
+            FullModelGraph(model),
+            tuple(dummy[name] for name in spec.input_names),
+            spec,
+            path,
+            opset,
+            FULL_GRAPH,
+            fusion,
+        )
     return path
 
 
@@ -498,7 +622,8 @@ def check_vocabulary_size(tokenizer_file: Path, source: Path, vocab_size: int) -
 def bundle_file_sizes(bundle_dir: Path) -> dict[str, int]:
     return {
         path.relative_to(bundle_dir).as_posix(): path.stat().st_size
-        for path in sorted(bundle_dir.rglob("*")) if path.is_file()
+        for path in sorted(bundle_dir.rglob("*"))
+        if path.is_file()
     }
 
 
@@ -506,7 +631,9 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     tokenizer_info = write_tokenizer(model_dir, bundle_dir, tokenizer)
-    check_vocabulary_size(bundle_dir / tokenizer_info.files[0].file, tokenizer.source, model.backbone_config.vocab_size)
+    check_vocabulary_size(
+        bundle_dir / tokenizer_info.files[0].file, tokenizer.source, model.backbone_config.vocab_size
+    )
     info = model_info(model, resolve_max_seq_len(model, options.max_seq_len), options)
     batches = parity_batches(tokenizer.for_batches, info.task_type == "sentence_pair", info.max_seq_len)
     reference = [torch_exit_outputs(model, batch) for batch in batches]  # always the float32 model
@@ -517,7 +644,9 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
     quantization = None
     if options.quantize:
         layers = quantize_layers(bundle_dir, layers)
-        quantization = check_quantized_chain(model, bundle_dir, embeddings, layers, tokenizer_info, info, options)
+        quantization = check_quantized_chain(
+            model, bundle_dir, embeddings, layers, tokenizer_info, info, options
+        )
     operating_point = default_operating_point(info.num_layers)
     manifest = Manifest(
         model=info,
@@ -540,7 +669,12 @@ def check_parity(bundle_dir, embeddings, layers, full, batches, reference, fp16:
     """The runtime's own CPU backend runs the chain; the single graph runs in one session."""
     backend = create_backend("onnxruntime-cpu", graph_chain_of(bundle_dir, embeddings, layers))
     try:
-        return verify_parity([ParityTarget(backend, full, bundle_dir)], batches, reference, FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+        return verify_parity(
+            [ParityTarget(backend, full, bundle_dir)],
+            batches,
+            reference,
+            FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
+        )
     finally:
         backend.close()
 
@@ -555,8 +689,13 @@ def quantize_layers(bundle_dir: Path, layers: list[GraphFile]) -> list[GraphFile
 
 
 def check_quantized_chain(
-    model: MultiExitClassifier, bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], tokenizer: TokenizerInfo,
-    info: ModelInfo, options: ExportOptions,
+    model: MultiExitClassifier,
+    bundle_dir: Path,
+    embeddings: GraphFile,
+    layers: list[GraphFile],
+    tokenizer: TokenizerInfo,
+    info: ModelInfo,
+    options: ExportOptions,
 ) -> QuantizationResult:
     """Label agreement of the int8 chain (through the runtime's CPU backend) with the float PyTorch model; fails below the minimum."""
     data = None if options.parity_data is None else load_parity_data(options.parity_data, info.task)
@@ -571,15 +710,21 @@ def check_quantized_chain(
     return result
 
 
-def build_checked_engines(manifest: Manifest, bundle_dir: Path, batches, reference, options: ExportOptions) -> TensorRTEngines:
+def build_checked_engines(
+    manifest: Manifest, bundle_dir: Path, batches, reference, options: ExportOptions
+) -> TensorRTEngines:
     """Build the engines, then check them with the same parity code through the runtime's TensorRT backend."""
     shape_range = ShapeRange(options.max_batch_size, manifest.model.max_seq_len)
-    manifest.tensorrt = build_engines(bundle_dir, manifest.embeddings, manifest.layers, shape_range, options.fp16, options.progress)
+    manifest.tensorrt = build_engines(
+        bundle_dir, manifest.embeddings, manifest.layers, shape_range, options.fp16, options.progress
+    )
     backend = create_backend("tensorrt", manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir))
     try:
         tolerance = FP16_TOLERANCE if options.fp16 else TENSORRT_FP32_TOLERANCE
         pieces, expected = rows_at_most(batches, reference, backend.max_rows)
-        engine_parity = verify_parity([ParityTarget(backend, prefix="tensorrt/")], pieces, expected, tolerance)
+        engine_parity = verify_parity(
+            [ParityTarget(backend, prefix="tensorrt/")], pieces, expected, tolerance
+        )
     finally:
         backend.close()
     manifest.parity.max_abs_diff.update(engine_parity.max_abs_diff)
@@ -587,7 +732,9 @@ def build_checked_engines(manifest: Manifest, bundle_dir: Path, batches, referen
     return manifest.tensorrt
 
 
-def rows_at_most(batches: list[TokenBatch], reference: list, max_rows: int | None) -> tuple[list[TokenBatch], list]:
+def rows_at_most(
+    batches: list[TokenBatch], reference: list, max_rows: int | None
+) -> tuple[list[TokenBatch], list]:
     """The parity batches and their reference outputs cut into pieces of at most max_rows rows, each padded as before.
 
     Engines built with a --max-batch-size below the parity batches' take them piece by piece.
@@ -606,19 +753,27 @@ def rows_at_most(batches: list[TokenBatch], reference: list, max_rows: int | Non
 def check_quantization(options: ExportOptions) -> None:
     if options.quantize is None:
         if options.parity_data is not None:
-            raise ExportError("--parity-data measures an int8 bundle's agreement with the float model; add --quantize int8, or drop --parity-data")
+            raise ExportError(
+                "--parity-data measures an int8 bundle's agreement with the float model; add --quantize int8, or drop --parity-data"
+            )
         return
     if options.quantize not in QUANTIZATIONS:
         raise ExportError(f"--quantize {options.quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     if options.fp16 or options.tensorrt:
-        raise ExportError("--quantize int8 quantizes onnxruntime CPU graphs; it does not combine with --fp16 or --tensorrt. Drop one of them")
+        raise ExportError(
+            "--quantize int8 quantizes onnxruntime CPU graphs; it does not combine with --fp16 or --tensorrt. Drop one of them"
+        )
     if not 0 <= options.min_agreement <= 1:
-        raise ExportError(f"--min-agreement {options.min_agreement} must lie between 0 and 1, e.g. {DEFAULT_MIN_AGREEMENT}")
+        raise ExportError(
+            f"--min-agreement {options.min_agreement} must lie between 0 and 1, e.g. {DEFAULT_MIN_AGREEMENT}"
+        )
     if options.parity_data is not None and not Path(options.parity_data).exists():
         raise ExportError(f"--parity-data {options.parity_data}: no such file or directory")
 
 
-def export_bundle(model_dir: str | Path, output_dir: str | Path | None = None, options: ExportOptions = ExportOptions()) -> ExportResult:
+def export_bundle(
+    model_dir: str | Path, output_dir: str | Path | None = None, options: ExportOptions = ExportOptions()
+) -> ExportResult:
     """Export `model_dir` (written by pcee-train) to a verified bundle at `output_dir` (default: MODEL_DIR-pcee)."""
     started = time.perf_counter()
     check_opset(options.opset)

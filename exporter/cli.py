@@ -13,49 +13,91 @@ from pcee.runtime.manifest import TASK_TYPES
 from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, QUANTIZATIONS
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 
+
 # What exporting imports beyond the runtime's own packages; the `export` extra installs them.
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files (calibration results included); anything else is refused.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET}).")
-@click.option("--fp16", is_flag=True, help="Half-precision layers behind a float32 interface; parity tolerance 2e-2 instead of 1e-4.")
-@click.option("--tensorrt", is_flag=True, help="Also build one TensorRT engine per graph into trt/ (needs the tensorrt package and an NVIDIA GPU).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_SIZE, help="Largest batch the TensorRT engines accept.")
-@click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest input in tokens. Default: the model's own max_seq_len.")
 @click.option(
-    "--task-type", type=click.Choice(TASK_TYPES),
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files (calibration results included); anything else is refused.",
+)
+@click.option(
+    "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET})."
+)
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="Half-precision layers behind a float32 interface; parity tolerance 2e-2 instead of 1e-4.",
+)
+@click.option(
+    "--tensorrt",
+    is_flag=True,
+    help="Also build one TensorRT engine per graph into trt/ (needs the tensorrt package and an NVIDIA GPU).",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BATCH_SIZE,
+    help="Largest batch the TensorRT engines accept.",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    help="Longest input in tokens. Default: the model's own max_seq_len.",
+)
+@click.option(
+    "--task-type",
+    type=click.Choice(TASK_TYPES),
     help="One text per row, or a pair of texts per row (question/answer, premise/hypothesis) that the tokenizer "
-         "joins with its separator. Default: what the model's config says (pcee-train records it); for a reference "
-         "PABEE/PCEE checkpoint, sentence_pair when its config's finetuning_task is a GLUE pair task (mrpc, qqp, "
-         "mnli, qnli, rte), else single_sentence. Set it when a reference checkpoint was fine-tuned on pairs under "
-         "another task name.",
+    "joins with its separator. Default: what the model's config says (pcee-train records it); for a reference "
+    "PABEE/PCEE checkpoint, sentence_pair when its config's finetuning_task is a GLUE pair task (mrpc, qqp, "
+    "mnli, qnli, rte), else single_sentence. Set it when a reference checkpoint was fine-tuned on pairs under "
+    "another task name.",
 )
 @click.option(
-    "--fuse/--no-fuse", "fuse", default=True, show_default=True,
+    "--fuse/--no-fuse",
+    "fuse",
+    default=True,
+    show_default=True,
     help="Give the graphs onnxruntime's transformer fusions (one Attention node per layer for BERT and RoBERTa, "
-         "BiasGelu), which run on onnxruntime alone (on CPU as fast as portable graphs or slightly faster; see "
-         "docs/RESULTS.md), or write "
-         "portable graphs of standard ONNX operators for other runtimes. --tensorrt, --fp16 and --opset below 17 "
-         "always write portable graphs (TensorRT does its own fusion).",
+    "BiasGelu), which run on onnxruntime alone (on CPU as fast as portable graphs or slightly faster; see "
+    "docs/RESULTS.md), or write "
+    "portable graphs of standard ONNX operators for other runtimes. --tensorrt, --fp16 and --opset below 17 "
+    "always write portable graphs (TensorRT does its own fusion).",
 )
 @click.option(
-    "--quantize", type=click.Choice(QUANTIZATIONS),
+    "--quantize",
+    type=click.Choice(QUANTIZATIONS),
     help="Dynamically quantize the layer graphs' MatMul and Attention weights to int8 (onnxruntime CPU; the exit heads "
-         "stay float). Checked by label agreement with the float model per exit instead of the 1e-4 tolerance.",
+    "stay float). Checked by label agreement with the float model per exit instead of the 1e-4 tolerance.",
 )
 @click.option(
-    "--parity-data", type=click.Path(exists=True, path_type=Path),
+    "--parity-data",
+    type=click.Path(exists=True, path_type=Path),
     help="With --quantize: labelled rows (a GLUE task directory, whose dev split is used, or a GLUE-format file of the "
-         "model's task) on which agreement and per-exit accuracy are measured and recorded in the manifest. Without it, "
-         "agreement is measured on a dozen built-in sentences only.",
+    "model's task) on which agreement and per-exit accuracy are measured and recorded in the manifest. Without it, "
+    "agreement is measured on a dozen built-in sentences only.",
 )
 @click.option(
-    "--min-agreement", type=click.FloatRange(0, 1), default=DEFAULT_MIN_AGREEMENT,
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_AGREEMENT,
     help="With --quantize: the export fails when the int8 chain's last exit predicts the float model's label on fewer "
-         "than this share of the rows.",
+    "than this share of the rows.",
 )
-@click.option("--with-full-graph", is_flag=True, help="Also export the whole model as one graph (onnx/full_model.onnx) for benchmarks.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.")
+@click.option(
+    "--with-full-graph",
+    is_flag=True,
+    help="Also export the whole model as one graph (onnx/full_model.onnx) for benchmarks.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool, **options) -> None:
     """Export MODEL_DIR (written by pcee-train) to a bundle the pcee runtime serves.
@@ -100,18 +142,28 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
 
 def print_summary(result: dict) -> None:
     parity = result["parity"]
-    click.echo(f"Parity with PyTorch (max |diff| per graph, tolerance {parity['tolerance']:g}, "
-               f"batch sizes {parity['batch_sizes']}, sequence lengths {parity['sequence_lengths']}):")
+    click.echo(
+        f"Parity with PyTorch (max |diff| per graph, tolerance {parity['tolerance']:g}, "
+        f"batch sizes {parity['batch_sizes']}, sequence lengths {parity['sequence_lengths']}):"
+    )
     for graph, diffs in parity["max_abs_diff"].items():
         click.echo(f"  {graph:<11} " + "  ".join(f"{name} {diff:.2e}" for name, diff in diffs.items()))
-    layer_operators = next((counts for file, counts in result["fused_operators"].items() if "layer_" in file), {})
+    layer_operators = next(
+        (counts for file, counts in result["fused_operators"].items() if "layer_" in file), {}
+    )
     click.echo(f"Fused operators per layer graph: {layer_operators or 'none (portable graphs)'}")
     quantization = result["quantization"]
     if quantization is not None:
-        click.echo(f"int8 agreement with the float model per exit ({quantization['rows']} rows, minimum "
-                   f"{quantization['min_agreement']:g} at the last): {quantization['agreement']}")
+        click.echo(
+            f"int8 agreement with the float model per exit ({quantization['rows']} rows, minimum "
+            f"{quantization['min_agreement']:g} at the last): {quantization['agreement']}"
+        )
         if quantization["accuracy"] is not None:
-            click.echo(f"Accuracy per exit on {quantization['parity_data']}: int8 {quantization['accuracy']}, float {quantization['float_accuracy']}")
+            click.echo(
+                f"Accuracy per exit on {quantization['parity_data']}: int8 {quantization['accuracy']}, float {quantization['float_accuracy']}"
+            )
     size_mb = result["total_bytes"] / 1e6
-    click.echo(f"Exported {len(result['files'])} files ({size_mb:.1f} MB, {result['precision']}) in {result['export_seconds']:.1f}s")
+    click.echo(
+        f"Exported {len(result['files'])} files ({size_mb:.1f} MB, {result['precision']}) in {result['export_seconds']:.1f}s"
+    )
     click.echo(f"Bundle written to {result['bundle']}")

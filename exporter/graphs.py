@@ -10,11 +10,11 @@ the graph boundary, so runtimes bind the same buffers for fp32 and fp16 bundles.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
+from torch import nn
 
 from pcee.modeling.adapters import attention_bias, mask_from_bias
 from pcee.modeling.model import MultiExitClassifier, exit_probabilities_and_entropy
@@ -30,7 +30,9 @@ def parameter_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def to_model_dtype(model: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def to_model_dtype(
+    model: nn.Module, hidden: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cast the float32 interface tensors to the model's dtype; the bias is rebuilt so padding gets that dtype's minimum."""
     dtype = parameter_dtype(model)
     if hidden.dtype == dtype:
@@ -97,7 +99,9 @@ class ContribAttention(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, mask_index, num_heads: int):
         batch, length, width = hidden.shape
         head_size = width // num_heads
-        query, key, value = (hidden @ weight + bias).view(batch, length, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)
+        query, key, value = (
+            (hidden @ weight + bias).view(batch, length, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)
+        )
         padding = (1.0 - mask_index[:, None, None, :].to(hidden.dtype)) * MASK_FILTER_VALUE
         scores = query @ key.transpose(-1, -2) / head_size**0.5 + padding
         return (scores.softmax(-1) @ value).transpose(1, 2).reshape(batch, length, width)
@@ -120,8 +124,12 @@ class ContribSelfAttention(nn.Module):
         projections = (self.original.query, self.original.key, self.original.value)
         weight = torch.cat([projection.weight for projection in projections]).t()
         bias = torch.cat([projection.bias for projection in projections])
-        mask_index = (attention_mask[:, 0, 0, :] == 0).to(torch.int32)  # the layer's bias: 0 attended, very negative on padding
-        return ContribAttention.apply(hidden_states, weight, bias, mask_index, self.original.num_attention_heads), None
+        mask_index = (attention_mask[:, 0, 0, :] == 0).to(
+            torch.int32
+        )  # the layer's bias: 0 attended, very negative on padding
+        return ContribAttention.apply(
+            hidden_states, weight, bias, mask_index, self.original.num_attention_heads
+        ), None
 
 
 def writes_contrib_operators(module: nn.Module) -> bool:

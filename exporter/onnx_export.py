@@ -23,7 +23,12 @@ from .optimize import CONTRIB_DOMAIN, Fusion, fuse_graph
 
 
 def export_graph(
-    module: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path, opset: int, name: str,
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    spec: GraphSpec,
+    path: Path,
+    opset: int,
+    name: str,
     fusion: Fusion | None = None,
 ) -> None:
     """Trace `module` on `example_inputs` into `path`, fuse it (with `fusion`), record its place in the chain (`name`), check it."""
@@ -31,7 +36,9 @@ def export_graph(
     with warnings.catch_warnings():
         # Trace-time constants (the label count, static config flags) are intended; parity catches real ones.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         with torch.no_grad():
             torch.onnx.export(
@@ -44,7 +51,9 @@ def export_graph(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
-                custom_opsets={CONTRIB_DOMAIN: 1} if holds_attention(spec) and writes_contrib_operators(module) else None,
+                custom_opsets={CONTRIB_DOMAIN: 1}
+                if holds_attention(spec) and writes_contrib_operators(module)
+                else None,
             )
     if fusion is not None:
         fuse_graph(path, fusion)
@@ -68,4 +77,6 @@ def check_onnx_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"{path.name} failed the ONNX checker ({error}); report the architecture and opset") from None
+        raise ExportError(
+            f"{path.name} failed the ONNX checker ({error}); report the architecture and opset"
+        ) from None

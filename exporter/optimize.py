@@ -25,7 +25,10 @@ from pcee.runtime.graphs import NEXT_HIDDEN_STATES
 from .errors import ExportError
 
 CONTRIB_DOMAIN = "com.microsoft"
-INTEGER_OPERATORS = ("MatMulInteger", "DynamicQuantizeLinear")  # standard-domain operators of a quantized graph
+INTEGER_OPERATORS = (
+    "MatMulInteger",
+    "DynamicQuantizeLinear",
+)  # standard-domain operators of a quantized graph
 QUANTIZED_OPERATORS = ["MatMul", "Attention"]
 FLOAT_EXIT_HEADS = True
 
@@ -38,7 +41,7 @@ class Fusion:
     hidden_size: int
 
     @classmethod
-    def of(cls, model) -> "Fusion":
+    def of(cls, model) -> Fusion:
         """From a MultiExitClassifier's backbone config."""
         config = model.backbone_config
         num_heads = getattr(config, "num_attention_heads", None) or config.n_heads
@@ -60,7 +63,11 @@ def fuse_graph(path: Path, fusion: Fusion, as_optimum_o2: bool = False) -> None:
     options = FusionOptions("bert")
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = as_optimum_o2
     optimized = optimize_model(
-        str(path), model_type="bert", num_heads=fusion.num_heads, hidden_size=fusion.hidden_size, optimization_options=options,
+        str(path),
+        model_type="bert",
+        num_heads=fusion.num_heads,
+        hidden_size=fusion.hidden_size,
+        optimization_options=options,
     )
     optimized.save_model_to_file(str(path))
 
@@ -68,7 +75,11 @@ def fuse_graph(path: Path, fusion: Fusion, as_optimum_o2: bool = False) -> None:
 def fused_operator_counts(path: Path) -> dict[str, int]:
     """How many of each onnxruntime contrib operator (fused or quantized) and integer operator the graph holds, by name."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    counts = Counter(node.op_type for node in graph.node if node.domain == CONTRIB_DOMAIN or node.op_type in INTEGER_OPERATORS)
+    counts = Counter(
+        node.op_type
+        for node in graph.node
+        if node.domain == CONTRIB_DOMAIN or node.op_type in INTEGER_OPERATORS
+    )
     return dict(sorted(counts.items()))
 
 
@@ -96,7 +107,11 @@ def float_head_exclusions(graph: onnx.GraphProto) -> list[str]:
 
 def integer_head_operators(path: Path) -> list[str]:
     """Integer operators inside the exit head of the graph at `path` (none when the head stayed float)."""
-    return [node.op_type for node in exit_head_nodes(onnx.load(str(path)).graph) if node.op_type in INTEGER_OPERATORS]
+    return [
+        node.op_type
+        for node in exit_head_nodes(onnx.load(str(path)).graph)
+        if node.op_type in INTEGER_OPERATORS
+    ]
 
 
 def quantize_graph(path: Path, float_exit_head: bool) -> None:
@@ -112,9 +127,15 @@ def quantize_graph(path: Path, float_exit_head: bool) -> None:
 
     excluded = float_head_exclusions(onnx.load(str(path)).graph) if float_exit_head else []
     quantized = path.with_name(path.name + ".int8")
-    with root_logging_above(logging.WARNING):  # its advice to run static-quantization preprocessing does not apply
+    with root_logging_above(
+        logging.WARNING
+    ):  # its advice to run static-quantization preprocessing does not apply
         quantize_dynamic(
-            path, quantized, op_types_to_quantize=QUANTIZED_OPERATORS, per_channel=True, reduce_range=True,
+            path,
+            quantized,
+            op_types_to_quantize=QUANTIZED_OPERATORS,
+            per_channel=True,
+            reduce_range=True,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded,
             # onnx shape inference cannot type what follows a contrib operator (the fused Attention); all of it is float

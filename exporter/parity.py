@@ -15,7 +15,16 @@ import numpy as np
 import torch
 
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime import Backend, EncodedBatch, GraphFile, GraphSpec, ParityResult, layer_graph_name, open_cpu_session, run_every_exit
+from pcee.runtime import (
+    Backend,
+    EncodedBatch,
+    GraphFile,
+    GraphSpec,
+    ParityResult,
+    layer_graph_name,
+    open_cpu_session,
+    run_every_exit,
+)
 from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, LOGITS, MAX_PROBABILITY
 
 from .errors import OutputMismatch, ParityError
@@ -45,8 +54,14 @@ SENTENCES = (
 SENTENCE_PAIRS = (
     ("How do I learn to cook?", "What is the best way to start cooking at home?"),
     ("The cat sat on the mat.", "A dog was sleeping outside."),
-    ("Shares of the company fell 5% after the announcement.", "The company's stock dropped after it announced the news."),
-    ("Who wrote the novel?", "The novel was written in 1851 by Herman Melville, who also wrote short stories."),
+    (
+        "Shares of the company fell 5% after the announcement.",
+        "The company's stock dropped after it announced the news.",
+    ),
+    (
+        "Who wrote the novel?",
+        "The novel was written in 1851 by Herman Melville, who also wrote short stories.",
+    ),
     ("It is raining.", "The streets are wet because it has been raining all morning."),
     ("Can I return an item without a receipt?", "Returns require proof of purchase."),
     ("He finished the marathon.", "He did not run at all."),
@@ -77,10 +92,18 @@ def tokenize(tokenizer, rows: Sequence[tuple[str, ...]], max_length: int, paddin
     first = [row[0] for row in rows]
     second = [row[1] for row in rows] if len(rows[0]) > 1 else None
     encoded = tokenizer(
-        first, second, padding=padding, truncation=True, max_length=max_length,
-        return_token_type_ids=True, return_tensors="np",
+        first,
+        second,
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=True,
+        return_tensors="np",
     )
-    return {name: np.asarray(encoded[name], dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+    return {
+        name: np.asarray(encoded[name], dtype=np.int64)
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    }
 
 
 def torch_exit_outputs(model: MultiExitClassifier, batch: TokenBatch) -> list[ExitOutputs]:
@@ -99,11 +122,25 @@ def torch_exit_outputs(model: MultiExitClassifier, batch: TokenBatch) -> list[Ex
 
 def chain_exit_outputs(backend: Backend, batch: TokenBatch) -> list[ExitOutputs]:
     """Every layer's exit outputs from a runtime backend, on the batch exactly as padded."""
-    tokens = EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], np.zeros(len(batch["input_ids"]), bool))
+    tokens = EncodedBatch(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        np.zeros(len(batch["input_ids"]), bool),
+    )
     exits = run_every_exit(backend, tokens)
-    names = {LOGITS: "logits", ENTROPY: "entropy", MAX_PROBABILITY: "max_probability", CONFIDENCE_SCORE: "confidence_score"}
+    names = {
+        LOGITS: "logits",
+        ENTROPY: "entropy",
+        MAX_PROBABILITY: "max_probability",
+        CONFIDENCE_SCORE: "confidence_score",
+    }
     return [
-        {output: getattr(exits, field)[:, index] for output, field in names.items() if getattr(exits, field) is not None}
+        {
+            output: getattr(exits, field)[:, index]
+            for output, field in names.items()
+            if getattr(exits, field) is not None
+        }
         for index in range(exits.num_layers)
     ]
 
@@ -127,20 +164,36 @@ class ParityTarget:
 
 
 def measure_parity(
-    targets: list[ParityTarget], batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+    targets: list[ParityTarget],
+    batches: list[TokenBatch],
+    reference: list[list[ExitOutputs]],
+    tolerance: float,
 ) -> ParityResult:
     diffs: dict[str, dict[str, list[float]]] = {}
     for target in targets:
-        full = None if target.full_graph is None else open_cpu_session(target.bundle_dir / target.full_graph.file)
+        full = (
+            None
+            if target.full_graph is None
+            else open_cpu_session(target.bundle_dir / target.full_graph.file)
+        )
         for batch, expected_layers in zip(batches, reference):
-            for index, (expected, actual) in enumerate(zip(expected_layers, chain_exit_outputs(target.backend, batch))):
+            for index, (expected, actual) in enumerate(
+                zip(expected_layers, chain_exit_outputs(target.backend, batch))
+            ):
                 for name, values in expected.items():
-                    diffs.setdefault(target.prefix + layer_graph_name(index), {}).setdefault(name, []).append(max_abs_diff(values, actual[name]))
+                    diffs.setdefault(target.prefix + layer_graph_name(index), {}).setdefault(name, []).append(
+                        max_abs_diff(values, actual[name])
+                    )
             if full is not None:
-                full_diff = max_abs_diff(expected_layers[-1][LOGITS], full_graph_logits(full, target.full_graph.spec, batch))
+                full_diff = max_abs_diff(
+                    expected_layers[-1][LOGITS], full_graph_logits(full, target.full_graph.spec, batch)
+                )
                 diffs.setdefault("full", {}).setdefault(LOGITS, []).append(full_diff)
     # np.max keeps a NaN, so a graph that produced one fails the check
-    worst = {graph: {name: float(np.max(values)) for name, values in outputs.items()} for graph, outputs in diffs.items()}
+    worst = {
+        graph: {name: float(np.max(values)) for name, values in outputs.items()}
+        for graph, outputs in diffs.items()
+    }
     return ParityResult(
         tolerance=tolerance,
         batch_sizes=[int(batch["input_ids"].shape[0]) for batch in batches],
@@ -161,7 +214,10 @@ def parity_mismatches(worst: dict[str, dict[str, float]], tolerance: float) -> l
 
 
 def verify_parity(
-    targets: list[ParityTarget], batches: list[TokenBatch], reference: list[list[ExitOutputs]], tolerance: float
+    targets: list[ParityTarget],
+    batches: list[TokenBatch],
+    reference: list[list[ExitOutputs]],
+    tolerance: float,
 ) -> ParityResult:
     """Measure every exit output of every graph; raise one ParityError listing all that exceed the tolerance."""
     result = measure_parity(targets, batches, reference, tolerance)

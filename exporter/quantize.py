@@ -19,7 +19,14 @@ import torch
 
 from pcee.modeling.data import TextDataset, load_data
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime import Backend, BundleTokenizer, EncodedBatch, QuantizationResult, length_sorted_chunks, record_every_exit
+from pcee.runtime import (
+    Backend,
+    BundleTokenizer,
+    EncodedBatch,
+    QuantizationResult,
+    length_sorted_chunks,
+    record_every_exit,
+)
 
 from .errors import ExportError
 from .optimize import FLOAT_EXIT_HEADS, QUANTIZED_OPERATORS
@@ -38,11 +45,19 @@ class AgreementRows:
     source: str | None
 
     def labelled(self, values: np.ndarray) -> np.ndarray:
-        return values[len(values) - len(self.labels):]
+        return values[len(values) - len(self.labels) :]
 
 
-def agreement_rows(tokenizer_file: Path, max_seq_len: int, texts: list[tuple[str, ...]], data: TextDataset | None, labels: list[str]) -> AgreementRows:
-    rows = list(texts) + ([] if data is None else list(zip(data.texts, *([data.text_pairs] if data.text_pairs else []))))
+def agreement_rows(
+    tokenizer_file: Path,
+    max_seq_len: int,
+    texts: list[tuple[str, ...]],
+    data: TextDataset | None,
+    labels: list[str],
+) -> AgreementRows:
+    rows = list(texts) + (
+        [] if data is None else list(zip(data.texts, *([data.text_pairs] if data.text_pairs else [])))
+    )
     firsts, seconds = [row[0] for row in rows], [row[1] for row in rows] if len(rows[0]) > 1 else None
     batch = BundleTokenizer(tokenizer_file, max_seq_len).encode_texts(firsts, seconds)
     true_labels = None if data is None else label_indices(data, labels)
@@ -58,7 +73,9 @@ def label_indices(data: TextDataset, labels: list[str]) -> np.ndarray:
     position = {name: index for index, name in enumerate(labels)}
     unknown = sorted(set(data.label_names) - set(position))
     if unknown:
-        raise ExportError(f"--parity-data {data.source} has labels {unknown} that the model does not ({labels}); give data of the model's task")
+        raise ExportError(
+            f"--parity-data {data.source} has labels {unknown} that the model does not ({labels}); give data of the model's task"
+        )
     return np.asarray([position[data.label_names[label]] for label in data.labels], dtype=np.int64)
 
 
@@ -68,17 +85,29 @@ def torch_exit_labels(model: MultiExitClassifier, batch: EncodedBatch, batch_siz
     with torch.no_grad():
         for rows in length_sorted_chunks(batch, batch_size):
             chunk = batch.select(rows)
-            output = model(*(torch.from_numpy(array) for array in (chunk.input_ids, chunk.attention_mask, chunk.token_type_ids)))
+            output = model(
+                *(
+                    torch.from_numpy(array)
+                    for array in (chunk.input_ids, chunk.attention_mask, chunk.token_type_ids)
+                )
+            )
             labels[rows] = output.logits.argmax(-1).T.numpy()
     return labels
 
 
-def measure_agreement(backend: Backend, rows: AgreementRows, float_labels: np.ndarray, min_agreement: float) -> QuantizationResult:
+def measure_agreement(
+    backend: Backend, rows: AgreementRows, float_labels: np.ndarray, min_agreement: float
+) -> QuantizationResult:
     """Per exit: how often the quantized chain (run by a runtime backend) predicts the float model's label; accuracy on labelled rows."""
     quantized_labels = record_every_exit(backend, rows.batch).logits.argmax(-1)
     result = QuantizationResult(
-        method="dynamic", weight_type="int8", operators=QUANTIZED_OPERATORS, float_exit_heads=FLOAT_EXIT_HEADS,
-        min_agreement=min_agreement, rows=len(rows.batch), agreement=rounded((quantized_labels == float_labels).mean(axis=0)),
+        method="dynamic",
+        weight_type="int8",
+        operators=QUANTIZED_OPERATORS,
+        float_exit_heads=FLOAT_EXIT_HEADS,
+        min_agreement=min_agreement,
+        rows=len(rows.batch),
+        agreement=rounded((quantized_labels == float_labels).mean(axis=0)),
         parity_data=rows.source,
     )
     if rows.labels is not None:

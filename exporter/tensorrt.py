@@ -20,7 +20,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pcee.runtime import FileEntry, GraphFile, GraphSpec, TensorRTEngines, tensorrt_version_problem, write_file_atomically
+from pcee.runtime import (
+    FileEntry,
+    GraphFile,
+    GraphSpec,
+    TensorRTEngines,
+    tensorrt_version_problem,
+    write_file_atomically,
+)
 from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
@@ -79,7 +86,10 @@ def nvidia_smi_gpu_name() -> str | None:
         return None
     try:
         result = subprocess.run(
-            [executable, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            [executable, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -130,7 +140,9 @@ class EngineBuilder:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.builder = trt.Builder(self.logger)
         if self.builder is None:
-            raise EngineBuildError("TensorRT could not create a builder (is the GPU visible to this process?)")
+            raise EngineBuildError(
+                "TensorRT could not create a builder (is the GPU visible to this process?)"
+            )
         self.timing_cache = self.load_timing_cache()
 
     def load_timing_cache(self):
@@ -141,7 +153,8 @@ class EngineBuilder:
             warnings.warn(
                 f"TensorRT could not read the timing cache {self.timing_cache_path} (another TensorRT version's?); "
                 "timing every tactic again, and replacing it after the build",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
             cache = config.create_timing_cache(b"")
         if cache is None:
@@ -168,7 +181,9 @@ class EngineBuilder:
         for tensor in spec.inputs:
             profile.set_shape(tensor.name, *self.shape_range.profile_shapes(tensor))
         if config.add_optimization_profile(profile) < 0:
-            raise EngineBuildError(f"TensorRT rejected the optimization profile for {spec.kind} graph inputs {spec.input_names}")
+            raise EngineBuildError(
+                f"TensorRT rejected the optimization profile for {spec.kind} graph inputs {spec.input_names}"
+            )
         if not config.set_timing_cache(self.timing_cache, False):
             raise EngineBuildError("TensorRT refused the shared timing cache")
         return config
@@ -177,7 +192,9 @@ class EngineBuilder:
         network, _parser = self.parse(onnx_path)
         serialized = self.builder.build_serialized_network(network, self.config_for(spec))
         if serialized is None:
-            raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name}; its log above says why")
+            raise EngineBuildError(
+                f"TensorRT failed to build an engine from {onnx_path.name}; its log above says why"
+            )
         engine_path.write_bytes(memoryview(serialized))
 
     def save_timing_cache(self, bundle_copy: Path) -> None:
@@ -190,11 +207,20 @@ class EngineBuilder:
         try:
             write_file_atomically(self.timing_cache_path, lambda handle: handle.write(contents))
         except OSError as error:
-            warnings.warn(f"could not keep the timing cache at {self.timing_cache_path} ({error}); the next build times every tactic again", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"could not keep the timing cache at {self.timing_cache_path} ({error}); the next build times every tactic again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def build_engines(
-    bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], shape_range: ShapeRange, fp16: bool, progress: bool
+    bundle_dir: Path,
+    embeddings: GraphFile,
+    layers: list[GraphFile],
+    shape_range: ShapeRange,
+    fp16: bool,
+    progress: bool,
 ) -> TensorRTEngines:
     """Build trt/embeddings.engine and trt/layer_NN.engine next to the ONNX graphs; returns the manifest's tensorrt block.
 
@@ -212,7 +238,12 @@ def build_engines(
         entries.append(FileEntry.of(bundle_dir, relative))
     builder.save_timing_cache(bundle_dir / ENGINE_DIR / TIMING_CACHE_NAME)
     return TensorRTEngines(
-        version=trt.__version__, gpu=gpu, fp16=fp16, max_batch_size=shape_range.max_batch_size,
-        max_seq_len=shape_range.max_seq_len, embeddings=entries[0], layers=entries[1:],
+        version=trt.__version__,
+        gpu=gpu,
+        fp16=fp16,
+        max_batch_size=shape_range.max_batch_size,
+        max_seq_len=shape_range.max_seq_len,
+        embeddings=entries[0],
+        layers=entries[1:],
         timing_cache=f"{ENGINE_DIR}/{TIMING_CACHE_NAME}",
     )

@@ -32,7 +32,9 @@ class ArchitectureAdapter:
     model_type: str
     uses_token_type_ids: bool = True
 
-    def embed(self, backbone: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, backbone: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         return backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
     def layers(self, backbone: nn.Module) -> list[nn.Module]:

@@ -30,7 +30,9 @@ def resolve_backbone(path_or_name: str) -> Path:
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelDirectoryError(f"backbone directory {path} has no config.json; expected a Hugging Face model directory")
+            raise ModelDirectoryError(
+                f"backbone directory {path} has no config.json; expected a Hugging Face model directory"
+            )
         return path
     if path_or_name.lower() in DEMO_BACKBONE_NAMES:
         return demo_backbone_dir()

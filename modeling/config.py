@@ -14,7 +14,9 @@ from .errors import ModelDirectoryError
 EXIT_POOLINGS = ("cls", "mean")
 EXIT_HEADS = ("shared_pooler", "per_exit_pooler")
 LOSS_WEIGHTINGS = ("weighted", "uniform")
-GENERIC_LABEL_NAME = re.compile(r"LABEL_\d+")  # what transformers fills id2label with when nobody named the labels
+GENERIC_LABEL_NAME = re.compile(
+    r"LABEL_\d+"
+)  # what transformers fills id2label with when nobody named the labels
 
 
 @dataclass
@@ -54,12 +56,12 @@ class PceeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PceeConfig":
+    def from_dict(cls, data: dict) -> PceeConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
     @classmethod
-    def for_reference_checkpoint(cls, id2label: Mapping[int, str], finetuning_task: str | None) -> "PceeConfig":
+    def for_reference_checkpoint(cls, id2label: Mapping[int, str], finetuning_task: str | None) -> PceeConfig:
         """The pcee block a reference PABEE/PCEE checkpoint lacks, from what its config.json says.
 
         Label names come from id2label unless they are all transformers' LABEL_<i> placeholders. The
@@ -72,8 +74,10 @@ class PceeConfig:
             names = []
         task = glue_task_or_none(finetuning_task)
         return cls(
-            num_labels=len(id2label), label_names=names,
-            sentence_pair=task is not None and task.is_pair, metric=task.metric if task else "accuracy",
+            num_labels=len(id2label),
+            label_names=names,
+            sentence_pair=task is not None and task.is_pair,
+            metric=task.metric if task else "accuracy",
         )
 
 

@@ -38,7 +38,9 @@ class TaskSpec:
     text_pair_column: str | None
     label_column: str
     headerless_columns: tuple[str, ...] | None = None  # column names for files shipped without a header
-    file_labels: tuple[str, ...] | None = None  # how the files write the labels (GLUE's 0/1), when not by name
+    file_labels: tuple[str, ...] | None = (
+        None  # how the files write the labels (GLUE's 0/1), when not by name
+    )
 
     @property
     def label_values(self) -> tuple[str, ...]:
@@ -59,27 +61,94 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec(
-            "sst2", ("SST-2",), "train.tsv", "dev.tsv", ("negative", "positive"), "accuracy", False, "sentence", None,
-            "label", file_labels=_BINARY,
+            "sst2",
+            ("SST-2",),
+            "train.tsv",
+            "dev.tsv",
+            ("negative", "positive"),
+            "accuracy",
+            False,
+            "sentence",
+            None,
+            "label",
+            file_labels=_BINARY,
         ),
         TaskSpec(
-            "cola", ("CoLA",), "train.tsv", "dev.tsv", ("unacceptable", "acceptable"), "matthews", False, "sentence",
-            None, "label", headerless_columns=("source", "label", "original_label_mark", "sentence"), file_labels=_BINARY,
+            "cola",
+            ("CoLA",),
+            "train.tsv",
+            "dev.tsv",
+            ("unacceptable", "acceptable"),
+            "matthews",
+            False,
+            "sentence",
+            None,
+            "label",
+            headerless_columns=("source", "label", "original_label_mark", "sentence"),
+            file_labels=_BINARY,
         ),
         TaskSpec(
-            "mrpc", ("MRPC",), "train.tsv", "dev.tsv", ("not_equivalent", "equivalent"), "f1", True, "#1 String",
-            "#2 String", "Quality", file_labels=_BINARY,
+            "mrpc",
+            ("MRPC",),
+            "train.tsv",
+            "dev.tsv",
+            ("not_equivalent", "equivalent"),
+            "f1",
+            True,
+            "#1 String",
+            "#2 String",
+            "Quality",
+            file_labels=_BINARY,
         ),
         TaskSpec(
-            "qqp", ("QQP",), "train.tsv", "dev.tsv", ("not_duplicate", "duplicate"), "f1", True, "question1",
-            "question2", "is_duplicate", file_labels=_BINARY,
+            "qqp",
+            ("QQP",),
+            "train.tsv",
+            "dev.tsv",
+            ("not_duplicate", "duplicate"),
+            "f1",
+            True,
+            "question1",
+            "question2",
+            "is_duplicate",
+            file_labels=_BINARY,
         ),
         TaskSpec(
-            "mnli", ("MNLI",), "train.tsv", "dev_matched.tsv", ("contradiction", "entailment", "neutral"),
-            "accuracy", True, "sentence1", "sentence2", "gold_label",
+            "mnli",
+            ("MNLI",),
+            "train.tsv",
+            "dev_matched.tsv",
+            ("contradiction", "entailment", "neutral"),
+            "accuracy",
+            True,
+            "sentence1",
+            "sentence2",
+            "gold_label",
         ),
-        TaskSpec("qnli", ("QNLI",), "train.tsv", "dev.tsv", _ENTAILMENT, "accuracy", True, "question", "sentence", "label"),
-        TaskSpec("rte", ("RTE",), "train.tsv", "dev.tsv", _ENTAILMENT, "accuracy", True, "sentence1", "sentence2", "label"),
+        TaskSpec(
+            "qnli",
+            ("QNLI",),
+            "train.tsv",
+            "dev.tsv",
+            _ENTAILMENT,
+            "accuracy",
+            True,
+            "question",
+            "sentence",
+            "label",
+        ),
+        TaskSpec(
+            "rte",
+            ("RTE",),
+            "train.tsv",
+            "dev.tsv",
+            _ENTAILMENT,
+            "accuracy",
+            True,
+            "sentence1",
+            "sentence2",
+            "label",
+        ),
     )
 }
 
@@ -170,7 +239,9 @@ def _read_delimited(
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 ({error}). Re-save the file as UTF-8.") from error
     if columns is None:
-        raise DataError(f"{path}: the file is empty, expected a header and data rows. Point to a file with data.")
+        raise DataError(
+            f"{path}: the file is empty, expected a header and data rows. Point to a file with data."
+        )
     return columns, records
 
 
@@ -197,7 +268,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[_Record]]:
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {line_number}: not valid JSON ({error}). Fix the line.") from error
+                    raise DataError(
+                        f"{path}, line {line_number}: not valid JSON ({error}). Fix the line."
+                    ) from error
                 if not isinstance(item, dict):
                     raise DataError(
                         f"{path}, line {line_number}: found a JSON {type(item).__name__}, "
@@ -208,7 +281,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[_Record]]:
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 ({error}). Re-save the file as UTF-8.") from error
     if not records:
-        raise DataError(f"{path}: the file is empty, expected one JSON object per line. Point to a file with data.")
+        raise DataError(
+            f"{path}: the file is empty, expected one JSON object per line. Point to a file with data."
+        )
     return list(columns), records
 
 
@@ -246,7 +321,9 @@ def _check_columns(path: Path, columns: list[str], layout: _Layout) -> None:
 def _raw_field(path: Path, record: _Record, column: str) -> object:
     line_number, values = record
     if column not in values:
-        raise DataError(f"{path}, line {line_number}: column {column!r} is missing from this row. Fix the row.")
+        raise DataError(
+            f"{path}, line {line_number}: column {column!r} is missing from this row. Fix the row."
+        )
     return values[column]
 
 
@@ -273,11 +350,16 @@ def _check_one_kind_of_label(path: Path, records: list[_Record], column: str) ->
     first_of_kind: dict[str, tuple[int, object]] = {}
     for line_number, values in records:
         value = values.get(column)
-        kind = "true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else None
+        kind = (
+            "true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else None
+        )
         if kind is not None:
             first_of_kind.setdefault(kind, (line_number, value))
     if len(first_of_kind) == 2:
-        (bool_line, bool_value), (number_line, number_value) = first_of_kind["true/false"], first_of_kind["number"]
+        (bool_line, bool_value), (number_line, number_value) = (
+            first_of_kind["true/false"],
+            first_of_kind["number"],
+        )
         raise DataError(
             f"{path}: column {column!r} mixes true/false labels (line {bool_line}: {json.dumps(bool_value)}) "
             f"with number labels (line {number_line}: {json.dumps(number_value)}); expected one kind of label. "
@@ -333,7 +415,10 @@ def load_glue_file(task: str, path: str | Path) -> TextDataset:
     """One train/dev file in the GLUE format of `task`."""
     spec = get_task(task)
     path = Path(path)
-    _require_file(path, f"Expected a {spec.name} GLUE file such as .../{spec.directory_names[0]}/{spec.validation_file}.")
+    _require_file(
+        path,
+        f"Expected a {spec.name} GLUE file such as .../{spec.directory_names[0]}/{spec.validation_file}.",
+    )
     columns, records = _read_delimited(path, "\t", csv.QUOTE_NONE, spec.headerless_columns)
     layout = _Layout(
         text_column=spec.text_column,

@@ -50,7 +50,9 @@ def matthews_corrcoef(preds: ArrayLike, labels: ArrayLike) -> float:
     true_counts, predicted_counts = confusion.sum(axis=1), confusion.sum(axis=0)
     total, correct = confusion.sum(), np.trace(confusion)
     numerator = correct * total - true_counts @ predicted_counts
-    denominator = np.sqrt((total**2 - predicted_counts @ predicted_counts) * (total**2 - true_counts @ true_counts))
+    denominator = np.sqrt(
+        (total**2 - predicted_counts @ predicted_counts) * (total**2 - true_counts @ true_counts)
+    )
     return float(numerator / denominator) if denominator else 0.0
 
 
@@ -65,7 +67,9 @@ def task_metric(metric_name: str, preds: ArrayLike, labels: ArrayLike) -> float:
     """The metric called `metric_name` ('accuracy', 'f1' or 'matthews')."""
     metric = METRICS.get(metric_name)
     if metric is None:
-        raise MetricError(f"unknown metric {metric_name!r}; expected one of {', '.join(METRICS)}. Pick one of those.")
+        raise MetricError(
+            f"unknown metric {metric_name!r}; expected one of {', '.join(METRICS)}. Pick one of those."
+        )
     return metric(preds, labels)
 
 

@@ -68,7 +68,9 @@ class MultiExitClassifier(nn.Module):
         self.pcee_config = pcee_config
         self.adapter: ArchitectureAdapter = get_adapter(backbone_config.model_type)
         self.backbone = AutoModel.from_config(backbone_config)
-        hidden_size = backbone_config.hidden_size if hasattr(backbone_config, "hidden_size") else backbone_config.dim
+        hidden_size = (
+            backbone_config.hidden_size if hasattr(backbone_config, "hidden_size") else backbone_config.dim
+        )
         self.num_layers = len(self.adapter.layers(self.backbone))
         self._build_exit_heads(hidden_size)
 
@@ -79,7 +81,9 @@ class MultiExitClassifier(nn.Module):
         if config.exit_head == "per_exit_pooler":
             self.exit_poolers = nn.ModuleList(ExitPooler(hidden_size) for _ in range(self.num_layers))
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifiers = nn.ModuleList(nn.Linear(hidden_size, config.num_labels) for _ in range(self.num_layers))
+        self.classifiers = nn.ModuleList(
+            nn.Linear(hidden_size, config.num_labels) for _ in range(self.num_layers)
+        )
         if config.learned_confidence:
             self.confidence_heads = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(self.num_layers))
 
@@ -103,7 +107,9 @@ class MultiExitClassifier(nn.Module):
         pooled = self.adapter.pool_first_token(self.backbone, hidden)
         return self.pooler(hidden) if pooled is None else pooled
 
-    def exit_head(self, index: int, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def exit_head(
+        self, index: int, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [batch, K] and the learned confidence (sigmoid, [batch]) or None."""
         features = self.dropout(self.exit_features(index, hidden, mask))
         logits = self.classifiers[index](features)
@@ -165,7 +171,9 @@ class MultiExitClassifier(nn.Module):
             tokenizer.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, pcee_config: PceeConfig | None = None) -> "MultiExitClassifier":
+    def from_pretrained(
+        cls, directory: str | Path, pcee_config: PceeConfig | None = None
+    ) -> MultiExitClassifier:
         """Load a model saved by `save_pretrained`, or a reference PABEE/PCEE checkpoint.
 
         A reference checkpoint has no pcee block; `pcee_config` (or its config.json's id2label and
@@ -179,7 +187,9 @@ class MultiExitClassifier(nn.Module):
         if saved_pcee is not None:
             pcee_config = PceeConfig.from_dict(saved_pcee)
         elif pcee_config is None:
-            pcee_config = PceeConfig.for_reference_checkpoint(backbone_config.id2label, raw_config.get("finetuning_task"))
+            pcee_config = PceeConfig.for_reference_checkpoint(
+                backbone_config.id2label, raw_config.get("finetuning_task")
+            )
         model = cls(backbone_config, pcee_config)
         state = load_state_dict(directory)
         if saved_pcee is None:
@@ -199,7 +209,7 @@ class MultiExitClassifier(nn.Module):
             )
 
     @classmethod
-    def from_backbone(cls, backbone: str | Path, pcee_config: PceeConfig) -> "MultiExitClassifier":
+    def from_backbone(cls, backbone: str | Path, pcee_config: PceeConfig) -> MultiExitClassifier:
         """A fresh multi-exit model around a pretrained encoder; exits are randomly initialised."""
         backbone_config = AutoConfig.from_pretrained(str(backbone))
         get_adapter(backbone_config.model_type)
@@ -220,14 +230,18 @@ class MultiExitClassifier(nn.Module):
 
 def read_config_json(directory: Path) -> dict:
     if not directory.is_dir():
-        raise ModelDirectoryError(f"model directory {directory} does not exist; pass a directory written by pcee-train")
+        raise ModelDirectoryError(
+            f"model directory {directory} does not exist; pass a directory written by pcee-train"
+        )
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ModelDirectoryError(f"{directory} has no {CONFIG_NAME}; pass a directory written by pcee-train")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelDirectoryError(f"{path} is not valid JSON ({error}); the model directory is corrupt") from None
+        raise ModelDirectoryError(
+            f"{path} is not valid JSON ({error}); the model directory is corrupt"
+        ) from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ModelDirectoryError(f"{path} has no 'model_type'; expected a Hugging Face model config")
     return data
@@ -241,7 +255,9 @@ def backbone_config_from_dict(data: dict, directory: Path) -> PretrainedConfig:
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, TypeError) as error:
-        raise ModelDirectoryError(f"{directory / CONFIG_NAME}: cannot build a {model_type} config ({error})") from None
+        raise ModelDirectoryError(
+            f"{directory / CONFIG_NAME}: cannot build a {model_type} config ({error})"
+        ) from None
 
 
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -262,7 +278,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors and pickle raise many types for a damaged file
-        raise ModelDirectoryError(f"{path} cannot be read ({type(error).__name__}: {error}); the file is corrupt") from None
+        raise ModelDirectoryError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); the file is corrupt"
+        ) from None
 
 
 def rename_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -270,7 +288,7 @@ def rename_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     renamed = {}
     for key, value in state.items():
         prefix = next((p for p in REFERENCE_PREFIXES if key.startswith(p)), None)
-        renamed["backbone." + key[len(prefix):] if prefix else key] = value
+        renamed["backbone." + key[len(prefix) :] if prefix else key] = value
     return renamed
 
 

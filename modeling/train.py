@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,7 +58,9 @@ def encode(tokenizer, dataset: TextDataset, max_seq_len: int) -> EncodedDataset:
         return_token_type_ids=True,
         return_attention_mask=False,
     )
-    return EncodedDataset(encoded["input_ids"], encoded["token_type_ids"], np.asarray(dataset.labels, dtype=np.int64))
+    return EncodedDataset(
+        encoded["input_ids"], encoded["token_type_ids"], np.asarray(dataset.labels, dtype=np.int64)
+    )
 
 
 def collate(data: EncodedDataset, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -99,7 +101,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opti
     decay, no_decay = [], []
     for parameter in model.parameters():
         (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
@@ -124,12 +129,22 @@ def planned_batches(data: EncodedDataset, config: TrainingConfig) -> list[list[i
     rng = random.Random(config.seed)
     lengths = [len(ids) for ids in data.input_ids]
     whole_epochs = int(np.ceil(config.epochs))
-    batches = [batch for _ in range(whole_epochs) for batch in length_grouped_batches(lengths, config.batch_size, rng)]
+    batches = [
+        batch
+        for _ in range(whole_epochs)
+        for batch in length_grouped_batches(lengths, config.batch_size, rng)
+    ]
     per_epoch = int(np.ceil(len(data) / config.batch_size))
     return batches[: max(1, int(round(per_epoch * config.epochs)))]
 
 
-def train_model(model: MultiExitClassifier, train_data: EncodedDataset, config: TrainingConfig, pad_id: int, progress: bool = True) -> list[float]:
+def train_model(
+    model: MultiExitClassifier,
+    train_data: EncodedDataset,
+    config: TrainingConfig,
+    pad_id: int,
+    progress: bool = True,
+) -> list[float]:
     """Train in place; returns the loss of every step."""
     seed_everything(config.seed)
     batches = planned_batches(train_data, config)
@@ -153,12 +168,16 @@ def train_model(model: MultiExitClassifier, train_data: EncodedDataset, config: 
 
 
 @torch.no_grad()
-def predict_all_exits(model: MultiExitClassifier, data: EncodedDataset, pad_id: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+def predict_all_exits(
+    model: MultiExitClassifier, data: EncodedDataset, pad_id: int, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
     """Probabilities of every exit: [N, num_layers, K]."""
     model.eval()
     lengths = [len(ids) for ids in data.input_ids]
     probabilities = np.zeros((len(data), model.num_layers, model.pcee_config.num_labels), dtype=np.float32)
-    for rows in tqdm(list(sorted_batches(lengths, batch_size)), desc="evaluating", unit="batch", disable=not progress):
+    for rows in tqdm(
+        list(sorted_batches(lengths, batch_size)), desc="evaluating", unit="batch", disable=not progress
+    ):
         batch = collate(data, rows, pad_id)
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
         probabilities[rows] = torch.softmax(logits, dim=-1).permute(1, 0, 2).numpy()
@@ -175,7 +194,7 @@ def evaluate_exits(probabilities: np.ndarray, labels: np.ndarray, metric_name: s
 
 
 class Stopwatch:
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.start = time.perf_counter()
         return self
 

@@ -15,7 +15,9 @@ from .errors import PceeError
 from .policies import POLICY_NAMES, OperatingPoint
 
 
-def operating_point_from_options(policy: str | None, tau: float | None, patience: int | None, layer: int | None, ensemble: bool) -> OperatingPoint | None:
+def operating_point_from_options(
+    policy: str | None, tau: float | None, patience: int | None, layer: int | None, ensemble: bool
+) -> OperatingPoint | None:
     if policy is None:
         if any(value is not None for value in (tau, patience, layer)) or ensemble:
             raise click.UsageError("--tau/--patience/--layer/--ensemble need --policy")
@@ -37,7 +39,11 @@ class Inputs:
         rows, answers = [], iter(predictions)
         blanks = set(self.blank_lines)
         for number in range(1, self.line_count + 1):
-            rows.append({"line": number, "error": "blank line: nothing to classify"} if number in blanks else next(answers))
+            rows.append(
+                {"line": number, "error": "blank line: nothing to classify"}
+                if number in blanks
+                else next(answers)
+            )
         return rows
 
 
@@ -46,7 +52,10 @@ def read_input_file(path: str) -> Inputs:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
-        raise click.BadParameter(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8", param_hint="--input") from None
+        raise click.BadParameter(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8",
+            param_hint="--input",
+        ) from None
     except OSError as error:
         raise click.BadParameter(f"{path} cannot be read ({error.strerror})", param_hint="--input") from None
     blank = [number for number, line in enumerate(lines, 1) if not line.strip()]
@@ -58,17 +67,21 @@ def read_input_file(path: str) -> Inputs:
     records = [json_record(path, number, line) for number, line in filled]
     pairs = [record.get("text_pair") for record in records]
     if any(pair is None for pair in pairs) and not all(pair is None for pair in pairs):
-        raise click.BadParameter(f"{path}: give \"text_pair\" on every line or on none", param_hint="--input")
-    return Inputs([record["text"] for record in records], None if pairs[0] is None else pairs, len(lines), blank)
+        raise click.BadParameter(f'{path}: give "text_pair" on every line or on none', param_hint="--input")
+    return Inputs(
+        [record["text"] for record in records], None if pairs[0] is None else pairs, len(lines), blank
+    )
 
 
 def json_record(path: str, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, RecursionError) as error:
-        raise click.BadParameter(f"{path} line {number} is not JSON ({error})", param_hint="--input") from None
+        raise click.BadParameter(
+            f"{path} line {number} is not JSON ({error})", param_hint="--input"
+        ) from None
     if not isinstance(record, dict) or "text" not in record:
-        raise click.BadParameter(f"{path} line {number} needs a \"text\" field", param_hint="--input")
+        raise click.BadParameter(f'{path} line {number} needs a "text" field', param_hint="--input")
     return record
 
 
@@ -83,18 +96,57 @@ def write_output(output: str, lines: str) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", "texts", multiple=True, help="A text to classify (repeatable).")
-@click.option("--text-pair", "text_pairs", multiple=True, help="Second sentence for a pair task, one per --text.")
-@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), help="File of inputs: one text per line, or .jsonl with text / text_pair.")
-@click.option("--policy", type=click.Choice(POLICY_NAMES), help="Exit rule; default: the bundle's operating point.")
-@click.option("--tau", type=float, help="Confidence threshold (pcee*: entropy below / probability or score above).")
+@click.option(
+    "--text-pair", "text_pairs", multiple=True, help="Second sentence for a pair task, one per --text."
+)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of inputs: one text per line, or .jsonl with text / text_pair.",
+)
+@click.option(
+    "--policy", type=click.Choice(POLICY_NAMES), help="Exit rule; default: the bundle's operating point."
+)
+@click.option(
+    "--tau", type=float, help="Confidence threshold (pcee*: entropy below / probability or score above)."
+)
 @click.option("--patience", type=int, help="Consecutive confident (pcee) or agreeing (pabee) exits needed.")
 @click.option("--layer", type=int, help="Exit layer for --policy budgeted.")
 @click.option("--ensemble", is_flag=True, help="Average the probabilities of the confident streak (pcee*).")
-@click.option("--point", "point_name", help="Use an operating point saved in the manifest by name (e.g. from pcee-calibrate).")
-@click.option("--backend", default="auto", type=click.Choice(BACKEND_NAMES), help="What runs the graphs; auto takes TensorRT engines, then onnxruntime CUDA, then CPU, whichever runs here.")
-@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Rows per runtime call; rows are sorted by length into batches of this size.")
+@click.option(
+    "--point",
+    "point_name",
+    help="Use an operating point saved in the manifest by name (e.g. from pcee-calibrate).",
+)
+@click.option(
+    "--backend",
+    default="auto",
+    type=click.Choice(BACKEND_NAMES),
+    help="What runs the graphs; auto takes TensorRT engines, then onnxruntime CUDA, then CPU, whichever runs here.",
+)
+@click.option(
+    "--batch-size",
+    default=32,
+    type=click.IntRange(min=1),
+    help="Rows per runtime call; rows are sorted by length into batches of this size.",
+)
 @click.option("--output", type=click.Path(dir_okay=False), help="Write JSON lines here instead of stdout.")
-def main(bundle_dir, texts, text_pairs, input_file, policy, tau, patience, layer, ensemble, point_name, backend, batch_size, output) -> None:
+def main(
+    bundle_dir,
+    texts,
+    text_pairs,
+    input_file,
+    policy,
+    tau,
+    patience,
+    layer,
+    ensemble,
+    point_name,
+    backend,
+    batch_size,
+    output,
+) -> None:
     """Classify texts with an exported bundle, exiting early per row.
 
     \b
@@ -110,16 +162,24 @@ def main(bundle_dir, texts, text_pairs, input_file, policy, tau, patience, layer
     if bool(texts) == bool(input_file):
         raise click.UsageError("give either --text (repeatable) or --input FILE")
     if text_pairs and len(text_pairs) != len(texts):
-        raise click.UsageError(f"got {len(texts)} --text but {len(text_pairs)} --text-pair; give one pair per text")
+        raise click.UsageError(
+            f"got {len(texts)} --text but {len(text_pairs)} --text-pair; give one pair per text"
+        )
     point = operating_point_from_options(policy, tau, patience, layer, ensemble)
     if point is not None and point_name:
         raise click.UsageError("give either --policy options or --point, not both")
-    inputs = read_input_file(input_file) if input_file else Inputs(list(texts), list(text_pairs) or None, len(texts))
+    inputs = (
+        read_input_file(input_file)
+        if input_file
+        else Inputs(list(texts), list(text_pairs) or None, len(texts))
+    )
     from .engine import EarlyExitRuntime
 
     try:
         with EarlyExitRuntime.from_bundle(bundle_dir, backend=backend) as runtime:
-            result = runtime.predict(inputs.texts, inputs.pairs, operating_point=point or point_name, batch_size=batch_size)
+            result = runtime.predict(
+                inputs.texts, inputs.pairs, operating_point=point or point_name, batch_size=batch_size
+            )
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     rows = inputs.rows_in_line_order([row.to_dict() for row in result.predictions])
@@ -128,4 +188,6 @@ def main(bundle_dir, texts, text_pairs, input_file, policy, tau, patience, layer
         write_output(output, lines)
     else:
         sys.stdout.write(lines)
-    click.echo(json.dumps({"backend": runtime.backend_name, "device": runtime.device, **result.summary()}), err=True)
+    click.echo(
+        json.dumps({"backend": runtime.backend_name, "device": runtime.device, **result.summary()}), err=True
+    )

@@ -35,9 +35,12 @@ class RowPrediction:
 
     def to_dict(self) -> dict:
         return {
-            "label": self.label, "label_index": self.label_index,
+            "label": self.label,
+            "label_index": self.label_index,
             "probabilities": [round(float(p), 6) for p in self.probabilities],
-            "exit_layer": self.exit_layer, "confidence": round(self.confidence, 6), "truncated": self.truncated,
+            "exit_layer": self.exit_layer,
+            "confidence": round(self.confidence, 6),
+            "truncated": self.truncated,
         }
 
 
@@ -56,21 +59,28 @@ class PredictionResult:
 
     def summary(self) -> dict:
         return {
-            "rows": len(self.predictions), "layers_run": self.layers_run, "layer_speedup": round(self.layer_speedup, 6),
-            "elapsed_seconds": round(self.elapsed_seconds, 6), "operating_point": self.operating_point.to_dict(),
+            "rows": len(self.predictions),
+            "layers_run": self.layers_run,
+            "layer_speedup": round(self.layer_speedup, 6),
+            "elapsed_seconds": round(self.elapsed_seconds, 6),
+            "operating_point": self.operating_point.to_dict(),
         }
 
 
 class EarlyExitRuntime:
     """Load a bundle once; serve `predict` from many threads; switch operating points live."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, operating_point: OperatingPoint):
+    def __init__(
+        self, bundle_dir: Path, manifest: Manifest, backend: Backend, operating_point: OperatingPoint
+    ):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = open_tokenizer(bundle_dir, manifest)
         self._policy_lock = threading.Lock()
-        self._built_policies: dict[OperatingPoint, ExitPolicy] = {}  # policies are immutable: safe to share between threads
+        self._built_policies: dict[
+            OperatingPoint, ExitPolicy
+        ] = {}  # policies are immutable: safe to share between threads
         self._policy = self.make_policy(operating_point)
 
     @classmethod
@@ -82,7 +92,7 @@ class EarlyExitRuntime:
         verify_hashes: bool = True,
         intra_op_threads: int | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    ) -> "EarlyExitRuntime":
+    ) -> EarlyExitRuntime:
         """Load and check a bundle.
 
         backend: 'auto', 'onnxruntime' (CPU, or CUDA when available), 'onnxruntime-cpu',
@@ -94,10 +104,19 @@ class EarlyExitRuntime:
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir, verify_hashes=verify_hashes)
         runner = create_backend(
-            backend, manifest.graph_chain(bundle_dir), manifest.engine_chain(bundle_dir), intra_op_threads, max_concurrency,
+            backend,
+            manifest.graph_chain(bundle_dir),
+            manifest.engine_chain(bundle_dir),
+            intra_op_threads,
+            max_concurrency,
         )
         try:
-            runtime = cls(bundle_dir, manifest, runner, FULL_POINT if runner.only_full_point else manifest.operating_point)
+            runtime = cls(
+                bundle_dir,
+                manifest,
+                runner,
+                FULL_POINT if runner.only_full_point else manifest.operating_point,
+            )
             if operating_point is not None:
                 runtime.set_operating_point(operating_point)
         except BaseException:
@@ -141,9 +160,13 @@ class EarlyExitRuntime:
             saved = self.manifest.saved_point(point)
             if saved is None:
                 names = [saved.name for saved in self.manifest.operating_points]
-                raise PolicyError(f"no operating point named {point!r} in the manifest; saved points: {names}")
+                raise PolicyError(
+                    f"no operating point named {point!r} in the manifest; saved points: {names}"
+                )
             return saved
-        raise PolicyError(f"operating point must be an OperatingPoint, dict or saved name, got {type(point).__name__}")
+        raise PolicyError(
+            f"operating point must be an OperatingPoint, dict or saved name, got {type(point).__name__}"
+        )
 
     def make_policy(self, point: PointLike) -> ExitPolicy:
         """The validated policy of `point`; points already seen come from a small cache (a request may name one per call)."""
@@ -191,9 +214,13 @@ class EarlyExitRuntime:
 
     def check_pairing(self, text_pairs) -> None:
         if self.takes_pairs and text_pairs is None:
-            raise InputError("this bundle's model classifies sentence pairs; give text_pairs, one second sentence per text")
+            raise InputError(
+                "this bundle's model classifies sentence pairs; give text_pairs, one second sentence per text"
+            )
         if not self.takes_pairs and text_pairs is not None:
-            raise InputError("this bundle's model classifies single sentences; drop text_pairs (or use a bundle trained on pairs)")
+            raise InputError(
+                "this bundle's model classifies single sentences; drop text_pairs (or use a bundle trained on pairs)"
+            )
 
     def predict_ids(
         self,
@@ -203,13 +230,22 @@ class EarlyExitRuntime:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> PredictionResult:
         """Classify already-tokenized rows (special tokens included)."""
-        return self.predict_encoded(self.tokenizer.encode_ids(token_ids, token_type_ids), operating_point, batch_size)
+        return self.predict_encoded(
+            self.tokenizer.encode_ids(token_ids, token_type_ids), operating_point, batch_size
+        )
 
-    def predict_encoded(self, batch: EncodedBatch, operating_point: PointLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> PredictionResult:
+    def predict_encoded(
+        self,
+        batch: EncodedBatch,
+        operating_point: PointLike | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> PredictionResult:
         check_batch_size(batch_size)
         policy = self._policy if operating_point is None else self.make_policy(operating_point)
         started = time.perf_counter()
-        outcome = run_in_chunks(self.backend, policy, batch, len(self.labels), rows_per_chunk(batch_size, self.backend))
+        outcome = run_in_chunks(
+            self.backend, policy, batch, len(self.labels), rows_per_chunk(batch_size, self.backend)
+        )
         elapsed = time.perf_counter() - started
         return PredictionResult(
             predictions=self.rows(outcome, batch.truncated),
@@ -224,13 +260,24 @@ class EarlyExitRuntime:
         predictions = []
         for row, probabilities in enumerate(outcome.probabilities):
             index = int(np.argmax(probabilities))
-            predictions.append(RowPrediction(
-                labels[index], index, probabilities, int(outcome.exit_layer[row]),
-                float(outcome.confidence[row]), bool(truncated[row]),
-            ))
+            predictions.append(
+                RowPrediction(
+                    labels[index],
+                    index,
+                    probabilities,
+                    int(outcome.exit_layer[row]),
+                    float(outcome.confidence[row]),
+                    bool(truncated[row]),
+                )
+            )
         return predictions
 
-    def run_all_exits(self, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, on_chunk: Callable[[int], None] | None = None) -> AllExits:
+    def run_all_exits(
+        self,
+        batch: EncodedBatch,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> AllExits:
         """Every exit of every row, in input order (calibration's one pass over the data)."""
         check_batch_size(batch_size)
         if self.backend.only_full_point:
@@ -243,7 +290,7 @@ class EarlyExitRuntime:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> "EarlyExitRuntime":
+    def __enter__(self) -> EarlyExitRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,10 +15,14 @@ class RowSelect:
 
     def select(self, rows: np.ndarray):
         """The same record restricted to `rows` (an index array or a boolean mask); None fields stay None."""
-        return replace(self, **{
-            field.name: getattr(self, field.name)[rows]
-            for field in fields(self) if getattr(self, field.name) is not None
-        })
+        return replace(
+            self,
+            **{
+                field.name: getattr(self, field.name)[rows]
+                for field in fields(self)
+                if getattr(self, field.name) is not None
+            },
+        )
 
 
 @dataclass
@@ -46,26 +50,36 @@ class AllExits(RowSelect):
 
     def layer(self, index: int) -> ExitRecord:
         """The 0-based layer `index` of every row."""
-        return ExitRecord(**{
-            field.name: None if getattr(self, field.name) is None else getattr(self, field.name)[:, index]
-            for field in fields(self)
-        })
+        return ExitRecord(
+            **{
+                field.name: None if getattr(self, field.name) is None else getattr(self, field.name)[:, index]
+                for field in fields(self)
+            }
+        )
 
     @classmethod
-    def stack(cls, records: list[ExitRecord]) -> "AllExits":
+    def stack(cls, records: list[ExitRecord]) -> AllExits:
         """The records of consecutive layers (same rows) as one [rows, layers, ...] recording."""
-        return cls(**{
-            field.name: None if getattr(records[0], field.name) is None else np.stack([getattr(r, field.name) for r in records], axis=1)
-            for field in fields(ExitRecord)
-        })
+        return cls(
+            **{
+                field.name: None
+                if getattr(records[0], field.name) is None
+                else np.stack([getattr(r, field.name) for r in records], axis=1)
+                for field in fields(ExitRecord)
+            }
+        )
 
     @classmethod
-    def concatenate(cls, parts: list["AllExits"]) -> "AllExits":
+    def concatenate(cls, parts: list[AllExits]) -> AllExits:
         """Recordings of disjoint row sets, one after another."""
-        return cls(**{
-            field.name: None if getattr(parts[0], field.name) is None else np.concatenate([getattr(p, field.name) for p in parts])
-            for field in fields(cls)
-        })
+        return cls(
+            **{
+                field.name: None
+                if getattr(parts[0], field.name) is None
+                else np.concatenate([getattr(p, field.name) for p in parts])
+                for field in fields(cls)
+            }
+        )
 
 
 @dataclass
@@ -77,15 +91,17 @@ class BatchOutcome:
     confidence: np.ndarray  # float32 [n]
 
     @classmethod
-    def empty(cls, rows: int, num_labels: int) -> "BatchOutcome":
-        return cls(np.zeros(rows, np.int64), np.zeros((rows, num_labels), np.float32), np.zeros(rows, np.float32))
+    def empty(cls, rows: int, num_labels: int) -> BatchOutcome:
+        return cls(
+            np.zeros(rows, np.int64), np.zeros((rows, num_labels), np.float32), np.zeros(rows, np.float32)
+        )
 
     def record(self, rows: np.ndarray, layer: int, probabilities: np.ndarray, confidence: np.ndarray) -> None:
         self.exit_layer[rows] = layer
         self.probabilities[rows] = probabilities
         self.confidence[rows] = confidence
 
-    def place(self, rows: np.ndarray, part: "BatchOutcome") -> None:
+    def place(self, rows: np.ndarray, part: BatchOutcome) -> None:
         """Put the outcome of a chunk of rows back at their positions in this larger batch."""
         self.record(rows, part.exit_layer, part.probabilities, part.confidence)
 

@@ -39,7 +39,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
+    def from_dict(cls, data: dict) -> TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
@@ -100,7 +100,9 @@ def embeddings_spec(uses_token_type_ids: bool, hidden_size: int, dtype: str = "f
     )
 
 
-def layer_spec(hidden_size: int, num_labels: int, learned_confidence: bool, dtype: str = "float32") -> GraphSpec:
+def layer_spec(
+    hidden_size: int, num_labels: int, learned_confidence: bool, dtype: str = "float32"
+) -> GraphSpec:
     return GraphSpec(
         "layer",
         (hidden_spec(HIDDEN_STATES, hidden_size, dtype), bias_spec(dtype)),
@@ -110,7 +112,9 @@ def layer_spec(hidden_size: int, num_labels: int, learned_confidence: bool, dtyp
 
 def full_model_spec(uses_token_type_ids: bool, num_labels: int) -> GraphSpec:
     """The whole network as one graph (last exit only): the reference the benchmarks compare against."""
-    return GraphSpec("full", token_inputs(uses_token_type_ids), (TensorSpec(LOGITS, "float32", (BATCH, num_labels)),))
+    return GraphSpec(
+        "full", token_inputs(uses_token_type_ids), (TensorSpec(LOGITS, "float32", (BATCH, num_labels)),)
+    )
 
 
 def spec_from_dict(kind: str, data: dict) -> GraphSpec:
@@ -119,7 +123,6 @@ def spec_from_dict(kind: str, data: dict) -> GraphSpec:
         tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
         tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
     )
-
 
 
 def layer_graph_name(index: int) -> str:
@@ -176,7 +179,9 @@ def signature_mismatches(spec: GraphSpec, inputs: list[TensorSpec], outputs: lis
     problems = []
     for role, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
         if [t.name for t in declared] != [t.name for t in actual]:
-            problems.append(f"{role} are {[t.name for t in actual]}, the manifest declares {[t.name for t in declared]}")
+            problems.append(
+                f"{role} are {[t.name for t in actual]}, the manifest declares {[t.name for t in declared]}"
+            )
             continue
         for want, got in zip(declared, actual):
             problems.extend(tensor_mismatches(want, got))
@@ -186,7 +191,9 @@ def signature_mismatches(spec: GraphSpec, inputs: list[TensorSpec], outputs: lis
 def tensor_mismatches(want: TensorSpec, got: TensorSpec) -> list[str]:
     if len(want.shape) != len(got.shape):
         return [f"{got.name} has rank {len(got.shape)}, the manifest declares {len(want.shape)}"]
-    problems = [] if want.dtype == got.dtype else [f"{got.name} is {got.dtype}, the manifest declares {want.dtype}"]
+    problems = (
+        [] if want.dtype == got.dtype else [f"{got.name} is {got.dtype}, the manifest declares {want.dtype}"]
+    )
     for axis, (wanted, actual) in enumerate(zip(want.shape, got.shape)):
         if isinstance(wanted, int) and isinstance(actual, int) and wanted != actual:
             problems.append(f"{got.name} axis {axis} is {actual}, the manifest declares {wanted}")

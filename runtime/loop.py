@@ -27,7 +27,9 @@ def length_sorted_chunks(batch: EncodedBatch, batch_size: int) -> list[np.ndarra
     return [order[start : start + batch_size] for start in range(0, len(batch), batch_size)]
 
 
-def run_in_chunks(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int, batch_size: int) -> BatchOutcome:
+def run_in_chunks(
+    backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int, batch_size: int
+) -> BatchOutcome:
     """Early exit over any number of rows, `batch_size` at a time; results in input order."""
     if len(batch) <= batch_size:  # one chunk: already padded to its own longest row
         return run_early_exit(backend, policy, batch, num_labels)
@@ -37,7 +39,9 @@ def run_in_chunks(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num
     return outcome
 
 
-def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome:
+def run_early_exit(
+    backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int
+) -> BatchOutcome:
     """One batch through the chain: rows exit independently and leave the batch (compaction)."""
     outcome = BatchOutcome.empty(len(batch), num_labels)
     policy_state = policy.start(len(batch), num_labels)
@@ -63,7 +67,12 @@ def run_early_exit(backend: Backend, policy: ExitPolicy, batch: EncodedBatch, nu
 
 
 def settle_span(
-    policy: ExitPolicy, policy_state: PolicyState, records: list[ExitRecord], layers_done: int, outcome: BatchOutcome, active: np.ndarray
+    policy: ExitPolicy,
+    policy_state: PolicyState,
+    records: list[ExitRecord],
+    layers_done: int,
+    outcome: BatchOutcome,
+    active: np.ndarray,
 ) -> np.ndarray:
     """Step the policy through a span's layers; record the rows that exit at its last layer; return their mask.
 
@@ -77,11 +86,18 @@ def settle_span(
     leaving = policy.step(policy_state, last_layer, record)
     if leaving.any():
         rows = np.flatnonzero(leaving)
-        outcome.record(active[rows], last_layer, policy.exit_probabilities(policy_state, record, rows), policy.exit_confidence(record, rows))
+        outcome.record(
+            active[rows],
+            last_layer,
+            policy.exit_probabilities(policy_state, record, rows),
+            policy.exit_confidence(record, rows),
+        )
     if last_layer == policy.num_layers and not leaving.all():
         # Never satisfied: the row takes the last exit's prediction.
         rows = np.flatnonzero(~leaving)
-        outcome.record(active[rows], last_layer, softmax(record.logits[rows]), policy.exit_confidence(record, rows))
+        outcome.record(
+            active[rows], last_layer, softmax(record.logits[rows]), policy.exit_confidence(record, rows)
+        )
         return np.ones(active.size, dtype=bool)
     return leaving
 
@@ -96,7 +112,10 @@ def run_every_exit(backend: Backend, batch: EncodedBatch) -> AllExits:
 
 
 def record_every_exit(
-    backend: Backend, batch: EncodedBatch, batch_size: int = DEFAULT_BATCH_SIZE, on_chunk: Callable[[int], None] | None = None
+    backend: Backend,
+    batch: EncodedBatch,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> AllExits:
     """Every exit of every row, in input order (calibration's one pass over the data).
 
@@ -114,6 +133,8 @@ def record_every_exit(
 def replay(policy: ExitPolicy, exits: AllExits) -> BatchOutcome:
     """Each recorded row's exit under `policy`, through the same loop the runtime serves with."""
     if policy.num_layers != exits.num_layers:
-        raise PolicyError(f"policy built for {policy.num_layers} layers cannot replay a recording of {exits.num_layers}")
+        raise PolicyError(
+            f"policy built for {policy.num_layers} layers cannot replay a recording of {exits.num_layers}"
+        )
     backend = RecordedExitsBackend(exits)
     return run_early_exit(backend, policy, backend.placeholder_batch(), exits.logits.shape[2])

@@ -16,7 +16,16 @@ from pathlib import Path
 from .atomic import write_file_atomically
 from .errors import BundleError, PceeError
 from .graphs import (
-    EMBEDDINGS_GRAPH, FULL_GRAPH, EngineChain, GraphChain, GraphSpec, LocatedGraph, embeddings_spec, layer_graph_name, layer_spec, spec_from_dict,
+    EMBEDDINGS_GRAPH,
+    FULL_GRAPH,
+    EngineChain,
+    GraphChain,
+    GraphSpec,
+    LocatedGraph,
+    embeddings_spec,
+    layer_graph_name,
+    layer_spec,
+    spec_from_dict,
 )
 from .policies import OperatingPoint
 
@@ -52,11 +61,11 @@ class FileEntry:
         return {"file": self.file, "sha256": self.sha256}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FileEntry":
+    def from_dict(cls, data: dict) -> FileEntry:
         return cls(data["file"], data["sha256"])
 
     @classmethod
-    def of(cls, bundle_dir: Path, relative: str) -> "FileEntry":
+    def of(cls, bundle_dir: Path, relative: str) -> FileEntry:
         return cls(relative, sha256_of(bundle_dir / relative))
 
 
@@ -72,10 +81,14 @@ class GraphFile(FileEntry):
         return {**super().to_dict(), **self.spec.to_dict(), "fused_operators": self.fused_operators}
 
     @classmethod
-    def from_dict(cls, kind: str, data: dict) -> "GraphFile":
+    def from_dict(cls, kind: str, data: dict) -> GraphFile:
         fused = data.get("fused_operators", {})
-        if not isinstance(fused, dict) or not all(isinstance(count, int) and not isinstance(count, bool) for count in fused.values()):
-            raise BundleError(f"graph {data['file']}: fused_operators must map operator names to counts, got {fused!r:.200}")
+        if not isinstance(fused, dict) or not all(
+            isinstance(count, int) and not isinstance(count, bool) for count in fused.values()
+        ):
+            raise BundleError(
+                f"graph {data['file']}: fused_operators must map operator names to counts, got {fused!r:.200}"
+            )
         return cls(data["file"], data["sha256"], spec_from_dict(kind, data), dict(fused))
 
     def located(self, bundle_dir: Path, name: str) -> LocatedGraph:
@@ -115,9 +128,15 @@ class ModelInfo:
         if self.task is not None and not isinstance(self.task, str):
             raise BundleError(f"model.task must be a string or null, got {self.task!r}")
         check_labels(self.labels)
-        for name, allowed in (("task_type", TASK_TYPES), ("precision", PRECISIONS), ("exit_pooling", EXIT_POOLINGS)):
+        for name, allowed in (
+            ("task_type", TASK_TYPES),
+            ("precision", PRECISIONS),
+            ("exit_pooling", EXIT_POOLINGS),
+        ):
             if getattr(self, name) not in allowed:
-                raise BundleError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise BundleError(
+                    f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
 
 
 def require_positive_integer(field_name: str, value, advice: str = "") -> None:
@@ -126,8 +145,14 @@ def require_positive_integer(field_name: str, value, advice: str = "") -> None:
 
 
 def check_labels(labels) -> None:
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) and label for label in labels):
-        raise BundleError(f"model.labels must be a list of at least two non-empty label names, got {labels!r:.200}")
+    if (
+        not isinstance(labels, list)
+        or len(labels) < 2
+        or not all(isinstance(label, str) and label for label in labels)
+    ):
+        raise BundleError(
+            f"model.labels must be a list of at least two non-empty label names, got {labels!r:.200}"
+        )
     if len(set(labels)) != len(labels):
         raise BundleError(f"model.labels has duplicate names: {labels}")
 
@@ -137,13 +162,15 @@ class TokenizerInfo:
     """The tokenizer files; the first is the tokenizers-library JSON the runtime loads."""
 
     files: list[FileEntry]
-    built_from: str | None = None  # "vocab.txt" when pcee-export built tokenizer.json from a WordPiece vocabulary
+    built_from: str | None = (
+        None  # "vocab.txt" when pcee-export built tokenizer.json from a WordPiece vocabulary
+    )
 
     def to_dict(self) -> dict:
         return {"files": [entry.to_dict() for entry in self.files], "built_from": self.built_from}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TokenizerInfo":
+    def from_dict(cls, data: dict) -> TokenizerInfo:
         files = [FileEntry.from_dict(entry) for entry in data["files"]]
         if not files:
             raise BundleError(f"the manifest lists no tokenizer files; {REEXPORT}")
@@ -159,13 +186,15 @@ class ParityResult:
     sequence_lengths: list[int]
     max_abs_diff: dict[str, dict[str, float]]  # graph name -> output name -> max |diff| over all batches
     passed: bool
-    backends: list[str] = field(default_factory=lambda: ["onnxruntime"])  # the runtime backends that were checked
+    backends: list[str] = field(
+        default_factory=lambda: ["onnxruntime"]
+    )  # the runtime backends that were checked
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ParityResult":
+    def from_dict(cls, data: dict) -> ParityResult:
         return cls(**data)
 
 
@@ -193,7 +222,7 @@ class QuantizationResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantizationResult":
+    def from_dict(cls, data: dict) -> QuantizationResult:
         return cls(**data)
 
 
@@ -215,21 +244,35 @@ class TensorRTEngines:
 
     def to_dict(self) -> dict:
         return {
-            "version": self.version, "gpu": self.gpu, "fp16": self.fp16, "max_batch_size": self.max_batch_size,
-            "max_seq_len": self.max_seq_len, "timing_cache": self.timing_cache,
-            "engines": {"embeddings": self.embeddings.to_dict(), "layers": [entry.to_dict() for entry in self.layers]},
+            "version": self.version,
+            "gpu": self.gpu,
+            "fp16": self.fp16,
+            "max_batch_size": self.max_batch_size,
+            "max_seq_len": self.max_seq_len,
+            "timing_cache": self.timing_cache,
+            "engines": {
+                "embeddings": self.embeddings.to_dict(),
+                "layers": [entry.to_dict() for entry in self.layers],
+            },
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorRTEngines":
+    def from_dict(cls, data: dict) -> TensorRTEngines:
         engines = data["engines"]
         block = cls(
-            data["version"], data["gpu"], data["fp16"], data["max_batch_size"], data["max_seq_len"],
-            FileEntry.from_dict(engines["embeddings"]), [FileEntry.from_dict(entry) for entry in engines["layers"]],
+            data["version"],
+            data["gpu"],
+            data["fp16"],
+            data["max_batch_size"],
+            data["max_seq_len"],
+            FileEntry.from_dict(engines["embeddings"]),
+            [FileEntry.from_dict(entry) for entry in engines["layers"]],
             data.get("timing_cache"),
         )
         for name in ("max_batch_size", "max_seq_len"):
-            require_positive_integer(f"tensorrt.{name}", getattr(block, name), "; rebuild with pcee-export --tensorrt")
+            require_positive_integer(
+                f"tensorrt.{name}", getattr(block, name), "; rebuild with pcee-export --tensorrt"
+            )
         return block
 
 
@@ -251,7 +294,10 @@ class Manifest:
 
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        graphs = {"embeddings": self.embeddings.to_dict(), "layers": [layer.to_dict() for layer in self.layers]}
+        graphs = {
+            "embeddings": self.embeddings.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
         if self.full_graph is not None:
             graphs["full"] = self.full_graph.to_dict()
         data = {
@@ -273,7 +319,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "manifest") -> "Manifest":
+    def from_dict(cls, data: dict, source: str = "manifest") -> Manifest:
         version = data.get("format_version")
         if not isinstance(version, int) or version != FORMAT_VERSION:
             raise BundleError(
@@ -285,12 +331,14 @@ class Manifest:
         except PceeError as error:
             raise BundleError(f"{source}: {error}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise BundleError(f"{source}: malformed manifest ({type(error).__name__}: {error}); {REEXPORT}") from None
+            raise BundleError(
+                f"{source}: malformed manifest ({type(error).__name__}: {error}); {REEXPORT}"
+            ) from None
         manifest.check()
         return manifest
 
     @classmethod
-    def parse(cls, data: dict, version: int) -> "Manifest":
+    def parse(cls, data: dict, version: int) -> Manifest:
         model = dict(data["model"])
         declared_labels = model.pop("num_labels", None)
         graphs = data["graphs"]
@@ -304,21 +352,27 @@ class Manifest:
             operating_point=OperatingPoint.from_dict(data["operating_point"]),
             operating_points=[OperatingPoint.from_dict(point) for point in data.get("operating_points", [])],
             tensorrt=TensorRTEngines.from_dict(data["tensorrt"]) if data.get("tensorrt") else None,
-            quantization=QuantizationResult.from_dict(data["quantization"]) if data.get("quantization") else None,
+            quantization=QuantizationResult.from_dict(data["quantization"])
+            if data.get("quantization")
+            else None,
             calibration=data.get("calibration"),
             format_version=version,
             producer=data.get("producer", "pcee"),
         )
         if declared_labels is not None and declared_labels != len(model["labels"]):
-            raise BundleError(f"model.num_labels is {declared_labels!r} but model.labels lists {len(model['labels'])} names")
+            raise BundleError(
+                f"model.num_labels is {declared_labels!r} but model.labels lists {len(model['labels'])} names"
+            )
         return manifest
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, verify_hashes: bool = True) -> "Manifest":
+    def load(cls, bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
         bundle_dir = Path(bundle_dir)
         path = bundle_dir / MANIFEST_NAME
         if not path.is_file():
-            raise BundleError(f"{bundle_dir} is not a pcee bundle: no {MANIFEST_NAME}; create one with pcee-export MODEL_DIR")
+            raise BundleError(
+                f"{bundle_dir} is not a pcee bundle: no {MANIFEST_NAME}; create one with pcee-export MODEL_DIR"
+            )
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -343,8 +397,11 @@ class Manifest:
         if engines is None:
             return None
         return EngineChain(
-            bundle_dir / engines.embeddings.file, tuple(bundle_dir / entry.file for entry in engines.layers),
-            engines.max_batch_size, engines.max_seq_len, f"TensorRT {engines.version} on {engines.gpu}",
+            bundle_dir / engines.embeddings.file,
+            tuple(bundle_dir / entry.file for entry in engines.layers),
+            engines.max_batch_size,
+            engines.max_seq_len,
+            f"TensorRT {engines.version} on {engines.gpu}",
         )
 
     def saved_point(self, name: str) -> OperatingPoint | None:
@@ -364,16 +421,30 @@ class Manifest:
         """Cross-checks between fields that the graphs' specs and the model facts must agree on."""
         self.model.check()
         if (self.model.precision == "int8") != (self.quantization is not None):
-            raise BundleError(f"model.precision is {self.model.precision} but the quantization block is {'absent' if self.quantization is None else 'present'}; {REEXPORT}")
+            raise BundleError(
+                f"model.precision is {self.model.precision} but the quantization block is {'absent' if self.quantization is None else 'present'}; {REEXPORT}"
+            )
         if len(self.layers) != self.model.num_layers:
-            raise BundleError(f"manifest lists {len(self.layers)} layer graphs for a {self.model.num_layers}-layer model; {REEXPORT}")
+            raise BundleError(
+                f"manifest lists {len(self.layers)} layer graphs for a {self.model.num_layers}-layer model; {REEXPORT}"
+            )
         if self.tensorrt is not None and len(self.tensorrt.layers) != self.model.num_layers:
-            raise BundleError(f"manifest lists {len(self.tensorrt.layers)} TensorRT layer engines for {self.model.num_layers} layers; rebuild with pcee-export --tensorrt")
+            raise BundleError(
+                f"manifest lists {len(self.tensorrt.layers)} TensorRT layer engines for {self.model.num_layers} layers; rebuild with pcee-export --tensorrt"
+            )
         model = self.model
         expected = {
-            EMBEDDINGS_GRAPH: (self.embeddings, embeddings_spec(model.uses_token_type_ids, model.hidden_size)),
-            **{layer_graph_name(index): (layer, layer_spec(model.hidden_size, model.num_labels, model.learned_confidence))
-               for index, layer in enumerate(self.layers)},
+            EMBEDDINGS_GRAPH: (
+                self.embeddings,
+                embeddings_spec(model.uses_token_type_ids, model.hidden_size),
+            ),
+            **{
+                layer_graph_name(index): (
+                    layer,
+                    layer_spec(model.hidden_size, model.num_labels, model.learned_confidence),
+                )
+                for index, layer in enumerate(self.layers)
+            },
         }
         for name, (graph, spec) in expected.items():
             if graph.spec != spec:
@@ -387,10 +458,14 @@ class Manifest:
         for entry in self.listed_files():
             path = require_file(bundle_dir, entry.file)
             if verify_hashes and sha256_of(path) != entry.sha256:
-                raise BundleError(f"{path}: sha256 does not match the manifest (file changed or corrupted since export); {REEXPORT}")
+                raise BundleError(
+                    f"{path}: sha256 does not match the manifest (file changed or corrupted since export); {REEXPORT}"
+                )
 
 
-def graph_chain_of(bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], full: GraphFile | None = None) -> GraphChain:
+def graph_chain_of(
+    bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFile], full: GraphFile | None = None
+) -> GraphChain:
     """The chain a backend runs, from graph entries (the exporter's, before its manifest exists)."""
     return GraphChain(
         embeddings.located(bundle_dir, EMBEDDINGS_GRAPH),
@@ -402,11 +477,15 @@ def graph_chain_of(bundle_dir: Path, embeddings: GraphFile, layers: list[GraphFi
 def require_file(bundle_dir: Path, relative) -> Path:
     """The path of a file the manifest lists, which must lie inside the bundle and be a non-empty file."""
     if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
-        raise BundleError(f"manifest path {relative!r} must be a path relative to the bundle directory; {REEXPORT}")
+        raise BundleError(
+            f"manifest path {relative!r} must be a path relative to the bundle directory; {REEXPORT}"
+        )
     root = bundle_dir.resolve()
     path = (bundle_dir / relative).resolve()
     if not path.is_relative_to(root):
-        raise BundleError(f"manifest path {relative!r} points outside the bundle {bundle_dir}; refusing to open it. {REEXPORT}")
+        raise BundleError(
+            f"manifest path {relative!r} points outside the bundle {bundle_dir}; refusing to open it. {REEXPORT}"
+        )
     if not path.is_file():
         raise BundleError(f"bundle {bundle_dir} is missing {relative} listed in its manifest; {REEXPORT}")
     if path.stat().st_size == 0:

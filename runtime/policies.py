@@ -15,8 +15,23 @@ import numpy as np
 from .errors import PolicyError
 from .exits import ExitRecord, RowSelect, softmax
 
-POLICY_NAMES = ("pcee", "pcee-maxprob", "pcee-learned", "branchynet", "shallow-deep", "pabee", "budgeted", "full")
-SIGNALS = {"pcee": "entropy", "branchynet": "entropy", "pcee-maxprob": "max_probability", "shallow-deep": "max_probability", "pcee-learned": "confidence_score"}
+POLICY_NAMES = (
+    "pcee",
+    "pcee-maxprob",
+    "pcee-learned",
+    "branchynet",
+    "shallow-deep",
+    "pabee",
+    "budgeted",
+    "full",
+)
+SIGNALS = {
+    "pcee": "entropy",
+    "branchynet": "entropy",
+    "pcee-maxprob": "max_probability",
+    "shallow-deep": "max_probability",
+    "pcee-learned": "confidence_score",
+}
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,9 @@ class OperatingPoint:
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str):
-            raise PolicyError(f"policy must be a policy name (one of {', '.join(POLICY_NAMES)}), got {self.policy!r}")
+            raise PolicyError(
+                f"policy must be a policy name (one of {', '.join(POLICY_NAMES)}), got {self.policy!r}"
+            )
         if self.tau is not None:
             object.__setattr__(self, "tau", require_real("tau", self.tau))
         for name in ("patience", "layer"):
@@ -55,7 +72,7 @@ class OperatingPoint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OperatingPoint":
+    def from_dict(cls, data: dict) -> OperatingPoint:
         if not isinstance(data, dict):
             raise PolicyError(f"an operating point must be a JSON object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
@@ -146,7 +163,9 @@ class PatientConfidentPolicy(ExitPolicy):
         state.counter = np.where(confident, state.counter + 1, 0)
         if state.streak_probabilities is not None:
             probabilities = softmax(exits.logits)
-            state.streak_probabilities = np.where(confident[:, None], state.streak_probabilities + probabilities, 0.0)
+            state.streak_probabilities = np.where(
+                confident[:, None], state.streak_probabilities + probabilities, 0.0
+            )
         return state.counter >= self.point.patience
 
     def layers_until_possible_exit(self, state, layers_done):
@@ -194,7 +213,9 @@ class FixedLayerPolicy(ExitPolicy):
         return max(1, self.exit_layer() - layers_done)
 
 
-def build_policy(point: OperatingPoint | dict, num_layers: int, has_learned_score: bool = False) -> ExitPolicy:
+def build_policy(
+    point: OperatingPoint | dict, num_layers: int, has_learned_score: bool = False
+) -> ExitPolicy:
     """Validate an operating point against the model and build its policy."""
     point = OperatingPoint.from_dict(point) if isinstance(point, dict) else point
     if point.policy not in POLICY_NAMES:
@@ -213,23 +234,31 @@ def build_policy(point: OperatingPoint | dict, num_layers: int, has_learned_scor
     return FixedLayerPolicy(num_layers, replace(point, layer=num_layers))
 
 
-def build_confidence_policy(point: OperatingPoint, num_layers: int, has_learned_score: bool) -> PatientConfidentPolicy:
+def build_confidence_policy(
+    point: OperatingPoint, num_layers: int, has_learned_score: bool
+) -> PatientConfidentPolicy:
     signal = SIGNALS[point.policy]
     if signal == "confidence_score" and not has_learned_score:
-        raise PolicyError("policy pcee-learned needs a model trained with --learned-confidence; this bundle has no learned score")
+        raise PolicyError(
+            "policy pcee-learned needs a model trained with --learned-confidence; this bundle has no learned score"
+        )
     if point.tau is None or not np.isfinite(point.tau):
         raise PolicyError(f"policy {point.policy} needs a finite tau, got {point.tau!r}")
     if signal == "entropy" and not 0.0 <= point.tau <= 1.0:
         raise PolicyError(f"normalized entropy lies in [0, 1]; tau={point.tau} is outside it")
     require_patience(point, num_layers)
     if point.policy in ("branchynet", "shallow-deep") and point.patience != 1:
-        raise PolicyError(f"{point.policy} is PCEE with patience 1; got patience {point.patience}. Use pcee / pcee-maxprob instead")
+        raise PolicyError(
+            f"{point.policy} is PCEE with patience 1; got patience {point.patience}. Use pcee / pcee-maxprob instead"
+        )
     return PatientConfidentPolicy(num_layers, point, signal)
 
 
 def require_patience(point: OperatingPoint, largest: int) -> None:
     if point.patience is None or not 1 <= point.patience <= largest:
-        raise PolicyError(f"policy {point.policy} needs an integer patience in 1..{largest}, got {point.patience!r}")
+        raise PolicyError(
+            f"policy {point.policy} needs an integer patience in 1..{largest}, got {point.patience!r}"
+        )
 
 
 def require_real(name: str, value) -> float:

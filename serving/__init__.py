@@ -7,11 +7,27 @@ Torch-free like the runtime: it imports `pcee.runtime` only, never a backend mod
 """
 
 from .app import create_app
-from .errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout, ServingError, Unauthorized, Unavailable
+from .errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServingError,
+    Unauthorized,
+    Unavailable,
+)
 from .service import InferenceService
 from .settings import ServerSettings
 
 __all__ = [
-    "create_app", "InferenceService", "ServerSettings",
-    "BadRequest", "NotFound", "PayloadTooLarge", "RequestTimeout", "ServingError", "Unauthorized", "Unavailable",
+    "create_app",
+    "InferenceService",
+    "ServerSettings",
+    "BadRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "ServingError",
+    "Unauthorized",
+    "Unavailable",
 ]

@@ -23,7 +23,14 @@ from pcee.runtime import InputError, PceeError, PolicyError
 
 from .errors import BadRequest, ClientClosedRequest, PayloadTooLarge, RequestTimeout, ServingError
 from .metrics import ServingMetrics
-from .protocol import classify_response, infer_response, model_metadata, parse_classify, parse_infer, parse_json
+from .protocol import (
+    classify_response,
+    infer_response,
+    model_metadata,
+    parse_classify,
+    parse_infer,
+    parse_json,
+)
 from .service import InferenceService, RuntimeLoader
 from .settings import ServerSettings
 
@@ -33,7 +40,9 @@ BINARY_EXTENSION_HEADER = "inference-header-content-length"
 
 
 def create_app(
-    settings: ServerSettings, load_runtime: RuntimeLoader, on_startup_failure: Callable[[BaseException], None] | None = None,
+    settings: ServerSettings,
+    load_runtime: RuntimeLoader,
+    on_startup_failure: Callable[[BaseException], None] | None = None,
 ) -> Starlette:
     """An app that loads its runtime at startup (in a thread) and closes it at shutdown.
 
@@ -50,7 +59,10 @@ def create_app(
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
-        exception_handlers={kind: answer_error for kind in (ServingError, InputError, PolicyError, PceeError, HTTPException, Exception)},
+        exception_handlers={
+            kind: answer_error
+            for kind in (ServingError, InputError, PolicyError, PceeError, HTTPException, Exception)
+        },
         lifespan=lifespan,
     )
     app.state.service = service
@@ -66,11 +78,15 @@ async def read_body(request: Request, settings: ServerSettings) -> bytes:
     """The whole body, refused past --max-body-bytes (413) or when it does not arrive within --body-timeout-s (408)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise PayloadTooLarge(f"the body is {declared} bytes; this server takes at most {settings.max_body_bytes} (--max-body-bytes)")
+        raise PayloadTooLarge(
+            f"the body is {declared} bytes; this server takes at most {settings.max_body_bytes} (--max-body-bytes)"
+        )
     try:
         return await asyncio.wait_for(read_limited(request, settings.max_body_bytes), settings.body_timeout_s)
     except asyncio.TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s (--body-timeout-s)") from None
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s:g} s (--body-timeout-s)"
+        ) from None
     except ClientDisconnect:
         raise ClientClosedRequest("the client disconnected before sending the whole body") from None
 
@@ -80,14 +96,18 @@ async def read_limited(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server takes (--max-body-bytes)")
+            raise PayloadTooLarge(
+                f"the body is over {limit} bytes, the most this server takes (--max-body-bytes)"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def refuse_binary_tensors(request: Request) -> None:
     if BINARY_EXTENSION_HEADER in request.headers:
-        raise BadRequest("the binary tensor data extension is not supported; send tensor data as JSON (tritonclient: binary_data=False)")
+        raise BadRequest(
+            "the binary tensor data extension is not supported; send tensor data as JSON (tritonclient: binary_data=False)"
+        )
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -112,7 +132,10 @@ async def model_info(request: Request) -> Response:
 async def model_ready(request: Request) -> Response:
     service = service_of(request)
     service.check_model_name(request.path_params["name"])
-    return JSONResponse({"name": service.settings.model_name, "ready": service.ready}, status_code=200 if service.ready else 503)
+    return JSONResponse(
+        {"name": service.settings.model_name, "ready": service.ready},
+        status_code=200 if service.ready else 503,
+    )
 
 
 async def infer(request: Request) -> Response:
@@ -138,7 +161,9 @@ async def set_operating_point(request: Request) -> Response:
     service.check_admin(request.headers.get("authorization"))
     body = parse_json(await read_body(request, service.settings))
     if not isinstance(body, dict) or set(body) != {"operating_point"}:
-        raise BadRequest('send {"operating_point": "<saved name>"} or {"operating_point": {"policy": ..., "tau": ..., "patience": ...}}')
+        raise BadRequest(
+            'send {"operating_point": "<saved name>"} or {"operating_point": {"policy": ..., "tau": ..., "patience": ...}}'
+        )
     chosen = service.switch_point(body["operating_point"], source="admin")
     return JSONResponse({"operating_point": chosen.to_dict()})
 
@@ -175,7 +200,9 @@ def error_answer(error: Exception, request: Request) -> JSONResponse:
         log.error("%s on %s: %s", type(error).__name__, request.url.path, error)
         return error_response(f"{type(error).__name__}: {error}", 500)
     if isinstance(error, HTTPException):
-        return error_response(f"{request.method} {request.url.path}: {error.detail}", error.status_code, error.headers)
+        return error_response(
+            f"{request.method} {request.url.path}: {error.detail}", error.status_code, error.headers
+        )
     return error_response("internal server error; the server log has the details", 500)
 
 

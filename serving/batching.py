@@ -40,7 +40,14 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, predict: Predict, metrics: ServingMetrics, max_batch_size: int, max_wait_seconds: float, max_queue_rows: int):
+    def __init__(
+        self,
+        predict: Predict,
+        metrics: ServingMetrics,
+        max_batch_size: int,
+        max_wait_seconds: float,
+        max_queue_rows: int,
+    ):
         self.predict = predict
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -84,9 +91,13 @@ class Batcher:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
         if rows > self.max_queue_rows:
-            raise PayloadTooLarge(f"the request has {rows} rows; this server takes at most {self.max_queue_rows} per request (--max-queue)")
+            raise PayloadTooLarge(
+                f"the request has {rows} rows; this server takes at most {self.max_queue_rows} per request (--max-queue)"
+            )
         if self.queued_rows + rows > self.max_queue_rows:
-            raise Unavailable(f"overloaded: {self.queued_rows} rows are waiting (--max-queue {self.max_queue_rows}); retry shortly")
+            raise Unavailable(
+                f"overloaded: {self.queued_rows} rows are waiting (--max-queue {self.max_queue_rows}); retry shortly"
+            )
 
     def oldest_wait_seconds(self) -> float:
         return time.monotonic() - self._pending[0].admitted if self._pending else 0.0
@@ -145,7 +156,9 @@ class Batcher:
         for pending in batch:
             self.metrics.queue_wait_seconds.observe(started - pending.admitted)
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._predict_batch, batch)
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._predict_batch, batch
+            )
         except Exception as error:  # a backend failure: every request of the batch gets it (answered as 500)
             outcomes = [error] * len(batch)
         for pending, outcome in zip(batch, outcomes):
@@ -157,10 +170,14 @@ class Batcher:
                 pending.future.set_result(outcome)
 
     def _predict_batch(self, batch: list[Pending]) -> list[Outcome]:
-        return predict_each(self.predict, [pending.request for pending in batch], batch[0].point, self.metrics.observe_batch)
+        return predict_each(
+            self.predict, [pending.request for pending in batch], batch[0].point, self.metrics.observe_batch
+        )
 
 
-def predict_each(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe) -> list[Outcome]:
+def predict_each(
+    predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe
+) -> list[Outcome]:
     """Each request's own rows, from one runtime call for all of them (same point and pairing).
 
     If a row is bad, each request runs alone, so only its sender gets the 400 (its outcome is the error).
@@ -173,7 +190,9 @@ def predict_each(predict: Predict, requests: list[ClassifyRequest], point: Opera
     return [predict_alone(predict, request, point, observe) for request in requests]
 
 
-def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe) -> PredictionResult:
+def predict_joined(
+    predict: Predict, requests: list[ClassifyRequest], point: OperatingPoint, observe: Observe
+) -> PredictionResult:
     texts = [text for request in requests for text in request.texts]
     pairs = None
     if requests[0].text_pairs is not None:
@@ -183,7 +202,9 @@ def predict_joined(predict: Predict, requests: list[ClassifyRequest], point: Ope
     return result
 
 
-def predict_alone(predict: Predict, request: ClassifyRequest, point: OperatingPoint, observe: Observe) -> Outcome:
+def predict_alone(
+    predict: Predict, request: ClassifyRequest, point: OperatingPoint, observe: Observe
+) -> Outcome:
     try:
         return predict_joined(predict, [request], point, observe)
     except InputError as error:
@@ -196,8 +217,13 @@ def split_rows(result: PredictionResult, requests: list[ClassifyRequest]) -> lis
     for request in requests:
         rows = result.predictions[start : start + request.rows]
         start += request.rows
-        outcomes.append(PredictionResult(
-            predictions=rows, layers_run=sum(row.exit_layer for row in rows), num_layers=result.num_layers,
-            elapsed_seconds=result.elapsed_seconds, operating_point=result.operating_point,
-        ))
+        outcomes.append(
+            PredictionResult(
+                predictions=rows,
+                layers_run=sum(row.exit_layer for row in rows),
+                num_layers=result.num_layers,
+                elapsed_seconds=result.elapsed_seconds,
+                operating_point=result.operating_point,
+            )
+        )
     return outcomes

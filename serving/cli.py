@@ -11,8 +11,8 @@ from pathlib import Path
 from types import FrameType
 
 import click
-from click.core import ParameterSource
 import uvicorn
+from click.core import ParameterSource
 from uvicorn.logging import DefaultFormatter
 
 from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime, PceeError
@@ -44,14 +44,21 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def controller_settings(slo_p99_ms: float | None, adaptive_points: str | None, dwell_s: float, window_s: float,
-                        operating_point: str | None) -> ControllerSettings | None:
+def controller_settings(
+    slo_p99_ms: float | None,
+    adaptive_points: str | None,
+    dwell_s: float,
+    window_s: float,
+    operating_point: str | None,
+) -> ControllerSettings | None:
     if slo_p99_ms is None and adaptive_points is None:
         return None
     if slo_p99_ms is None or adaptive_points is None:
         raise click.UsageError("the adaptive controller needs both --slo-p99-ms and --adaptive-points")
     if operating_point is not None:
-        raise click.UsageError("give --operating-point or --adaptive-points, not both: the controller starts at the first adaptive point")
+        raise click.UsageError(
+            "give --operating-point or --adaptive-points, not both: the controller starts at the first adaptive point"
+        )
     points = tuple(name.strip() for name in adaptive_points.split(",") if name.strip())
     try:
         return ControllerSettings(slo_p99_ms, points, dwell_s=dwell_s, window_s=window_s)
@@ -68,14 +75,26 @@ def show_service_log(level: str) -> None:
     service_log.setLevel(level.upper())
 
 
-def serve_on_ray(bundle_dir: Path, settings: ServerSettings, backend: str, intra_op_threads: int | None, replicas: int,
-                 replica_cpus: float, host: str, port: int) -> None:
+def serve_on_ray(
+    bundle_dir: Path,
+    settings: ServerSettings,
+    backend: str,
+    intra_op_threads: int | None,
+    replicas: int,
+    replica_cpus: float,
+    host: str,
+    port: int,
+) -> None:
     if settings.controller is not None:
-        raise click.UsageError("--slo-p99-ms and --adaptive-points are single-process features; drop them with --ray")
+        raise click.UsageError(
+            "--slo-p99-ms and --adaptive-points are single-process features; drop them with --ray"
+        )
     try:
         from .ray import ReplicaOptions, serve_until_signalled
     except ImportError as error:
-        raise click.ClickException(f"--ray needs Ray Serve ({error}); install it with: pip install 'pcee[ray]'") from None
+        raise click.ClickException(
+            f"--ray needs Ray Serve ({error}); install it with: pip install 'pcee[ray]'"
+        ) from None
     options = ReplicaOptions(str(bundle_dir.resolve()), backend, intra_op_threads, replicas, replica_cpus)
     try:
         serve_until_signalled(settings, options, host, port)
@@ -89,41 +108,161 @@ def refuse_ray_only_options(*names: str) -> None:
     context = click.get_current_context()
     given = [name for name in names if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
-        raise click.UsageError(f"{', '.join('--' + name.replace('_', '-') for name in given)} only apply with --ray")
+        raise click.UsageError(
+            f"{', '.join('--' + name.replace('_', '-') for name in given)} only apply with --ray"
+        )
 
 
 option = functools.partial(click.option, show_envvar=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "auto_envvar_prefix": "PCEE", "max_content_width": 100})
-@click.argument("bundle_dir", envvar="PCEE_BUNDLE_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for every interface (e.g. in a container).")
+@click.command(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "auto_envvar_prefix": "PCEE",
+        "max_content_width": 100,
+    }
+)
+@click.argument(
+    "bundle_dir", envvar="PCEE_BUNDLE_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@option(
+    "--host",
+    default="127.0.0.1",
+    help="Address to listen on; 0.0.0.0 for every interface (e.g. in a container).",
+)
 @option("--port", default=8000, type=click.IntRange(0, 65535), help="TCP port to listen on.")
 @option("--model-name", help="The name in /v2/models/{name}; default: the bundle directory's name.")
-@option("--operating-point", help="Start at this operating point saved in the manifest (default: the manifest's own).")
-@option("--backend", default="auto", type=click.Choice(BACKEND_NAMES), help="What runs the graphs, as in pcee-predict.")
-@option("--intra-op-threads", type=click.IntRange(min=1), help="onnxruntime CPU threads per layer session (default: one per core).")
-@option("--max-batch-size", default=32, type=click.IntRange(min=1), help="Most rows one runtime call takes, gathered across requests.")
-@option("--max-wait-ms", default=2.0, type=click.FloatRange(min=0), help="How long the first request of a batch waits for others to join it.")
-@option("--max-queue", default=1024, type=click.IntRange(min=1), help="Most rows waiting for a batch; past it requests get 503 with Retry-After.")
-@option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, type=click.IntRange(min=1), help="Larger request bodies get 413.")
-@option("--body-timeout-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="A body that has not fully arrived by then gets 408 (slow or stalled clients).")
-@option("--drain-timeout-s", default=30.0, type=click.FloatRange(min=0), help="On SIGTERM, how long admitted requests may take before they are cancelled.")
-@option("--slo-p99-ms", type=click.FloatRange(min=0, min_open=True), help="Adaptive: the p99 latency target (admission to answer) the controller holds. Needs --adaptive-points.")
-@option("--adaptive-points", help="Adaptive: saved point names, most accurate first (e.g. quality,speedup-0.50,speedup-0.75). The server starts at the first.")
-@option("--dwell-s", default=10.0, type=click.FloatRange(min=0), help="Adaptive: the least time between two switches.")
-@option("--latency-window-s", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Adaptive: the rolling window the p99 is taken over.")
-@option("--shadow-fraction", default=0.01, type=click.FloatRange(0, 1), help="Fraction of served rows re-run on the full model, off the request path, for the drift metric (0: off).")
-@option("--ray", "on_ray", is_flag=True, envvar="PCEE_RAY", help="Serve on Ray Serve instead: a local Ray cluster, or the one RAY_ADDRESS names. Needs pcee[ray].")
-@option("--replicas", default=1, type=click.IntRange(min=1), help="With --ray: replicas of the deployment, each loading the bundle once.")
-@option("--replica-cpus", default=1.0, type=click.FloatRange(min=0), help="With --ray: CPUs each replica reserves; also its default --intra-op-threads.")
-@option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level.")
+@option(
+    "--operating-point",
+    help="Start at this operating point saved in the manifest (default: the manifest's own).",
+)
+@option(
+    "--backend",
+    default="auto",
+    type=click.Choice(BACKEND_NAMES),
+    help="What runs the graphs, as in pcee-predict.",
+)
+@option(
+    "--intra-op-threads",
+    type=click.IntRange(min=1),
+    help="onnxruntime CPU threads per layer session (default: one per core).",
+)
+@option(
+    "--max-batch-size",
+    default=32,
+    type=click.IntRange(min=1),
+    help="Most rows one runtime call takes, gathered across requests.",
+)
+@option(
+    "--max-wait-ms",
+    default=2.0,
+    type=click.FloatRange(min=0),
+    help="How long the first request of a batch waits for others to join it.",
+)
+@option(
+    "--max-queue",
+    default=1024,
+    type=click.IntRange(min=1),
+    help="Most rows waiting for a batch; past it requests get 503 with Retry-After.",
+)
+@option(
+    "--max-body-bytes",
+    default=DEFAULT_MAX_BODY_BYTES,
+    type=click.IntRange(min=1),
+    help="Larger request bodies get 413.",
+)
+@option(
+    "--body-timeout-s",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="A body that has not fully arrived by then gets 408 (slow or stalled clients).",
+)
+@option(
+    "--drain-timeout-s",
+    default=30.0,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM, how long admitted requests may take before they are cancelled.",
+)
+@option(
+    "--slo-p99-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Adaptive: the p99 latency target (admission to answer) the controller holds. Needs --adaptive-points.",
+)
+@option(
+    "--adaptive-points",
+    help="Adaptive: saved point names, most accurate first (e.g. quality,speedup-0.50,speedup-0.75). The server starts at the first.",
+)
+@option(
+    "--dwell-s",
+    default=10.0,
+    type=click.FloatRange(min=0),
+    help="Adaptive: the least time between two switches.",
+)
+@option(
+    "--latency-window-s",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Adaptive: the rolling window the p99 is taken over.",
+)
+@option(
+    "--shadow-fraction",
+    default=0.01,
+    type=click.FloatRange(0, 1),
+    help="Fraction of served rows re-run on the full model, off the request path, for the drift metric (0: off).",
+)
+@option(
+    "--ray",
+    "on_ray",
+    is_flag=True,
+    envvar="PCEE_RAY",
+    help="Serve on Ray Serve instead: a local Ray cluster, or the one RAY_ADDRESS names. Needs pcee[ray].",
+)
+@option(
+    "--replicas",
+    default=1,
+    type=click.IntRange(min=1),
+    help="With --ray: replicas of the deployment, each loading the bundle once.",
+)
+@option(
+    "--replica-cpus",
+    default=1.0,
+    type=click.FloatRange(min=0),
+    help="With --ray: CPUs each replica reserves; also its default --intra-op-threads.",
+)
+@option(
+    "--log-level",
+    default="info",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="Server log level.",
+)
 @option("--access-log/--no-access-log", default=False, help="Log one line per request (costs throughput).")
-def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operating_point: str | None, backend: str,
-         intra_op_threads: int | None, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_bytes: int,
-         body_timeout_s: float, drain_timeout_s: float, slo_p99_ms: float | None, adaptive_points: str | None, dwell_s: float,
-         latency_window_s: float, shadow_fraction: float, on_ray: bool, replicas: int, replica_cpus: float,
-         log_level: str, access_log: bool) -> None:
+def main(
+    bundle_dir: Path,
+    host: str,
+    port: int,
+    model_name: str | None,
+    operating_point: str | None,
+    backend: str,
+    intra_op_threads: int | None,
+    max_batch_size: int,
+    max_wait_ms: float,
+    max_queue: int,
+    max_body_bytes: int,
+    body_timeout_s: float,
+    drain_timeout_s: float,
+    slo_p99_ms: float | None,
+    adaptive_points: str | None,
+    dwell_s: float,
+    latency_window_s: float,
+    shadow_fraction: float,
+    on_ray: bool,
+    replicas: int,
+    replica_cpus: float,
+    log_level: str,
+    access_log: bool,
+) -> None:
     """Serve an exported bundle over HTTP, batching rows across concurrent requests.
 
     \b
@@ -163,19 +302,34 @@ def main(bundle_dir: Path, host: str, port: int, model_name: str | None, operati
     """
     show_service_log(log_level)
     settings = ServerSettings(
-        model_name=model_name or bundle_dir.resolve().name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
-        operating_point=operating_point, admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
-        shadow_fraction=shadow_fraction, controller=controller_settings(slo_p99_ms, adaptive_points, dwell_s, latency_window_s, operating_point),
+        model_name=model_name or bundle_dir.resolve().name,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        operating_point=operating_point,
+        admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
+        shadow_fraction=shadow_fraction,
+        controller=controller_settings(
+            slo_p99_ms, adaptive_points, dwell_s, latency_window_s, operating_point
+        ),
     )
     if on_ray:
         serve_on_ray(bundle_dir, settings, backend, intra_op_threads, replicas, replica_cpus, host, port)
         return
     refuse_ray_only_options("replicas", "replica_cpus")
-    load = functools.partial(EarlyExitRuntime.from_bundle, bundle_dir, backend=backend, intra_op_threads=intra_op_threads)
+    load = functools.partial(
+        EarlyExitRuntime.from_bundle, bundle_dir, backend=backend, intra_op_threads=intra_op_threads
+    )
     app = create_app(settings, load)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on",
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="on",
         timeout_graceful_shutdown=drain_timeout_s,
     )
     server = DrainingServer(config, app.state.service)

@@ -33,11 +33,15 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         if len(self.points) < 2 or len(set(self.points)) != len(self.points):
-            raise ValueError(f"the adaptive ladder needs two or more distinct saved points, got {list(self.points)}")
+            raise ValueError(
+                f"the adaptive ladder needs two or more distinct saved points, got {list(self.points)}"
+            )
         if not self.slo_p99_ms > 0:
             raise ValueError(f"the p99 target must be positive, got {self.slo_p99_ms!r} ms")
         if not 0 < self.step_up_below < self.step_down_at:
-            raise ValueError(f"need 0 < step_up_below ({self.step_up_below}) < step_down_at ({self.step_down_at})")
+            raise ValueError(
+                f"need 0 < step_up_below ({self.step_up_below}) < step_down_at ({self.step_down_at})"
+            )
 
     @property
     def tick_s(self) -> float:
@@ -67,8 +71,14 @@ class LatencyWindow:
 
 
 class AdaptiveController:
-    def __init__(self, settings: ControllerSettings, switch: Callable[[str], None], oldest_wait: Callable[[], float],
-                 metrics: ServingMetrics, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        switch: Callable[[str], None],
+        oldest_wait: Callable[[], float],
+        metrics: ServingMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = settings
         self.switch = switch
         self.oldest_wait = oldest_wait

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import collections
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from pcee.runtime import OperatingPoint, PredictionResult
 
@@ -32,35 +40,90 @@ class ServingMetrics:
     def __init__(self, max_batch_size: int):
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter("pcee_requests", "HTTP requests answered, by route and status code.", ["route", "status"], registry=registry)
-        self.request_seconds = Histogram(
-            "pcee_request_duration_seconds", "Time from request start to response, by route.", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.queue_wait_seconds = Histogram(
-            "pcee_queue_wait_seconds", "Time a request's rows waited for their batch to start.", buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.batch_seconds = Histogram("pcee_batch_duration_seconds", "Time one runtime call took.", buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_rows = Histogram("pcee_batch_rows", "Rows per runtime call.", buckets=batch_size_buckets(max_batch_size), registry=registry)
-        self.rows = Counter("pcee_rows", "Rows classified, by the layer they exited at.", ["exit_layer"], registry=registry)
-        self.layers_run = Counter("pcee_layers_run", "Transformer layers run, summed over rows.", registry=registry)
-        self.layers_possible = Counter(
-            "pcee_layers_possible", "Layers the full model would have run (rows x layers); 1 - run/possible is the layer speed-up.",
+        self.requests = Counter(
+            "pcee_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
             registry=registry,
         )
-        self.queue_rows = Gauge("pcee_queue_rows", "Rows admitted and waiting for a batch.", registry=registry)
-        self.ready = Gauge("pcee_ready", "1 when the model is loaded, warmed up and not draining.", registry=registry)
-        self.operating_point = Info("pcee_operating_point", "The operating point requests without one use.", registry=registry)
-        self.point_switches = Counter("pcee_operating_point_switches", "Live operating point switches, by who asked.", ["source"], registry=registry)
-        self.adaptive_p99_seconds = Gauge(
-            "pcee_adaptive_p99_seconds", "Rolling p99 request latency the controller judges by (NaN: too few requests).", registry=registry,
+        self.request_seconds = Histogram(
+            "pcee_request_duration_seconds",
+            "Time from request start to response, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.adaptive_level = Gauge("pcee_adaptive_level", "Position on the adaptive ladder: 0 is the most accurate point.", registry=registry)
-        self.shadow_rows = Counter("pcee_shadow_rows", "Served rows re-run on the full model.", registry=registry)
-        self.shadow_agreed_rows = Counter("pcee_shadow_agreed_rows", "Shadow rows whose served label equals the full model's.", registry=registry)
-        self.shadow_dropped_rows = Counter("pcee_shadow_dropped_rows", "Sampled rows dropped because the shadow backlog was full.", registry=registry)
+        self.queue_wait_seconds = Histogram(
+            "pcee_queue_wait_seconds",
+            "Time a request's rows waited for their batch to start.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "pcee_batch_duration_seconds",
+            "Time one runtime call took.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "pcee_batch_rows",
+            "Rows per runtime call.",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.rows = Counter(
+            "pcee_rows", "Rows classified, by the layer they exited at.", ["exit_layer"], registry=registry
+        )
+        self.layers_run = Counter(
+            "pcee_layers_run", "Transformer layers run, summed over rows.", registry=registry
+        )
+        self.layers_possible = Counter(
+            "pcee_layers_possible",
+            "Layers the full model would have run (rows x layers); 1 - run/possible is the layer speed-up.",
+            registry=registry,
+        )
+        self.queue_rows = Gauge(
+            "pcee_queue_rows", "Rows admitted and waiting for a batch.", registry=registry
+        )
+        self.ready = Gauge(
+            "pcee_ready", "1 when the model is loaded, warmed up and not draining.", registry=registry
+        )
+        self.operating_point = Info(
+            "pcee_operating_point", "The operating point requests without one use.", registry=registry
+        )
+        self.point_switches = Counter(
+            "pcee_operating_point_switches",
+            "Live operating point switches, by who asked.",
+            ["source"],
+            registry=registry,
+        )
+        self.adaptive_p99_seconds = Gauge(
+            "pcee_adaptive_p99_seconds",
+            "Rolling p99 request latency the controller judges by (NaN: too few requests).",
+            registry=registry,
+        )
+        self.adaptive_level = Gauge(
+            "pcee_adaptive_level",
+            "Position on the adaptive ladder: 0 is the most accurate point.",
+            registry=registry,
+        )
+        self.shadow_rows = Counter(
+            "pcee_shadow_rows", "Served rows re-run on the full model.", registry=registry
+        )
+        self.shadow_agreed_rows = Counter(
+            "pcee_shadow_agreed_rows",
+            "Shadow rows whose served label equals the full model's.",
+            registry=registry,
+        )
+        self.shadow_dropped_rows = Counter(
+            "pcee_shadow_dropped_rows",
+            "Sampled rows dropped because the shadow backlog was full.",
+            registry=registry,
+        )
         self.shadow_agreement = Gauge(
-            "pcee_shadow_agreement", "Agreement with the full model over the last 1000 shadow rows (NaN before any).", registry=registry,
+            "pcee_shadow_agreement",
+            "Agreement with the full model over the last 1000 shadow rows (NaN before any).",
+            registry=registry,
         )
         self.shadow_agreement.set(float("nan"))
 

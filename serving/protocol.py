@@ -60,7 +60,14 @@ def require_object(value: object, where: str) -> dict:
 
 
 def json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -77,7 +84,9 @@ def string_list(value: object, where: str) -> list[str]:
 
 def point_name(value: object, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise BadRequest(f"{where} must be the name of a saved operating point (a string), got {json_type(value)}")
+        raise BadRequest(
+            f"{where} must be the name of a saved operating point (a string), got {json_type(value)}"
+        )
     return value
 
 
@@ -101,7 +110,9 @@ def parse_classify(body: bytes, takes_pairs: bool) -> ClassifyRequest:
     texts = string_list(data["texts"], "texts")
     pairs = None if data.get("text_pairs") is None else string_list(data["text_pairs"], "text_pairs")
     if takes_pairs and pairs is None:
-        raise BadRequest('this model classifies sentence pairs; give "text_pairs", one second sentence per text')
+        raise BadRequest(
+            'this model classifies sentence pairs; give "text_pairs", one second sentence per text'
+        )
     if not takes_pairs and pairs is not None:
         raise BadRequest('this model classifies single sentences; drop "text_pairs"')
     check_same_length(texts, pairs, "text_pairs")
@@ -133,7 +144,9 @@ def parse_infer(body: bytes, takes_pairs: bool) -> InferRequest:
     tensors = named_tensors(data["inputs"], "inputs")
     expected = input_names(takes_pairs)
     if set(tensors) != set(expected):
-        raise BadRequest(f"this model takes inputs {list(expected)}, got {sorted(tensors)}" + pairing_hint(takes_pairs))
+        raise BadRequest(
+            f"this model takes inputs {list(expected)}, got {sorted(tensors)}" + pairing_hint(takes_pairs)
+        )
     texts = bytes_tensor(tensors[TEXT_INPUT], TEXT_INPUT)
     pairs = bytes_tensor(tensors[PAIR_INPUT], PAIR_INPUT) if takes_pairs else None
     check_same_length(texts, pairs, f'"{PAIR_INPUT}" elements')
@@ -142,8 +155,11 @@ def parse_infer(body: bytes, takes_pairs: bool) -> InferRequest:
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f'"id" must be a string, got {json_type(request_id)}')
     return InferRequest(
-        ClassifyRequest(texts, pairs, point_name(parameters.get(POINT_PARAMETER), f'parameters["{POINT_PARAMETER}"]')),
-        request_id, requested_outputs(data.get("outputs")),
+        ClassifyRequest(
+            texts, pairs, point_name(parameters.get(POINT_PARAMETER), f'parameters["{POINT_PARAMETER}"]')
+        ),
+        request_id,
+        requested_outputs(data.get("outputs")),
     )
 
 
@@ -171,11 +187,15 @@ def bytes_tensor(tensor: dict, name: str) -> list[str]:
     if tensor.get("datatype") != "BYTES":
         raise BadRequest(f'input {name!r} must have datatype "BYTES", got {tensor.get("datatype")!r}')
     if "data" not in tensor:
-        raise BadRequest(f'input {name!r} needs "data" (the binary tensor extension is not supported; send JSON data)')
+        raise BadRequest(
+            f'input {name!r} needs "data" (the binary tensor extension is not supported; send JSON data)'
+        )
     texts = string_list(tensor["data"], f"input {name!r} data")
     shape = tensor.get("shape")
     if shape != [len(texts)]:
-        raise BadRequest(f"input {name!r} has {len(texts)} elements, so its shape must be [{len(texts)}], got {shape!r}")
+        raise BadRequest(
+            f"input {name!r} has {len(texts)} elements, so its shape must be [{len(texts)}], got {shape!r}"
+        )
     return texts
 
 
@@ -183,7 +203,9 @@ def requested_outputs(outputs: object) -> tuple[str, ...]:
     if outputs is None:
         return tuple(OUTPUT_DATATYPES)
     if not isinstance(outputs, list) or not outputs:
-        raise BadRequest(f'"outputs" must be a non-empty array of {{"name": ...}} objects, got {json_type(outputs)}')
+        raise BadRequest(
+            f'"outputs" must be a non-empty array of {{"name": ...}} objects, got {json_type(outputs)}'
+        )
     names = tuple(named_tensors(outputs, "outputs"))
     unknown = [name for name in names if name not in OUTPUT_DATATYPES]
     if unknown:
@@ -200,14 +222,22 @@ def infer_response(model_name: str, request: InferRequest, result: PredictionRes
     rows = result.predictions
     tensors = {
         "label": ([len(rows)], [row.label for row in rows]),
-        "probabilities": ([len(rows), len(rows[0].probabilities)], [float(p) for row in rows for p in row.probabilities]),
+        "probabilities": (
+            [len(rows), len(rows[0].probabilities)],
+            [float(p) for row in rows for p in row.probabilities],
+        ),
         "exit_layer": ([len(rows)], [row.exit_layer for row in rows]),
     }
     response = {
         "model_name": model_name,
         "parameters": {POINT_PARAMETER: point_label(result.operating_point), "layers_run": result.layers_run},
         "outputs": [
-            {"name": name, "datatype": OUTPUT_DATATYPES[name], "shape": tensors[name][0], "data": tensors[name][1]}
+            {
+                "name": name,
+                "datatype": OUTPUT_DATATYPES[name],
+                "shape": tensors[name][0],
+                "data": tensors[name][1],
+            }
             for name in request.outputs
         ],
     }

@@ -41,14 +41,18 @@ log = logging.getLogger("pcee.serving")
 INFER_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 # Single-row requests: `max_batch_size` of them fill a batch; twice that lets the next batch gather while one runs.
 ONGOING_REQUESTS_PER_BATCH = 2
-CONSTRUCTOR_RETRIES = 3  # a transient node problem is retried; a broken bundle fails the deploy in seconds, not minutes
+CONSTRUCTOR_RETRIES = (
+    3  # a transient node problem is retried; a broken bundle fails the deploy in seconds, not minutes
+)
 
 
 @dataclass(frozen=True)
 class ReplicaOptions:
     """How the bundle is loaded in each replica and what each replica is given."""
 
-    bundle_dir: str  # absolute: replicas run in other directories, or on other nodes with the same shared path
+    bundle_dir: (
+        str  # absolute: replicas run in other directories, or on other nodes with the same shared path
+    )
     backend: str = "auto"
     intra_op_threads: int | None = None
     replicas: int = 1
@@ -72,7 +76,9 @@ class EarlyExitDeployment:
 
     def __init__(self, settings: ServerSettings, options: ReplicaOptions):
         self.settings = settings
-        self.runtime = EarlyExitRuntime.from_bundle(options.bundle_dir, backend=options.backend, intra_op_threads=options.threads)
+        self.runtime = EarlyExitRuntime.from_bundle(
+            options.bundle_dir, backend=options.backend, intra_op_threads=options.threads
+        )
         if settings.operating_point is not None:
             self.runtime.set_operating_point(settings.operating_point)
         warm_up(self.runtime, settings.max_batch_size)
@@ -90,7 +96,9 @@ class EarlyExitDeployment:
     async def route(self, request: Request) -> Response:
         path = request.url.path
         if path in ("/v2/health/live", "/v2/health/ready"):
-            return JSONResponse({path.rsplit("/", 1)[1]: True})  # a replica takes requests only once loaded and warm
+            return JSONResponse(
+                {path.rsplit("/", 1)[1]: True}
+            )  # a replica takes requests only once loaded and warm
         if path == "/v1/classify":
             require_post(request)
             parsed = parse_classify(await read_body(request, self.settings), self.runtime.takes_pairs)
@@ -100,8 +108,12 @@ class EarlyExitDeployment:
             self.check_model_name(path[len(INFER_PREFIX) : -len(INFER_SUFFIX)])
             refuse_binary_tensors(request)
             parsed = parse_infer(await read_body(request, self.settings), self.runtime.takes_pairs)
-            return JSONResponse(infer_response(self.settings.model_name, parsed, await self.classify(parsed.rows)))
-        raise NotFound(f"no route {path}; this Ray deployment serves /v1/classify, {INFER_PREFIX}{{name}}{INFER_SUFFIX} and /v2/health/*")
+            return JSONResponse(
+                infer_response(self.settings.model_name, parsed, await self.classify(parsed.rows))
+            )
+        raise NotFound(
+            f"no route {path}; this Ray deployment serves /v1/classify, {INFER_PREFIX}{{name}}{INFER_SUFFIX} and /v2/health/*"
+        )
 
     def check_model_name(self, name: str) -> None:
         if name != self.settings.model_name:
@@ -109,8 +121,14 @@ class EarlyExitDeployment:
 
     async def classify(self, request: ClassifyRequest) -> PredictionResult:
         if request.rows > self.settings.max_queue:
-            raise PayloadTooLarge(f"the request has {request.rows} rows; this deployment takes at most {self.settings.max_queue} per request (--max-queue)")
-        point = self.runtime.operating_point if request.point_name is None else self.runtime.resolve_operating_point(request.point_name)
+            raise PayloadTooLarge(
+                f"the request has {request.rows} rows; this deployment takes at most {self.settings.max_queue} per request (--max-queue)"
+            )
+        point = (
+            self.runtime.operating_point
+            if request.point_name is None
+            else self.runtime.resolve_operating_point(request.point_name)
+        )
         if request.rows > self.settings.max_batch_size:  # it fills batches of its own
             outcome = (await asyncio.to_thread(self.predict_group, [(request, point)]))[0]
         else:
@@ -137,7 +155,9 @@ class EarlyExitDeployment:
             return [error] * len(jobs)
 
     def predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
-        return self.runtime.predict(texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size)
+        return self.runtime.predict(
+            texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size
+        )
 
 
 def require_post(request: Request) -> None:
@@ -145,7 +165,9 @@ def require_post(request: Request) -> None:
         raise HTTPException(405, f"use POST, not {request.method}")
 
 
-def groups(jobs: list[tuple[ClassifyRequest, OperatingPoint]]) -> dict[tuple[OperatingPoint, bool], list[int]]:
+def groups(
+    jobs: list[tuple[ClassifyRequest, OperatingPoint]],
+) -> dict[tuple[OperatingPoint, bool], list[int]]:
     """Job indices by what lets them share a runtime call: the same point and the same pairing."""
     grouped: dict[tuple[OperatingPoint, bool], list[int]] = {}
     for index, (request, point) in enumerate(jobs):
@@ -171,7 +193,9 @@ def check_bundle(settings: ServerSettings, options: ReplicaOptions) -> None:
     manifest = Manifest.load(options.bundle_dir)
     if settings.operating_point is not None and manifest.saved_point(settings.operating_point) is None:
         names = [point.name for point in manifest.operating_points]
-        raise PolicyError(f"no operating point named {settings.operating_point!r} in the manifest; saved points: {names}")
+        raise PolicyError(
+            f"no operating point named {settings.operating_point!r} in the manifest; saved points: {names}"
+        )
 
 
 def connect(settings: ServerSettings, options: ReplicaOptions) -> None:
@@ -200,10 +224,19 @@ def serve_until_signalled(settings: ServerSettings, options: ReplicaOptions, hos
     stop = threading.Event()
     try:
         connect(settings, options)
-        for handled in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (sys.exit on SIGTERM)
+        for handled in (
+            signal.SIGTERM,
+            signal.SIGINT,
+        ):  # after ray.init, which installs its own (sys.exit on SIGTERM)
             signal.signal(handled, lambda *_: stop.set())
         deploy(settings, options, host, port)
-        log.info("pcee-serve on Ray Serve: %d replica(s) of %s at http://%s:%d", options.replicas, settings.model_name, host, port)
+        log.info(
+            "pcee-serve on Ray Serve: %d replica(s) of %s at http://%s:%d",
+            options.replicas,
+            settings.model_name,
+            host,
+            port,
+        )
         stop.wait()
     finally:
         if ray.is_initialized():

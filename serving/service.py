@@ -45,7 +45,12 @@ class Phase(enum.Enum):
 
 
 class InferenceService:
-    def __init__(self, settings: ServerSettings, load_runtime: RuntimeLoader, on_startup_failure: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        load_runtime: RuntimeLoader,
+        on_startup_failure: Callable[[BaseException], None] | None = None,
+    ):
         self.settings = settings
         self.load_runtime = load_runtime
         self.on_startup_failure = on_startup_failure
@@ -58,7 +63,9 @@ class InferenceService:
         self.shadow: ShadowWatch | None = None
         self._startup: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
-        self.metrics.ready.set_function(lambda: float(self.ready))  # read at scrape time: no writes from a signal handler
+        self.metrics.ready.set_function(
+            lambda: float(self.ready)
+        )  # read at scrape time: no writes from a signal handler
 
     # -- life cycle -------------------------------------------------------------------------------
     def begin_startup(self) -> None:
@@ -78,18 +85,32 @@ class InferenceService:
         self.metrics.show_point(self.runtime.operating_point)
         if self.phase is Phase.LOADING:  # a SIGTERM during the load keeps it draining
             self.phase = Phase.READY
-            log.info("pcee-serve ready: model %s, operating point %s", self.settings.model_name, point_label(self.runtime.operating_point))
+            log.info(
+                "pcee-serve ready: model %s, operating point %s",
+                self.settings.model_name,
+                point_label(self.runtime.operating_point),
+            )
 
     def _start_workers(self) -> None:
         settings, loop = self.settings, asyncio.get_running_loop()
-        self.batcher = Batcher(self._predict, self.metrics, settings.max_batch_size, settings.max_wait_seconds, settings.max_queue)
+        self.batcher = Batcher(
+            self._predict,
+            self.metrics,
+            settings.max_batch_size,
+            settings.max_wait_seconds,
+            settings.max_queue,
+        )
         self.batcher.start()
         if settings.controller is not None:
             switch = functools.partial(self.switch_point, source="controller")
-            self.controller = AdaptiveController(settings.controller, switch, self.batcher.oldest_wait_seconds, self.metrics)
+            self.controller = AdaptiveController(
+                settings.controller, switch, self.batcher.oldest_wait_seconds, self.metrics
+            )
             self._background.append(loop.create_task(self.controller.run(), name="pcee-controller"))
         if settings.shadow_fraction > 0:
-            self.shadow = ShadowWatch(settings.shadow_fraction, self._full_model_labels, self.metrics, settings.max_batch_size)
+            self.shadow = ShadowWatch(
+                settings.shadow_fraction, self._full_model_labels, self.metrics, settings.max_batch_size
+            )
             self._background.append(loop.create_task(self.shadow.run(), name="pcee-shadow"))
 
     def _load_and_warm_up(self) -> EarlyExitRuntime:
@@ -107,10 +128,14 @@ class InferenceService:
         return runtime
 
     def _predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
-        return self.runtime.predict(texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size)
+        return self.runtime.predict(
+            texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size
+        )
 
     def _full_model_labels(self, texts: list[str], pairs: list[str] | None) -> list[int]:
-        result = self.runtime.predict(texts, pairs, operating_point=FULL_MODEL, batch_size=self.settings.max_batch_size)
+        result = self.runtime.predict(
+            texts, pairs, operating_point=FULL_MODEL, batch_size=self.settings.max_batch_size
+        )
         return [row.label_index for row in result.predictions]
 
     def begin_draining(self) -> None:
@@ -143,7 +168,9 @@ class InferenceService:
     def not_ready_reason(self) -> str:
         if self.phase is Phase.FAILED:
             return f"the model failed to load: {self.failure}"
-        return {Phase.LOADING: "the model is loading", Phase.DRAINING: "the server is shutting down"}.get(self.phase, "")
+        return {Phase.LOADING: "the model is loading", Phase.DRAINING: "the server is shutting down"}.get(
+            self.phase, ""
+        )
 
     def serving_runtime(self) -> EarlyExitRuntime:
         if not self.ready:
@@ -156,7 +183,11 @@ class InferenceService:
 
     async def classify(self, request: ClassifyRequest) -> PredictionResult:
         runtime = self.serving_runtime()
-        point = runtime.operating_point if request.point_name is None else runtime.resolve_operating_point(request.point_name)
+        point = (
+            runtime.operating_point
+            if request.point_name is None
+            else runtime.resolve_operating_point(request.point_name)
+        )
         started = time.perf_counter()
         result = await self.batcher.submit(request, point)
         if self.controller is not None and request.point_name is None:  # it judges the live point only
@@ -175,7 +206,9 @@ class InferenceService:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise Unauthorized("send the admin token as 'Authorization: Bearer <PCEE_ADMIN_TOKEN>'")
         if self.settings.controller is not None:
-            raise Conflict("the adaptive controller owns the operating point (--adaptive-points); restart without it to switch by hand")
+            raise Conflict(
+                "the adaptive controller owns the operating point (--adaptive-points); restart without it to switch by hand"
+            )
 
     def switch_point(self, point: str | dict, source: str) -> OperatingPoint:
         if self.runtime is None:

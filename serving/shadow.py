@@ -31,8 +31,15 @@ class ShadowRow:
 
 
 class ShadowWatch:
-    def __init__(self, fraction: float, full_model_labels: FullModelLabels, metrics: ServingMetrics,
-                 batch_rows: int, window_rows: int = 1000, max_backlog: int = 4096):
+    def __init__(
+        self,
+        fraction: float,
+        full_model_labels: FullModelLabels,
+        metrics: ServingMetrics,
+        batch_rows: int,
+        window_rows: int = 1000,
+        max_backlog: int = 4096,
+    ):
         self.fraction = fraction
         self.full_model_labels = full_model_labels
         self.metrics = metrics

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pcee.exporter.bundle import ExportOptions, export_bundle
 from tiny_models import make_tiny_model_dir
 
+from pcee.exporter.bundle import ExportOptions, export_bundle
+
 SENTENCES = [
-    "the movie was good", "a dull story", "what a great film and the actors were fun",
-    "i hate this plot", "best day", "it was not very good but not bad", "love it",
-    "the worst film of the year, really awful", "quite fun", "who did this", "no",
+    "the movie was good",
+    "a dull story",
+    "what a great film and the actors were fun",
+    "i hate this plot",
+    "best day",
+    "it was not very good but not bad",
+    "love it",
+    "the worst film of the year, really awful",
+    "quite fun",
+    "who did this",
+    "no",
     "an old story told in a new way, with great actors and a really fun plot",
 ]
 

@@ -107,7 +107,10 @@ class SoftwareCuda:
 
     def inside(self, table: dict, address: int, nbytes: int) -> bool:
         with self.lock:
-            return any(start <= address and address + nbytes <= start + buffer.nbytes for start, buffer in table.items())
+            return any(
+                start <= address and address + nbytes <= start + buffer.nbytes
+                for start, buffer in table.items()
+            )
 
     def view(self, address: int, shape: tuple[int, ...], dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -198,7 +201,7 @@ class ExecutionContextAllocationStrategy(enum.IntEnum):
 
 
 class EmulatedContext:
-    def __init__(self, engine: "EmulatedEngine", strategy: ExecutionContextAllocationStrategy):
+    def __init__(self, engine: EmulatedEngine, strategy: ExecutionContextAllocationStrategy):
         self.engine = engine
         self.user_managed = strategy == ExecutionContextAllocationStrategy.USER_MANAGED
         self.device_memory: tuple[int, int] | None = None
@@ -219,7 +222,9 @@ class EmulatedContext:
         self.device_memory = (int(memory), int(size))
 
     def execute_async_v3(self, stream):
-        if self.user_managed and (self.device_memory is None or self.device_memory[1] < self.engine.device_memory_size_v2):
+        if self.user_managed and (
+            self.device_memory is None or self.device_memory[1] < self.engine.device_memory_size_v2
+        ):
             return False
         self.engine.compute(self, stream)
         return True
@@ -253,7 +258,9 @@ class EmulatedEngine:
 
     def within_profile(self, name: str, shape: tuple[int, ...]) -> bool:
         minimum, _, maximum = self.get_tensor_profile_shape(name, 0)
-        return len(shape) == len(minimum) and all(low <= dim <= high for low, dim, high in zip(minimum, shape, maximum))
+        return len(shape) == len(minimum) and all(
+            low <= dim <= high for low, dim, high in zip(minimum, shape, maximum)
+        )
 
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
         context = EmulatedContext(self, strategy)
@@ -273,13 +280,20 @@ class EmulatedTensorRT:
             self.severity = severity
 
     def __init__(
-        self, bundle_dir: Path, make_compute: Callable[[Path], Compute], max_batch_size: int, max_seq_len: int,
+        self,
+        bundle_dir: Path,
+        make_compute: Callable[[Path], Compute],
+        max_batch_size: int,
+        max_seq_len: int,
         version: str = "10.16.0",
     ):
         self.__version__ = version
         self.bundle_dir = bundle_dir
         self.make_compute = make_compute
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len  # the engines' optimization profile
+        self.max_batch_size, self.max_seq_len = (
+            max_batch_size,
+            max_seq_len,
+        )  # the engines' optimization profile
         self.engines: list[EmulatedEngine] = []
 
     def Runtime(self, logger):
@@ -287,7 +301,9 @@ class EmulatedTensorRT:
 
     def deserialize_cuda_engine(self, data: bytes):
         path = self.bundle_dir / data.decode()
-        engine = EmulatedEngine(onnx_signature(path), self.max_batch_size, self.max_seq_len, self.make_compute(path))
+        engine = EmulatedEngine(
+            onnx_signature(path), self.max_batch_size, self.max_seq_len, self.make_compute(path)
+        )
         self.engines.append(engine)
         return engine
 
@@ -301,7 +317,10 @@ def onnx_signature(path: Path) -> GraphSpec:
     session = open_session(path, cpu_session_options(), ["CPUExecutionProvider"])
 
     def specs(arguments) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(argument.name, ORT_DTYPES[argument.type], tuple(argument.shape)) for argument in arguments)
+        return tuple(
+            TensorSpec(argument.name, ORT_DTYPES[argument.type], tuple(argument.shape))
+            for argument in arguments
+        )
 
     return GraphSpec(path.stem, specs(session.get_inputs()), specs(session.get_outputs()))
 
@@ -315,7 +334,10 @@ def onnxruntime_compute(memory: SoftwareCuda | DeviceMemory) -> Callable[[Path],
         output_names = [argument.name for argument in session.get_outputs()]
 
         def compute(context: EmulatedContext, stream: int) -> None:
-            feeds = {name: memory.read(context.addresses[name], context.shapes[name], dtype, stream) for name, dtype in inputs}
+            feeds = {
+                name: memory.read(context.addresses[name], context.shapes[name], dtype, stream)
+                for name, dtype in inputs
+            }
             for name, value in zip(output_names, session.run(output_names, feeds)):
                 memory.write(context.addresses[name], value, stream)
 
@@ -324,7 +346,9 @@ def onnxruntime_compute(memory: SoftwareCuda | DeviceMemory) -> Callable[[Path],
     return make_compute
 
 
-def write_engine_files(bundle: Path, graphs: list[GraphFile], max_batch_size: int, max_seq_len: int, version: str = "10.16.0") -> TensorRTEngines:
+def write_engine_files(
+    bundle: Path, graphs: list[GraphFile], max_batch_size: int, max_seq_len: int, version: str = "10.16.0"
+) -> TensorRTEngines:
     """Write an 'engine' file per graph, naming the ONNX graph it stands for; returns the manifest's tensorrt block."""
     (bundle / "trt").mkdir(exist_ok=True)
     entries = []
@@ -332,16 +356,24 @@ def write_engine_files(bundle: Path, graphs: list[GraphFile], max_batch_size: in
         relative = f"trt/{Path(graph.file).stem}.engine"
         (bundle / relative).write_bytes(graph.file.encode())
         entries.append(FileEntry.of(bundle, relative))
-    return TensorRTEngines(version, "Software GPU", False, max_batch_size, max_seq_len, entries[0], entries[1:])
+    return TensorRTEngines(
+        version, "Software GPU", False, max_batch_size, max_seq_len, entries[0], entries[1:]
+    )
 
 
-def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool, max_batch_size: int, max_seq_len: int) -> SoftwareCuda:
+def install_software_gpu(
+    monkeypatch, bundle_dir: Path, strict: bool, max_batch_size: int, max_seq_len: int
+) -> SoftwareCuda:
     """Both GPU backends on a SoftwareCuda: emulated TensorRT engines, and CPU sessions and OrtValues standing in for CUDA ones."""
     cuda = SoftwareCuda(strict)
     tensorrt = EmulatedTensorRT(bundle_dir, onnxruntime_compute(cuda), max_batch_size, max_seq_len)
     monkeypatch.setattr(cuda_memory, "import_cudart", lambda: cuda)
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: tensorrt)
     monkeypatch.setattr(onnxruntime_cuda, "cuda_provider_problems", lambda: [])
-    monkeypatch.setattr(onnxruntime_cuda, "open_cuda_session", lambda graph, options: open_session(graph.path, options, ["CPUExecutionProvider"]))
+    monkeypatch.setattr(
+        onnxruntime_cuda,
+        "open_cuda_session",
+        lambda graph, options: open_session(graph.path, options, ["CPUExecutionProvider"]),
+    )
     monkeypatch.setattr(onnxruntime_cuda, "ORT_DEVICE_TYPE", "cpu")
     return cuda

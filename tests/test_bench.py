@@ -18,12 +18,13 @@ from click.testing import CliRunner, Result
 torch = pytest.importorskip("torch")
 
 from bundles import SENTENCES  # noqa: E402
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
 from pcee.benchmarks import bench  # noqa: E402
 from pcee.benchmarks.cli import main as bench_cli  # noqa: E402
 from pcee.benchmarks.glue_study import TASKS, Study  # noqa: E402
 from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
 from pcee.modeling.model import MultiExitClassifier  # noqa: E402
-from tiny_models import make_tiny_model_dir  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 QUICK = ["--repeats", "1", "--batch-sizes", "1,4", "--no-progress"]
@@ -42,7 +43,9 @@ def exported_bundle(model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_with_single_graph(model_dir: Path) -> Path:
-    return export_bundle(model_dir, model_dir.with_name("with-single-graph-pcee"), ExportOptions(with_full_graph=True)).bundle_dir
+    return export_bundle(
+        model_dir, model_dir.with_name("with-single-graph-pcee"), ExportOptions(with_full_graph=True)
+    ).bundle_dir
 
 
 @pytest.fixture
@@ -54,19 +57,26 @@ def bundle(exported_bundle: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("text,label\n" + "".join(f"{text.replace(',', '')},{index % 2}\n" for index, text in enumerate(SENTENCES)))
+    path.write_text(
+        "text,label\n"
+        + "".join(f"{text.replace(',', '')},{index % 2}\n" for index, text in enumerate(SENTENCES))
+    )
     return path
 
 
 def run_bench(bundle_dir: Path, data: Path, *arguments) -> Result:
     data_arguments = ["--data", data, "--text-column", "text", "--label-column", "label"]
-    return CliRunner().invoke(bench_cli, [str(argument) for argument in (bundle_dir, *data_arguments, *QUICK, *arguments)])
+    return CliRunner().invoke(
+        bench_cli, [str(argument) for argument in (bundle_dir, *data_arguments, *QUICK, *arguments)]
+    )
 
 
 def single_error_line(result) -> str:
     """The one `Error:` line a failed command printed; fails on a traceback or a success."""
     assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), f"uncaught {type(result.exception).__name__}: {result.exception}"
+    assert isinstance(result.exception, SystemExit), (
+        f"uncaught {type(result.exception).__name__}: {result.exception}"
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
@@ -79,7 +89,9 @@ def flat(text: str) -> str:
 # ------------------------------------------------------------------ 1. threads
 
 
-def test_pytorch_runs_on_the_requested_threads_and_gets_its_own_back(bundle_with_single_graph, model_dir, data_csv, monkeypatch, tmp_path):
+def test_pytorch_runs_on_the_requested_threads_and_gets_its_own_back(
+    bundle_with_single_graph, model_dir, data_csv, monkeypatch, tmp_path
+):
     threads_seen = []
     forward = MultiExitClassifier.forward
 
@@ -90,7 +102,16 @@ def test_pytorch_runs_on_the_requested_threads_and_gets_its_own_back(bundle_with
     monkeypatch.setattr(MultiExitClassifier, "forward", counting_forward)
     before = torch.get_num_threads()
     requested = before + 1  # differs from torch's default whatever the machine
-    result = run_bench(bundle_with_single_graph, data_csv, "--model-dir", model_dir, "--intra-op-threads", requested, "--cache-dir", tmp_path)
+    result = run_bench(
+        bundle_with_single_graph,
+        data_csv,
+        "--model-dir",
+        model_dir,
+        "--intra-op-threads",
+        requested,
+        "--cache-dir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     assert threads_seen and set(threads_seen) == {requested}
     assert torch.get_num_threads() == before
@@ -157,7 +178,9 @@ def test_one_batch_size_option_and_every_option_explains_itself(bundle_with_sing
     options = {name: param for param in bench_cli.params for name in param.opts}
     assert "--batch-sizes" in options and "--json" in options
     assert "--batch-size" not in options and "--backend" not in options  # pcee-bench measures the CPU chain
-    assert [name for name, param in options.items() if isinstance(param, click.Option) and not param.help] == []
+    assert [
+        name for name, param in options.items() if isinstance(param, click.Option) and not param.help
+    ] == []
     result = run_bench(bundle_with_single_graph, data_csv, "--json")
     assert sorted(json.loads(result.stdout)["results"]) == ["1", "4"]
 
@@ -168,7 +191,9 @@ def test_points_measure_every_chain_at_each_saved_point(bundle_with_single_graph
     bundle = Path(shutil.copytree(bundle_with_single_graph, tmp_path / "calibrated-pcee"))
     data = ["--data", str(data_csv), "--text-column", "text", "--label-column", "label", "--no-progress"]
     for name, target in (("half", "0.3"), ("most", "0.6")):
-        calibrated = CliRunner().invoke(calibrate_main, [str(bundle), *data, "--target-speedup", target, "--name", name])
+        calibrated = CliRunner().invoke(
+            calibrate_main, [str(bundle), *data, "--target-speedup", target, "--name", name]
+        )
         assert calibrated.exit_code == 0, calibrated.output
     plot = tmp_path / "rows-per-second.png"
     report = json.loads(run_bench(bundle, data_csv, "--points", "half,most", "--plot", plot, "--json").stdout)
@@ -179,13 +204,18 @@ def test_points_measure_every_chain_at_each_saved_point(bundle_with_single_graph
         assert entry["throughput_vs_single_graph"] == pytest.approx(1 / (1 - entry["wall_speedup"]), rel=1e-3)
     assert set(report["chains"]["first"]["operating_points"]) == {"runtime_point_half", "runtime_point_most"}
     assert "runtime_operating_point" not in figures and "chain_overhead" in figures
-    assert "no saved operating point nowhere" in single_error_line(run_bench(bundle, data_csv, "--points", "half,nowhere"))
+    assert "no saved operating point nowhere" in single_error_line(
+        run_bench(bundle, data_csv, "--points", "half,nowhere")
+    )
 
 
 # ------------------------------------------------------------------ 5. docs name no machine's paths
 
 
-@pytest.mark.parametrize("document", ["docs/RESULTS.md", "benchmarks/cli.py", "benchmarks/glue_study.py", "benchmarks/profile_batch1.py"])
+@pytest.mark.parametrize(
+    "document",
+    ["docs/RESULTS.md", "benchmarks/cli.py", "benchmarks/glue_study.py", "benchmarks/profile_batch1.py"],
+)
 def test_docs_use_paths_relative_to_the_project(document):
     text = (REPOSITORY / document).read_text()
     assert re.findall(r"/work/\S*|\.\./shared\S*", text) == []
@@ -201,14 +231,17 @@ def test_the_glue_study_names_bundles_as_pcee_export_does(tmp_path):
 # ------------------------------------------------------------------ 6. one-line errors
 
 
-@pytest.mark.parametrize("arguments, says", [
-    (["--model-dir", "{bundle}"], "config.json"),  # a bundle is not a model directory
-    (["--batch-sizes", "0,1"], "--batch-sizes"),
-    (["--plot", "{bundle}/no-such-dir/chart.png"], "--plot"),
-    (["--plot", "{bundle}/chart.svg"], "--plot"),
-    (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json"], "--cache-dir"),
-    (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json/below"], "writable"),
-])
+@pytest.mark.parametrize(
+    "arguments, says",
+    [
+        (["--model-dir", "{bundle}"], "config.json"),  # a bundle is not a model directory
+        (["--batch-sizes", "0,1"], "--batch-sizes"),
+        (["--plot", "{bundle}/no-such-dir/chart.png"], "--plot"),
+        (["--plot", "{bundle}/chart.svg"], "--plot"),
+        (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json"], "--cache-dir"),
+        (["--model-dir", "{model_dir}", "--cache-dir", "{bundle}/manifest.json/below"], "writable"),
+    ],
+)
 def test_bad_input_gets_one_line_and_no_traceback(bundle, model_dir, data_csv, arguments, says):
     filled = [argument.format(bundle=bundle, model_dir=model_dir) for argument in arguments]
     assert says in single_error_line(run_bench(bundle, data_csv, *filled))
@@ -218,11 +251,19 @@ def test_plot_without_matplotlib_fails_before_any_timing(bundle, data_csv, tmp_p
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args),
+    )
     import pcee.benchmarks.cli as cli_module
 
-    monkeypatch.setattr(cli_module, "measure", lambda *args, **kwargs: pytest.fail("timed before checking --plot"))
-    assert "--plot needs matplotlib" in single_error_line(run_bench(bundle, data_csv, "--plot", tmp_path / "chart.png"))
+    monkeypatch.setattr(
+        cli_module, "measure", lambda *args, **kwargs: pytest.fail("timed before checking --plot")
+    )
+    assert "--plot needs matplotlib" in single_error_line(
+        run_bench(bundle, data_csv, "--plot", tmp_path / "chart.png")
+    )
 
 
 def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
@@ -233,17 +274,43 @@ def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
-def test_the_batch1_profile_takes_every_step_against_the_single_graph(bundle_with_single_graph, tmp_path, extra):
+def test_the_batch1_profile_takes_every_step_against_the_single_graph(
+    bundle_with_single_graph, tmp_path, extra
+):
     from pcee.benchmarks.profile_batch1 import main as profile_cli
 
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
-    result = CliRunner().invoke(profile_cli, [str(bundle_with_single_graph), "--data", str(data), "--rows", "5", "--repeats", "1", "--json", *extra])
+    result = CliRunner().invoke(
+        profile_cli,
+        [
+            str(bundle_with_single_graph),
+            "--data",
+            str(data),
+            "--rows",
+            "5",
+            "--repeats",
+            "1",
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    steps = ["single_graph", "sessions_no_exit_heads", "sessions", "backend", "runtime_all_layers", "runtime_operating_point",
-             "sessions_onnxruntime_defaults"]
-    assert list(report["ms_per_row"]) == steps and report["rows"] == 5 and report["versus_single_graph"]["single_graph"] == 1
+    steps = [
+        "single_graph",
+        "sessions_no_exit_heads",
+        "sessions",
+        "backend",
+        "runtime_all_layers",
+        "runtime_operating_point",
+        "sessions_onnxruntime_defaults",
+    ]
+    assert (
+        list(report["ms_per_row"]) == steps
+        and report["rows"] == 5
+        and report["versus_single_graph"]["single_graph"] == 1
+    )
     assert all(value > 0 for value in report["ms_per_row"].values())
 
 
@@ -252,4 +319,6 @@ def test_the_batch1_profile_without_a_single_graph_says_how_to_give_one(bundle, 
 
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
-    assert "--single-graph" in single_error_line(CliRunner().invoke(profile_cli, [str(bundle), "--data", str(data)]))
+    assert "--single-graph" in single_error_line(
+        CliRunner().invoke(profile_cli, [str(bundle), "--data", str(data)])
+    )

@@ -25,7 +25,15 @@ from pcee.calibration.errors import CalibrationError
 from pcee.calibration.search import search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Simulator, simulate
 from pcee.modeling.data import TextDataset
-from pcee.runtime import MANIFEST_NAME, AllExits, EarlyExitRuntime, Manifest, OperatingPoint, build_policy, softmax
+from pcee.runtime import (
+    MANIFEST_NAME,
+    AllExits,
+    EarlyExitRuntime,
+    Manifest,
+    OperatingPoint,
+    build_policy,
+    softmax,
+)
 
 WORDS = "the a movie film story good bad great awful fun dull love hate plot actors very not really".split()
 
@@ -35,7 +43,9 @@ def synthetic_rows(seed: int, count: int, num_layers: int = 4, num_labels: int =
     rng = np.random.default_rng(seed)
     labels = rng.integers(num_labels, size=count)
     strength = np.linspace(0.5, 3.0, num_layers)[None, :, None] * rng.uniform(0.0, 1.5, size=(count, 1, 1))
-    noise = 0.8 * rng.normal(size=(count, 1, num_labels)) + 0.6 * rng.normal(size=(count, num_layers, num_labels))
+    noise = 0.8 * rng.normal(size=(count, 1, num_labels)) + 0.6 * rng.normal(
+        size=(count, num_layers, num_labels)
+    )
     logits = (strength * np.eye(num_labels)[labels][:, None, :] + noise).astype(np.float32)
     probabilities = softmax(logits)
     entropy = -(probabilities * np.log(probabilities)).sum(axis=-1) / np.log(num_labels)
@@ -89,16 +99,25 @@ def test_simulation_gives_the_runtime_exit_layers_and_predictions(bundle: Path):
     low, middle, high = np.quantile(exits.entropy, [0.25, 0.5, 0.75])
     confident_probability = float(np.quantile(exits.max_probability, 0.5))
     points = [
-        OperatingPoint("pcee", tau=high, patience=1), OperatingPoint("pcee", tau=middle, patience=2),
-        OperatingPoint("pcee", tau=high, patience=2, ensemble=True), OperatingPoint("pcee", tau=low, patience=1),
-        OperatingPoint("pcee-maxprob", tau=confident_probability, patience=1), OperatingPoint("branchynet", tau=middle),
-        OperatingPoint("pabee", patience=1), OperatingPoint("budgeted", layer=2), FULL_MODEL,
+        OperatingPoint("pcee", tau=high, patience=1),
+        OperatingPoint("pcee", tau=middle, patience=2),
+        OperatingPoint("pcee", tau=high, patience=2, ensemble=True),
+        OperatingPoint("pcee", tau=low, patience=1),
+        OperatingPoint("pcee-maxprob", tau=confident_probability, patience=1),
+        OperatingPoint("branchynet", tau=middle),
+        OperatingPoint("pabee", patience=1),
+        OperatingPoint("budgeted", layer=2),
+        FULL_MODEL,
     ]
     for point in points:
         simulated = simulate(build_policy(point, runtime.num_layers), exits)
         served = runtime.predict_encoded(batch, point, batch_size=16)
-        assert simulated.exit_layers.tolist() == [row.exit_layer for row in served.predictions], point.describe()
-        np.testing.assert_allclose(simulated.probabilities, [row.probabilities for row in served.predictions], atol=1e-5)
+        assert simulated.exit_layers.tolist() == [row.exit_layer for row in served.predictions], (
+            point.describe()
+        )
+        np.testing.assert_allclose(
+            simulated.probabilities, [row.probabilities for row in served.predictions], atol=1e-5
+        )
     early = simulate(build_policy(points[0], runtime.num_layers), exits).exit_layers
     assert (early < runtime.num_layers).sum() > 10, "the thresholds should make rows exit early"
 
@@ -155,7 +174,14 @@ def test_calibrate_reports_the_chosen_point_on_held_out_rows():
     assert summary["calibration"]["rows"] == 400 and summary["holdout"]["rows"] == 100
     assert sum(summary["holdout"]["exit_histogram"]) == 100
     assert result.point.name == "speedup-0.40"
-    assert set(result.frontiers) == {"pcee", "pcee-maxprob", "pabee", "branchynet", "shallow-deep", "budgeted"}
+    assert set(result.frontiers) == {
+        "pcee",
+        "pcee-maxprob",
+        "pabee",
+        "branchynet",
+        "shallow-deep",
+        "budgeted",
+    }
     for frontier in result.frontiers.values():
         speedups = [outcome.layer_speedup for outcome in frontier]
         metrics = [outcome.metric for outcome in frontier]
@@ -167,7 +193,10 @@ def test_calibrate_reports_the_chosen_point_on_held_out_rows():
 
 def test_binomial_cdf_matches_the_exact_sum():
     for trials, probability, successes in [(10, 0.3, 2), (50, 0.02, 0), (200, 0.05, 7), (30, 0.5, 30)]:
-        exact = sum(math.comb(trials, k) * probability**k * (1 - probability) ** (trials - k) for k in range(successes + 1))
+        exact = sum(
+            math.comb(trials, k) * probability**k * (1 - probability) ** (trials - k)
+            for k in range(successes + 1)
+        )
         assert binomial_cdf(successes, trials, probability) == pytest.approx(exact, rel=1e-9)
 
 
@@ -186,7 +215,10 @@ def test_quality_bound_holds_its_guarantee_over_random_splits():
     for trial in range(trials):
         sample = population.subset(rng.choice(len(population), 800, replace=False))
         ordering_rows, testing_rows = split_rows(len(sample), 0.5, trial, ("ordering", "testing"))
-        ordering, testing = Simulator(sample.subset(ordering_rows), "accuracy"), Simulator(sample.subset(testing_rows), "accuracy")
+        ordering, testing = (
+            Simulator(sample.subset(ordering_rows), "accuracy"),
+            Simulator(sample.subset(testing_rows), "accuracy"),
+        )
         sweeps = sweeps_for("pcee", ordering.rows.exits)
         try:
             certification = certify_max_drop(ordering, testing, sweeps, max_drop, confidence, grid_size=30)
@@ -201,14 +233,24 @@ def test_quality_bound_holds_its_guarantee_over_random_splits():
 def most_aggressive_within(testing: Simulator, sweeps, max_drop: float):
     """Uncorrected selection: the fastest grid point whose empirical loss rate is at most D."""
     full = testing.run(FULL_MODEL)
-    outcomes = [testing.run(sweep.point(index)) for sweep in sweeps for index in range(0, len(sweep), max(1, len(sweep) // 30))]
-    within = [o for o in outcomes if drop_losses(o.predictions, full.predictions, testing.rows.labels).mean() <= max_drop]
+    outcomes = [
+        testing.run(sweep.point(index))
+        for sweep in sweeps
+        for index in range(0, len(sweep), max(1, len(sweep) // 30))
+    ]
+    within = [
+        o
+        for o in outcomes
+        if drop_losses(o.predictions, full.predictions, testing.rows.labels).mean() <= max_drop
+    ]
     return max(within, key=lambda outcome: outcome.layer_speedup)
 
 
 def test_too_few_rows_to_certify_is_a_clear_error():
     rows = synthetic_rows(seed=12, count=60)
-    with pytest.raises(CalibrationError, match=r"no operating point.*can be certified.*needs \d+ testing rows"):
+    with pytest.raises(
+        CalibrationError, match=r"no operating point.*can be certified.*needs \d+ testing rows"
+    ):
         calibrate(rows, "accuracy", Objective(max_drop=0.01, confidence=0.95))
 
 
@@ -223,7 +265,9 @@ def test_bad_objectives_and_splits_are_named():
     with pytest.raises(CalibrationError, match="cannot be split"):
         split_rows(1, 0.2, 0, ("search", "held-out"))
     with pytest.raises(CalibrationError, match="no rows"):
-        CalibrationRows(AllExits(np.zeros((0, 3, 2)), np.zeros((0, 3)), np.zeros((0, 3))), np.zeros(0, dtype=int))
+        CalibrationRows(
+            AllExits(np.zeros((0, 3, 2)), np.zeros((0, 3)), np.zeros((0, 3))), np.zeros(0, dtype=int)
+        )
 
 
 def test_data_labels_map_to_the_bundle_by_name():
@@ -253,25 +297,52 @@ def test_a_crash_while_writing_the_manifest_leaves_the_old_one(bundle: Path, mon
 
     monkeypatch.setattr("pcee.runtime.atomic.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
-        record_in_manifest(bundle, OperatingPoint("pcee", tau=0.9, patience=1, name="speedup-0.30"), {"mode": "target-speedup"})
+        record_in_manifest(
+            bundle,
+            OperatingPoint("pcee", tau=0.9, patience=1, name="speedup-0.30"),
+            {"mode": "target-speedup"},
+        )
     assert (bundle / MANIFEST_NAME).read_bytes() == before
     assert Manifest.load(bundle).operating_point.name == "default"
-    assert sorted(path.name for path in bundle.iterdir()) == [".manifest.lock", "manifest.json", "onnx", "tokenizer"]
+    assert sorted(path.name for path in bundle.iterdir()) == [
+        ".manifest.lock",
+        "manifest.json",
+        "onnx",
+        "tokenizer",
+    ]
 
 
 # ------------------------------------------------------------------ command line
 
 
-def test_calibrate_writes_the_point_report_and_cache(bundle: Path, data_csv: Path, tmp_path: Path, monkeypatch):
-    arguments = [bundle, "--data", data_csv, "--text-column", "text", "--label-column", "label", "--target-speedup", "0.3", "--json"]
+def test_calibrate_writes_the_point_report_and_cache(
+    bundle: Path, data_csv: Path, tmp_path: Path, monkeypatch
+):
+    arguments = [
+        bundle,
+        "--data",
+        data_csv,
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--target-speedup",
+        "0.3",
+        "--json",
+    ]
     first = calibrate_cli(*arguments, "--report-dir", tmp_path / "report")
     assert first.exit_code == 0, first.output
     document = json.loads(first.stdout)
     assert document["operating_point"]["name"] == "speedup-0.30"
-    assert {"layer_speedup", "metric"} <= set(document["calibration"]) and {"layer_speedup", "metric"} <= set(document["holdout"])
+    assert {"layer_speedup", "metric"} <= set(document["calibration"]) and {"layer_speedup", "metric"} <= set(
+        document["holdout"]
+    )
     assert document["metric_name"] == "accuracy" and "metric" in document["full_model"]
     assert document["recording"]["from_cache"] is False
-    assert {path.name for path in (tmp_path / "report" / "speedup-0.30").iterdir()} >= {"calibration-report.json", "calibration-frontier.csv"}
+    assert {path.name for path in (tmp_path / "report" / "speedup-0.30").iterdir()} >= {
+        "calibration-report.json",
+        "calibration-frontier.csv",
+    }
     manifest = Manifest.load(bundle)
     assert manifest.operating_point.tau == document["operating_point"]["tau"]
     assert [point.name for point in manifest.operating_points] == ["default", "speedup-0.30"]
@@ -288,14 +359,29 @@ def test_calibrate_writes_the_point_report_and_cache(bundle: Path, data_csv: Pat
 
 
 def test_eval_runs_the_real_runtime_at_a_given_point(bundle: Path, data_csv: Path):
-    result = CliRunner().invoke(eval_main, [
-        str(bundle), "--data", str(data_csv), "--text-column", "text", "--label-column", "label",
-        "--policy", "budgeted", "--layer", "2", "--json",
-    ])
+    result = CliRunner().invoke(
+        eval_main,
+        [
+            str(bundle),
+            "--data",
+            str(data_csv),
+            "--text-column",
+            "text",
+            "--label-column",
+            "label",
+            "--policy",
+            "budgeted",
+            "--layer",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads(result.stdout)
     assert {"layer_speedup", "metric", "metric_name", "exit_histogram", "wall_time_s"} <= set(evaluation)
-    assert evaluation["exit_histogram"] == [0, 120, 0] and evaluation["layer_speedup"] == pytest.approx(1 / 3, abs=1e-6)
+    assert evaluation["exit_histogram"] == [0, 120, 0] and evaluation["layer_speedup"] == pytest.approx(
+        1 / 3, abs=1e-6
+    )
 
 
 def relabel_bundle(bundle: Path, labels: list[str]) -> None:
@@ -324,7 +410,9 @@ def test_bad_inputs_get_clear_errors(case: str, message: str, bundle: Path, data
     else:
         data = tmp_path / "empty.csv"
         data.write_text("text,label\n")
-    result = calibrate_cli(bundle, "--data", data, "--text-column", "text", "--label-column", "label", "--target-speedup", target)
+    result = calibrate_cli(
+        bundle, "--data", data, "--text-column", "text", "--label-column", "label", "--target-speedup", target
+    )
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert result.output.startswith("Error: ") and re.search(message, result.output), result.output

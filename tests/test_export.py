@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import HIDDEN_SIZE, make_tiny_model_dir
 
 from pcee.exporter import bundle as bundle_module
 from pcee.exporter.bundle import ExportOptions, export_bundle, export_full_graph
@@ -23,10 +24,9 @@ from pcee.exporter.tensorrt import ShapeRange, gpu_name, require_tensorrt
 from pcee.modeling.adapters import attention_bias
 from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureError
 from pcee.modeling.model import MultiExitClassifier
+from pcee.runtime import MANIFEST_NAME, Manifest, OperatingPoint
 from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options
 from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec, layer_spec
-from pcee.runtime import MANIFEST_NAME, Manifest, OperatingPoint
-from tiny_models import HIDDEN_SIZE, make_tiny_model_dir
 
 # (architecture, exit pooling, learned confidence, task): every architecture, both poolings, one learned head, one pair task
 CONFIGURATIONS = [
@@ -50,10 +50,17 @@ def exported(tmp_path_factory) -> dict[tuple, tuple[Path, bundle_module.ExportRe
     results = {}
     for architecture, pooling, learned, task in CONFIGURATIONS:
         model_dir = make_tiny_model_dir(
-            root / f"{architecture}-{pooling}-{task}", model_type=architecture, exit_pooling=pooling,
-            learned_confidence=learned, num_layers=NUM_LAYERS, task=task,
+            root / f"{architecture}-{pooling}-{task}",
+            model_type=architecture,
+            exit_pooling=pooling,
+            learned_confidence=learned,
+            num_layers=NUM_LAYERS,
+            task=task,
         )
-        results[(architecture, pooling, learned, task)] = (model_dir, export_bundle(model_dir, options=quiet()))
+        results[(architecture, pooling, learned, task)] = (
+            model_dir,
+            export_bundle(model_dir, options=quiet()),
+        )
     return results
 
 
@@ -62,7 +69,9 @@ def manifest_json(bundle_dir: Path) -> dict:
 
 
 # -- every architecture exports and matches PyTorch --------------------------------------------------
-@pytest.mark.parametrize("configuration", CONFIGURATIONS, ids=lambda c: "-".join(str(part) for part in c if part))
+@pytest.mark.parametrize(
+    "configuration", CONFIGURATIONS, ids=lambda c: "-".join(str(part) for part in c if part)
+)
 def test_export_passes_parity_and_checker(exported, configuration):
     model_dir, result = exported[configuration]
     architecture, pooling, learned, task = configuration
@@ -70,7 +79,9 @@ def test_export_passes_parity_and_checker(exported, configuration):
     assert result.bundle_dir == model_dir.resolve().with_name(model_dir.name + "-pcee")
     assert parity.passed and parity.tolerance == FP32_TOLERANCE
     assert sorted(parity.max_abs_diff) == [f"layer_{index:02d}" for index in range(1, NUM_LAYERS + 1)]
-    expected_outputs = {"logits", "normalized_entropy", "max_probability"} | ({"confidence_score"} if learned else set())
+    expected_outputs = {"logits", "normalized_entropy", "max_probability"} | (
+        {"confidence_score"} if learned else set()
+    )
     for diffs in parity.max_abs_diff.values():
         assert set(diffs) == expected_outputs
         assert max(diffs.values()) <= FP32_TOLERANCE
@@ -91,7 +102,9 @@ def test_bundle_layout_and_default_operating_point(exported):
     assert {MANIFEST_NAME, "onnx/embeddings.onnx", "tokenizer/tokenizer.json"} | layers <= files
     assert not any(name.startswith("trt/") or name == "onnx/full_model.onnx" for name in files)
     point = result.manifest.operating_point
-    assert point == OperatingPoint("pcee", tau=0.3, patience=2, name="default", source="export default (uncalibrated)")
+    assert point == OperatingPoint(
+        "pcee", tau=0.3, patience=2, name="default", source="export default (uncalibrated)"
+    )
     assert result.manifest.operating_points == [point]
 
 
@@ -107,14 +120,20 @@ def test_layer_graph_runs_at_other_batch_and_sequence_sizes(exported):
     """The dynamic axes are real: one layer graph at two shapes it was not traced at, against PyTorch."""
     model_dir, result = exported[("distilbert", "mean", False, None)]
     model = MultiExitClassifier.from_pretrained(model_dir)
-    session = ort.InferenceSession(str(result.bundle_dir / result.manifest.layers[1].file), cpu_session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(result.bundle_dir / result.manifest.layers[1].file),
+        cpu_session_options(),
+        providers=["CPUExecutionProvider"],
+    )
     generator = torch.Generator().manual_seed(0)
     for batch, length in [(1, 3), (7, 29)]:
         hidden = torch.randn(batch, length, HIDDEN_SIZE, generator=generator)
         mask = torch.ones(batch, length, dtype=torch.int64)
-        mask[-1, length // 2 + 1:] = 0
+        mask[-1, length // 2 + 1 :] = 0
         bias = attention_bias(mask, torch.float32)
-        next_hidden, logits, entropy, max_probability = session.run(None, {"hidden_states": hidden.numpy(), "attention_bias": bias.numpy()})
+        next_hidden, logits, entropy, max_probability = session.run(
+            None, {"hidden_states": hidden.numpy(), "attention_bias": bias.numpy()}
+        )
         assert next_hidden.shape == (batch, length, HIDDEN_SIZE) and logits.shape == (batch, 2)
         assert entropy.shape == max_probability.shape == (batch,)
         with torch.no_grad():
@@ -154,7 +173,11 @@ def test_full_graph_is_exported_and_verified(tmp_path):
     standalone = export_full_graph(model_dir, tmp_path / "bench" / "full.onnx")
     session = ort.InferenceSession(str(standalone), cpu_session_options(), providers=["CPUExecutionProvider"])
     ids = np.array([[2, 30, 31, 32, 3, 0]], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).astype(np.int64),
+        "token_type_ids": np.zeros_like(ids),
+    }
     (logits,) = session.run(None, feeds)
     model = MultiExitClassifier.from_pretrained(model_dir)
     with torch.no_grad():
@@ -177,7 +200,11 @@ def perturb_reference(monkeypatch, layers: set[int]) -> None:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {path.relative_to(directory).as_posix(): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+    return {
+        path.relative_to(directory).as_posix(): path.read_bytes()
+        for path in directory.rglob("*")
+        if path.is_file()
+    }
 
 
 def test_parity_failure_names_every_failing_layer_and_keeps_the_previous_bundle(tmp_path, monkeypatch):
@@ -193,7 +220,10 @@ def test_parity_failure_names_every_failing_layer_and_keeps_the_previous_bundle(
     assert failing == {("layer_01", "logits"), ("layer_03", "logits"), ("full", "logits")}
     assert "layer_01 logits" in str(raised.value) and "layer_03 logits" in str(raised.value)
     assert snapshot(output) == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle", model_dir.name]  # no staging left behind
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "bundle",
+        model_dir.name,
+    ]  # no staging left behind
 
 
 def test_successful_export_replaces_an_existing_bundle(tmp_path):
@@ -262,7 +292,9 @@ def test_unsupported_architecture(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("opset", [13, 21])
 def test_unsupported_opset_fails_before_any_work(tmp_path, opset):
-    with pytest.raises(OpsetError, match=f"--opset {opset} is not supported; pcee-export writes opsets 14 to 20"):
+    with pytest.raises(
+        OpsetError, match=f"--opset {opset} is not supported; pcee-export writes opsets 14 to 20"
+    ):
         export_bundle(tmp_path / "not-even-read", options=ExportOptions(opset=opset))
 
 
@@ -284,7 +316,9 @@ def test_max_seq_len_beyond_the_position_embeddings(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(gpu_name() is not None, reason="this machine has a GPU; the missing-GPU message cannot be shown")
+@pytest.mark.skipif(
+    gpu_name() is not None, reason="this machine has a GPU; the missing-GPU message cannot be shown"
+)
 def test_tensorrt_without_gpu_fails_before_any_work(tmp_path):
     with pytest.raises(TensorRTUnavailableError, match="an NVIDIA GPU"):
         export_bundle(tmp_path / "not-even-read", options=ExportOptions(tensorrt=True))
@@ -311,7 +345,9 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, tiny_model_dir, arg
 
 def test_cli_json_output(tmp_path, tiny_model_dir):
     output = tmp_path / "bundle"
-    result = CliRunner().invoke(export_cli, [str(tiny_model_dir), "--output", str(output), "--json", "--no-progress"])
+    result = CliRunner().invoke(
+        export_cli, [str(tiny_model_dir), "--output", str(output), "--json", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["bundle"] == str(output)
@@ -333,7 +369,11 @@ def test_profile_shapes_cover_batch_and_sequence_ranges():
     bias = TensorSpec("attention_bias", "float32", (BATCH, 1, 1, SEQUENCE))
     assert shape_range.profile_shapes(bias) == ((1, 1, 1, 1), (16, 1, 1, 64), (32, 1, 1, 128))
     hidden = layer_spec(HIDDEN_SIZE, 2, False).inputs[0]
-    assert shape_range.profile_shapes(hidden) == ((1, 1, HIDDEN_SIZE), (16, 64, HIDDEN_SIZE), (32, 128, HIDDEN_SIZE))
+    assert shape_range.profile_shapes(hidden) == (
+        (1, 1, HIDDEN_SIZE),
+        (16, 64, HIDDEN_SIZE),
+        (32, 128, HIDDEN_SIZE),
+    )
     assert ShapeRange(1, 1).profile_shapes(bias)[1] == (1, 1, 1, 1)
 
 

@@ -18,21 +18,37 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import emulated_gpu
 import numpy as np
 import pytest
+from emulated_gpu import DeviceMemory, EmulatedTensorRT, SoftwareCuda, onnxruntime_compute, write_engine_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-import emulated_gpu
-from emulated_gpu import DeviceMemory, EmulatedTensorRT, SoftwareCuda, onnxruntime_compute, write_engine_files
-from pcee.runtime import BackendUnavailableError, BundleTokenizer, EarlyExitRuntime, InputError, Manifest, PceeError, record_every_exit
 from pcee.benchmarks import gpu_check
+from pcee.runtime import (
+    BackendUnavailableError,
+    BundleTokenizer,
+    EarlyExitRuntime,
+    InputError,
+    Manifest,
+    PceeError,
+    record_every_exit,
+)
 from pcee.runtime import backends as backend_selection
 from pcee.runtime.backends import cuda_memory, onnxruntime_cuda
 from pcee.runtime.backends import tensorrt as tensorrt_backend
-from pcee.runtime.backends.cuda_memory import Allocations, CudaRuntime, LeasePool, plan_compaction, plan_row_copies, row_extents, runs_of_true
+from pcee.runtime.backends.cuda_memory import (
+    Allocations,
+    CudaRuntime,
+    LeasePool,
+    plan_compaction,
+    plan_row_copies,
+    row_extents,
+    runs_of_true,
+)
 from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, longest_unmasked, open_session
 from pcee.runtime.backends.tensorrt import BoundContext
 from pcee.runtime.policies import OperatingPoint
@@ -67,7 +83,9 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 25)))) for _ in range(count)]
 
 
-def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool, max_batch_size: int = MAX_BATCH_SIZE) -> SoftwareCuda:
+def install_software_gpu(
+    monkeypatch, bundle_dir: Path, strict: bool, max_batch_size: int = MAX_BATCH_SIZE
+) -> SoftwareCuda:
     return emulated_gpu.install_software_gpu(monkeypatch, bundle_dir, strict, max_batch_size, MAX_SEQ_LEN)
 
 
@@ -75,8 +93,9 @@ def install_software_gpu(monkeypatch, bundle_dir: Path, strict: bool, max_batch_
 @pytest.fixture(scope="module")
 def onnx_bundle(tmp_path_factory) -> Path:
     pytest.importorskip("torch", reason="building a tiny bundle needs the export extras (torch)")
-    from pcee.exporter.bundle import export_bundle
     from tiny_models import make_tiny_model_dir
+
+    from pcee.exporter.bundle import export_bundle
 
     root = tmp_path_factory.mktemp("gpu-backends")
     return export_bundle(make_tiny_model_dir(root, num_layers=NUM_LAYERS), root / "bundle").bundle_dir
@@ -88,7 +107,9 @@ def software_engine_bundle(onnx_bundle, tmp_path_factory) -> Path:
     bundle = tmp_path_factory.mktemp("software-engines") / "bundle"
     shutil.copytree(onnx_bundle, bundle)
     manifest = Manifest.load(bundle)
-    manifest.tensorrt = write_engine_files(bundle, [manifest.embeddings, *manifest.layers], MAX_BATCH_SIZE, MAX_SEQ_LEN)
+    manifest.tensorrt = write_engine_files(
+        bundle, [manifest.embeddings, *manifest.layers], MAX_BATCH_SIZE, MAX_SEQ_LEN
+    )
     manifest.save(bundle)
     return bundle
 
@@ -96,12 +117,15 @@ def software_engine_bundle(onnx_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpu_bundle(tmp_path_factory) -> Path:
     """A tiny bundle with real TensorRT engines (only built when a gpu test runs)."""
-    from pcee.exporter.bundle import ExportOptions, export_bundle
     from tiny_models import make_tiny_model_dir
+
+    from pcee.exporter.bundle import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("gpu-engines")
     options = ExportOptions(tensorrt=True, max_batch_size=MAX_BATCH_SIZE)
-    return export_bundle(make_tiny_model_dir(root, num_layers=NUM_LAYERS), root / "bundle", options).bundle_dir
+    return export_bundle(
+        make_tiny_model_dir(root, num_layers=NUM_LAYERS), root / "bundle", options
+    ).bundle_dir
 
 
 BACKEND_KINDS = [
@@ -125,11 +149,16 @@ def runtimes(request, monkeypatch):
         install_software_gpu(monkeypatch, bundle, strict=backend == "tensorrt")
     elif kind == "cuda-emulated":
         bundle = request.getfixturevalue("software_engine_bundle")
-        tensorrt = EmulatedTensorRT(bundle, onnxruntime_compute(DeviceMemory(CudaRuntime.load())), MAX_BATCH_SIZE, MAX_SEQ_LEN)
+        tensorrt = EmulatedTensorRT(
+            bundle, onnxruntime_compute(DeviceMemory(CudaRuntime.load())), MAX_BATCH_SIZE, MAX_SEQ_LEN
+        )
         monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: tensorrt)
     else:
         bundle = request.getfixturevalue("gpu_bundle")
-    with EarlyExitRuntime.from_bundle(bundle, backend=backend) as gpu, EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu") as cpu:
+    with (
+        EarlyExitRuntime.from_bundle(bundle, backend=backend) as gpu,
+        EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu") as cpu,
+    ):
         yield gpu, cpu, kind
 
 
@@ -164,7 +193,9 @@ def test_runs_of_true(mask, runs):
 
 
 def test_adjacent_kept_rows_share_one_copy():
-    copies = plan_row_copies(np.array([True, True, False, True, True, True]), sequence_length=10, kept_length=6, position_bytes=4)
+    copies = plan_row_copies(
+        np.array([True, True, False, True, True, True]), sequence_length=10, kept_length=6, position_bytes=4
+    )
     assert [(c.height, c.source_offset, c.target_offset) for c in copies] == [(2, 0, 0), (3, 3 * 40, 2 * 24)]
     assert all((c.width, c.source_pitch, c.target_pitch) == (24, 40, 24) for c in copies)
 
@@ -193,17 +224,25 @@ def test_device_compaction_equals_cpu_compaction(lengths, data):
         keep[data.draw(st.integers(0, len(lengths) - 1))] = True
     sequence = max(lengths)
     mask = (np.arange(sequence)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-    hidden = np.random.default_rng(len(lengths)).standard_normal((len(lengths), sequence, 3)).astype(np.float32)
+    hidden = (
+        np.random.default_rng(len(lengths)).standard_normal((len(lengths), sequence, 3)).astype(np.float32)
+    )
     bias = np.where(mask == 0, -1e9, 0.0).astype(np.float32)[:, None, None, :]
     cuda = CudaRuntime(SoftwareCuda(strict=False))
     cuda.api.streams.add(0)
 
-    plan = plan_compaction(keep, row_extents(mask), sequence, hidden_position_bytes=3 * 4, bias_position_bytes=4)
+    plan = plan_compaction(
+        keep, row_extents(mask), sequence, hidden_position_bytes=3 * 4, bias_position_bytes=4
+    )
 
     longest = longest_unmasked(bias[keep])
     assert (plan.rows, plan.sequence_length) == (int(keep.sum()), longest)
-    np.testing.assert_array_equal(gathered(plan.hidden_copies, hidden, (plan.rows, longest, 3), cuda), hidden[keep, :longest])
-    np.testing.assert_array_equal(gathered(plan.bias_copies, bias, (plan.rows, 1, 1, longest), cuda), bias[keep][..., :longest])
+    np.testing.assert_array_equal(
+        gathered(plan.hidden_copies, hidden, (plan.rows, longest, 3), cuda), hidden[keep, :longest]
+    )
+    np.testing.assert_array_equal(
+        gathered(plan.bias_copies, bias, (plan.rows, 1, 1, longest), cuda), bias[keep][..., :longest]
+    )
     assert len(plan.hidden_copies) == len(runs_of_true(keep))
 
 
@@ -302,7 +341,9 @@ class RecordingContext:
 
 
 def bound(context: RecordingContext) -> BoundContext:
-    return BoundContext(SimpleNamespace(create_execution_context=lambda strategy: context), "layer 1 engine", USER_MANAGED)
+    return BoundContext(
+        SimpleNamespace(create_execution_context=lambda strategy: context), "layer 1 engine", USER_MANAGED
+    )
 
 
 def test_shapes_and_addresses_are_set_only_when_they_change():
@@ -312,8 +353,10 @@ def test_shapes_and_addresses_are_set_only_when_they_change():
         binding.set_shape("hidden_states", shape)
         binding.set_address("hidden_states", address)
     assert context.calls == [
-        ("shape", "hidden_states", (2, 5, 32)), ("address", "hidden_states", 100),
-        ("shape", "hidden_states", (1, 5, 32)), ("address", "hidden_states", 200),
+        ("shape", "hidden_states", (2, 5, 32)),
+        ("address", "hidden_states", 100),
+        ("shape", "hidden_states", (1, 5, 32)),
+        ("address", "hidden_states", 200),
     ]
 
 
@@ -330,7 +373,9 @@ def test_every_tensorrt_false_becomes_an_error():
     binding.set_shape("hidden_states", (99, 5, 32))  # a rejected shape is not remembered as set
     assert context.calls[-1] == ("shape", "hidden_states", (99, 5, 32))
     with pytest.raises(PceeError, match="could not create an execution context"):
-        BoundContext(SimpleNamespace(create_execution_context=lambda strategy: None), "embeddings engine", USER_MANAGED)
+        BoundContext(
+            SimpleNamespace(create_execution_context=lambda strategy: None), "embeddings engine", USER_MANAGED
+        )
 
 
 # -- installing the GPU stack: dependency metadata and what a broken install is told ---------------
@@ -358,7 +403,14 @@ def test_no_extra_installs_onnxruntime_gpu_beside_the_core_onnxruntime():
 
 def test_tensorrt_is_one_cuda_build_of_the_majors_the_runtime_supports():
     requirement = gpu_requirement("tensorrt-cu12")
-    for version, supported in [("9.3.0", False), ("10.0.1", False), ("10.1.0", True), ("10.16.1.11", True), ("11.4.0.106", True), ("12.0.0", False)]:
+    for version, supported in [
+        ("9.3.0", False),
+        ("10.0.1", False),
+        ("10.1.0", True),
+        ("10.16.1.11", True),
+        ("11.4.0.106", True),
+        ("12.0.0", False),
+    ]:
         assert (version in requirement.specifier) == supported, version
         assert (backend_selection.tensorrt_version_problem(version) is None) == supported, version
 
@@ -384,7 +436,10 @@ def fake_distributions(monkeypatch, **versions: str) -> None:
 @pytest.mark.parametrize(
     ("installed", "fix"),
     [
-        ({"onnxruntime": "1.31.1", "onnxruntime_gpu": "1.31.1"}, "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1"),
+        (
+            {"onnxruntime": "1.31.1", "onnxruntime_gpu": "1.31.1"},
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1",
+        ),
         ({"onnxruntime_gpu": "1.31.1"}, "pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1"),
         ({"onnxruntime": "1.31.1"}, "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"),
     ],
@@ -400,7 +455,9 @@ def test_a_missing_cuda_provider_names_the_wheel_fix(monkeypatch, installed, fix
 def test_auto_warns_when_the_gpu_wheel_lost_its_cuda_provider(monkeypatch, onnx_bundle):
     fake_distributions(monkeypatch, onnxruntime="1.31.1", onnxruntime_gpu="1.31.1")
     monkeypatch.setattr(onnxruntime_cuda.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.warns(RuntimeWarning, match="serving on the CPU.*pip uninstall -y onnxruntime onnxruntime-gpu"):
+    with pytest.warns(
+        RuntimeWarning, match="serving on the CPU.*pip uninstall -y onnxruntime onnxruntime-gpu"
+    ):
         runtime = EarlyExitRuntime.from_bundle(onnx_bundle, backend="auto")
     assert runtime.device == "cpu"
     runtime.close()
@@ -416,24 +473,35 @@ def test_a_cpu_only_install_loads_auto_without_a_warning(monkeypatch, onnx_bundl
 
 def test_a_driver_too_old_for_cuda_python_is_told_the_pin(monkeypatch):
     cuda = SoftwareCuda()
-    monkeypatch.setattr(cuda, "cudaGetDeviceCount", lambda: (SoftwareCuda.cudaError_t.cudaErrorInsufficientDriver, 0))
+    monkeypatch.setattr(
+        cuda, "cudaGetDeviceCount", lambda: (SoftwareCuda.cudaError_t.cudaErrorInsufficientDriver, 0)
+    )
     monkeypatch.setattr(cuda, "cudaDriverGetVersion", lambda: (*SoftwareCuda.OK, 12040))
     monkeypatch.setattr(cuda_memory, "import_cudart", lambda: cuda)
     fake_distributions(monkeypatch, cuda_python="13.0.1", tensorrt_cu12="10.16.1.11")
     with pytest.raises(BackendUnavailableError) as raised:
         CudaRuntime.load()
     message = str(raised.value)
-    assert "cudaErrorInsufficientDriver" in message and "cuda-python 13.0.1 needs a driver for CUDA 13" in message
+    assert (
+        "cudaErrorInsufficientDriver" in message
+        and "cuda-python 13.0.1 needs a driver for CUDA 13" in message
+    )
     assert "this driver supports CUDA 12.4" in message
-    assert "the CUDA major of the TensorRT build (tensorrt-cu12): pip install 'cuda-python>=12.6,<13'" in message
+    assert (
+        "the CUDA major of the TensorRT build (tensorrt-cu12): pip install 'cuda-python>=12.6,<13'" in message
+    )
 
 
 @pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "10.0.1", "12.0.0"])
-def test_the_runtime_refuses_tensorrt_outside_the_supported_versions(monkeypatch, software_engine_bundle, version):
+def test_the_runtime_refuses_tensorrt_outside_the_supported_versions(
+    monkeypatch, software_engine_bundle, version
+):
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
     emulated = tensorrt_backend.import_tensorrt()
     emulated.__version__ = version
-    with pytest.raises(BackendUnavailableError, match=rf"TensorRT 10.1 or newer, below 12 \(found {version}\)"):
+    with pytest.raises(
+        BackendUnavailableError, match=rf"TensorRT 10.1 or newer, below 12 \(found {version}\)"
+    ):
         EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt")
 
 
@@ -445,7 +513,9 @@ def missing_gpu_pieces() -> list[str]:
 
 
 def test_tensorrt_request_names_everything_missing(onnx_bundle, software_engine_bundle):
-    expected = missing_gpu_pieces() + (["the tensorrt package"] if tensorrt_backend.import_tensorrt() is None else [])
+    expected = missing_gpu_pieces() + (
+        ["the tensorrt package"] if tensorrt_backend.import_tensorrt() is None else []
+    )
     if not expected:
         pytest.skip("this machine has TensorRT, cuda-python and a GPU")
     with pytest.raises(BackendUnavailableError) as without_engines:
@@ -459,7 +529,9 @@ def test_tensorrt_request_names_everything_missing(onnx_bundle, software_engine_
 
 
 def test_onnxruntime_cuda_request_names_everything_missing(onnx_bundle):
-    expected = missing_gpu_pieces() + (["CUDAExecutionProvider"] if onnxruntime_cuda.cuda_provider_problems() else [])
+    expected = missing_gpu_pieces() + (
+        ["CUDAExecutionProvider"] if onnxruntime_cuda.cuda_provider_problems() else []
+    )
     if not expected:
         pytest.skip("this machine has onnxruntime-gpu, cuda-python and a GPU")
     with pytest.raises(BackendUnavailableError) as raised:
@@ -479,12 +551,18 @@ def test_layers_and_device_compaction_match_cpu(runtimes):
     batch = cpu.tokenizer.encode_texts(sentences(MAX_BATCH_SIZE, seed=1))
     longest_row = int(np.argmax(batch.attention_mask.sum(axis=1)))
     first_keep = np.ones(MAX_BATCH_SIZE, dtype=bool)
-    first_keep[[longest_row, (longest_row + 3) % MAX_BATCH_SIZE]] = False  # dropping the longest row trims the sequence
+    first_keep[[longest_row, (longest_row + 3) % MAX_BATCH_SIZE]] = (
+        False  # dropping the longest row trims the sequence
+    )
     gpu_state, cpu_state = gpu.backend.begin(batch), cpu.backend.begin(batch)
     steps = [(0, 2), first_keep, (2, 1), np.array([True, False, True, True, False, True]), (3, 1)]
     for step in steps:
         if isinstance(step, tuple):
-            assert_records_close(gpu.backend.run_layers(gpu_state, *step), cpu.backend.run_layers(cpu_state, *step), TOLERANCE[kind])
+            assert_records_close(
+                gpu.backend.run_layers(gpu_state, *step),
+                cpu.backend.run_layers(cpu_state, *step),
+                TOLERANCE[kind],
+            )
         else:
             gpu_state, cpu_state = gpu.backend.compact(gpu_state, step), cpu.backend.compact(cpu_state, step)
     assert cpu_state.hidden.shape[1] < batch.input_ids.shape[1]  # the plan did trim the sequence
@@ -497,14 +575,19 @@ def test_predictions_match_cpu(runtimes):
     expected = cpu.predict(texts, operating_point=point, batch_size=MAX_BATCH_SIZE)
     actual = gpu.predict(texts, operating_point=point, batch_size=MAX_BATCH_SIZE)
     exit_layers = [row.exit_layer for row in expected.predictions]
-    assert 2 in exit_layers and max(exit_layers) > 2  # some rows left early, the others were compacted and ran on
+    assert (
+        2 in exit_layers and max(exit_layers) > 2
+    )  # some rows left early, the others were compacted and ran on
     assert [row.exit_layer for row in actual.predictions] == exit_layers
     np.testing.assert_allclose(
         np.stack([row.probabilities for row in actual.predictions]),
-        np.stack([row.probabilities for row in expected.predictions]), atol=TOLERANCE[kind],
+        np.stack([row.probabilities for row in expected.predictions]),
+        atol=TOLERANCE[kind],
     )
     all_exits = gpu.run_all_exits(gpu.tokenizer.encode_texts(texts), batch_size=MAX_BATCH_SIZE)
-    np.testing.assert_allclose(all_exits.logits, cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits, atol=TOLERANCE[kind])
+    np.testing.assert_allclose(
+        all_exits.logits, cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits, atol=TOLERANCE[kind]
+    )
 
 
 def test_concurrent_callers_get_their_own_results(runtimes):
@@ -525,7 +608,9 @@ def test_concurrent_callers_get_their_own_results(runtimes):
     for thread in threads:
         thread.join()
     for index, expected in enumerate(sequential):
-        assert [row.exit_layer for row in results[index].predictions] == [row.exit_layer for row in expected.predictions]
+        assert [row.exit_layer for row in results[index].predictions] == [
+            row.exit_layer for row in expected.predictions
+        ]
         for got, want in zip(results[index].predictions, expected.predictions):
             np.testing.assert_array_equal(got.probabilities, want.probabilities)
 
@@ -535,7 +620,9 @@ def test_a_batch_beyond_the_engine_profile_is_refused_by_the_backend(monkeypatch
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
     with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as runtime:
         batch = runtime.tokenizer.encode_texts(sentences(MAX_BATCH_SIZE + 1))
-        with pytest.raises(InputError, match=f"exceeds the TensorRT engines' max_batch_size {MAX_BATCH_SIZE}"):
+        with pytest.raises(
+            InputError, match=f"exceeds the TensorRT engines' max_batch_size {MAX_BATCH_SIZE}"
+        ):
             runtime.backend.begin(batch)
 
 
@@ -544,26 +631,39 @@ def test_default_chunks_fit_the_engines_own_batch_limit(monkeypatch, software_en
     """The limit is read from the engines' profiles (here 3 rows where the manifest says 8), not only the manifest."""
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True, max_batch_size=engine_rows)
     texts = sentences(20, seed=5)
-    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu, \
-            EarlyExitRuntime.from_bundle(software_engine_bundle, backend="onnxruntime-cpu") as cpu:
+    with (
+        EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu,
+        EarlyExitRuntime.from_bundle(software_engine_bundle, backend="onnxruntime-cpu") as cpu,
+    ):
         assert gpu.backend.max_rows == engine_rows and cpu.backend.max_rows is None
         point = partial_exit_point(cpu, texts)
-        actual, expected = gpu.predict(texts, operating_point=point), cpu.predict(texts, operating_point=point)
-        assert [row.exit_layer for row in actual.predictions] == [row.exit_layer for row in expected.predictions]
+        actual, expected = (
+            gpu.predict(texts, operating_point=point),
+            cpu.predict(texts, operating_point=point),
+        )
+        assert [row.exit_layer for row in actual.predictions] == [
+            row.exit_layer for row in expected.predictions
+        ]
         recorded = gpu.run_all_exits(gpu.tokenizer.encode_texts(texts))
-        np.testing.assert_allclose(recorded.logits, cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits, atol=1e-5)
+        np.testing.assert_allclose(
+            recorded.logits, cpu.run_all_exits(cpu.tokenizer.encode_texts(texts)).logits, atol=1e-5
+        )
 
 
 def tensorrt_backend_over(bundle: Path, **options) -> tensorrt_backend.TensorRTBackend:
     manifest = Manifest.load(bundle)
-    return tensorrt_backend.TensorRTBackend(manifest.graph_chain(bundle), manifest.engine_chain(bundle), **options)
+    return tensorrt_backend.TensorRTBackend(
+        manifest.graph_chain(bundle), manifest.engine_chain(bundle), **options
+    )
 
 
 def test_callers_past_the_context_cap_wait_for_a_set(monkeypatch, software_engine_bundle):
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
     tensorrt = tensorrt_backend.import_tensorrt()
     backend = tensorrt_backend_over(software_engine_bundle, max_concurrency=2)
-    batch = BundleTokenizer(software_engine_bundle / "tokenizer/tokenizer.json", MAX_SEQ_LEN).encode_texts(sentences(3))
+    batch = BundleTokenizer(software_engine_bundle / "tokenizer/tokenizer.json", MAX_SEQ_LEN).encode_texts(
+        sentences(3)
+    )
     held = [backend.begin(batch), backend.begin(batch)]
     third: list = []
     waiting = threading.Thread(target=lambda: third.append(backend.begin(batch)))
@@ -612,7 +712,9 @@ def test_a_context_set_shares_one_scratch_block(monkeypatch, software_engine_bun
     blocks = {context.device_memory for context in contexts}
     assert len(blocks) == 1
     pointer, size = blocks.pop()
-    assert size >= max(engine.device_memory_size_v2 for engine in tensorrt.engines) and cuda.inside(cuda.device, pointer, size)
+    assert size >= max(engine.device_memory_size_v2 for engine in tensorrt.engines) and cuda.inside(
+        cuda.device, pointer, size
+    )
     backend.close()
 
 
@@ -644,7 +746,11 @@ def test_the_gpu_checks_pass_on_the_software_gpu(monkeypatch, software_engine_bu
     with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt") as gpu:
         result = gpu_check.compare_with_cpu(gpu, software_engine_bundle, texts, 1e-5, tensorrt_like=True)
     assert result["passed"], result
-    assert result["clamp"] == {"max_rows": MAX_BATCH_SIZE, "exit_layer_agreement": 1.0, "backend_refuses_more_rows": True}
+    assert result["clamp"] == {
+        "max_rows": MAX_BATCH_SIZE,
+        "exit_layer_agreement": 1.0,
+        "backend_refuses_more_rows": True,
+    }
     syncs = result["syncs"]["by_patience"]
     assert syncs[1] == {"syncs_per_request": [NUM_LAYERS] * 3, "expected_at_most": NUM_LAYERS}
     assert syncs[2]["syncs_per_request"] == [2, 2, 2] and syncs[NUM_LAYERS]["syncs_per_request"] == [1, 1, 1]
@@ -666,5 +772,7 @@ def test_the_sync_count_catches_a_second_sync_per_span(monkeypatch, software_eng
 
 def test_from_bundle_passes_the_context_cap_to_the_tensorrt_backend(monkeypatch, software_engine_bundle):
     install_software_gpu(monkeypatch, software_engine_bundle, strict=True)
-    with EarlyExitRuntime.from_bundle(software_engine_bundle, backend="tensorrt", max_concurrency=2) as runtime:
+    with EarlyExitRuntime.from_bundle(
+        software_engine_bundle, backend="tensorrt", max_concurrency=2
+    ) as runtime:
         assert runtime.backend.pool._limit == 2

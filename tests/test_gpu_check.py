@@ -20,7 +20,9 @@ BACKEND_STAGES = [f"backends/{name}" for name in gpu_check.GPU_BACKENDS]
 
 
 def run_script(*arguments: str) -> tuple[int, dict]:
-    completed = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=REPO, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     return completed.returncode, json.loads(completed.stdout)
 
 
@@ -34,7 +36,9 @@ def test_dry_run_lists_every_stage_and_why_it_would_be_skipped():
         assert entry["checks"] and entry["would"] in ("run", "skip")
         assert (entry["would"] == "skip") == bool(entry["needs"])
     if gpu_check.missing_cuda():  # this machine: no GPU, so no GPU stage would run, each saying why
-        assert all(stages[name]["would"] == "skip" for name in BACKEND_STAGES) and report["would_be_ok"] is False
+        assert (
+            all(stages[name]["would"] == "skip" for name in BACKEND_STAGES) and report["would_be_ok"] is False
+        )
         assert any("cuda-python" in need or "GPU" in need for need in stages["device_memory"]["needs"])
     assert report["seconds"] < 60  # nothing was built or run
 
@@ -47,8 +51,15 @@ def test_a_run_where_no_gpu_backend_ran_is_not_ok(tmp_path):
     from bundles import export_tiny_bundle
 
     bundle = export_tiny_bundle(tmp_path, num_layers=2)
-    returncode, report = run_script("--bundle", str(bundle), "--work-dir", str(tmp_path / "work"), "--no-pytest", "--texts", "8")
-    assert returncode == 1 and report["ok"] is False and report["gpu_backends_ran"] == [] and report["failed_stages"] == []
+    returncode, report = run_script(
+        "--bundle", str(bundle), "--work-dir", str(tmp_path / "work"), "--no-pytest", "--texts", "8"
+    )
+    assert (
+        returncode == 1
+        and report["ok"] is False
+        and report["gpu_backends_ran"] == []
+        and report["failed_stages"] == []
+    )
     assert report["bundle"]["status"] == "ran"
     for name in gpu_check.GPU_BACKENDS:
         stage = report["backends"][name]
@@ -66,18 +77,38 @@ def summary_with(**statuses: str) -> dict:
 @pytest.mark.parametrize(
     ("statuses", "ok"),
     [
-        ({"environment": "ran", "bundle": "ran", "tensorrt": "skipped", "onnxruntime-cuda": "skipped", gpu_check.EMULATED: "skipped"}, False),
-        ({"environment": "ran", "device_memory": "ran", "pytest_gpu": "ran"}, False),  # GPU helpers only: no backend checked
+        (
+            {
+                "environment": "ran",
+                "bundle": "ran",
+                "tensorrt": "skipped",
+                "onnxruntime-cuda": "skipped",
+                gpu_check.EMULATED: "skipped",
+            },
+            False,
+        ),
+        (
+            {"environment": "ran", "device_memory": "ran", "pytest_gpu": "ran"},
+            False,
+        ),  # GPU helpers only: no backend checked
         ({"bundle": "ran", "tensorrt": "skipped", gpu_check.EMULATED: "ran"}, True),
         ({"tensorrt": "ran", "pytest_gpu": "failed"}, False),
         ({"tensorrt": "ran", "onnxruntime-cuda": "failed"}, False),
     ],
-    ids=["all-backends-skipped", "no-backend-stage", "emulated-ran", "another-stage-failed", "a-backend-failed"],
+    ids=[
+        "all-backends-skipped",
+        "no-backend-stage",
+        "emulated-ran",
+        "another-stage-failed",
+        "a-backend-failed",
+    ],
 )
 def test_ok_only_when_a_gpu_backend_stage_ran_and_nothing_failed(statuses, ok):
     verdict = gpu_check.verdict(summary_with(**statuses))
     assert verdict["ok"] is ok
-    assert verdict["gpu_backends_ran"] == [name for name in gpu_check.GPU_BACKENDS if statuses.get(name) == "ran"]
+    assert verdict["gpu_backends_ran"] == [
+        name for name in gpu_check.GPU_BACKENDS if statuses.get(name) == "ran"
+    ]
 
 
 def test_each_stage_is_recorded_as_ran_skipped_or_failed():
@@ -88,11 +119,20 @@ def test_each_stage_is_recorded_as_ran_skipped_or_failed():
         raise ValueError("boom")
 
     summary: dict = {}
-    assert gpu_check.run_stage(summary, "good", lambda: {"passed": True, "value": 1}) == {"passed": True, "value": 1}
+    assert gpu_check.run_stage(summary, "good", lambda: {"passed": True, "value": 1}) == {
+        "passed": True,
+        "value": 1,
+    }
     assert gpu_check.run_stage(summary, "mismatch", lambda: {"passed": False}) is None
     assert gpu_check.run_stage(summary, "skipped", skipped) is None
     assert gpu_check.run_stage(summary, "broken", broken) is None
     assert {name: stage["status"] for name, stage in summary.items()} == {
-        "good": "ran", "mismatch": "failed", "skipped": "skipped", "broken": "failed",
+        "good": "ran",
+        "mismatch": "failed",
+        "skipped": "skipped",
+        "broken": "failed",
     }
-    assert summary["skipped"]["reason"] == "needs an NVIDIA GPU" and "ValueError: boom" in summary["broken"]["error"]
+    assert (
+        summary["skipped"]["reason"] == "needs an NVIDIA GPU"
+        and "ValueError: boom" in summary["broken"]["error"]
+    )

@@ -17,6 +17,7 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_calibration import bundle, calibrate_cli, data_csv, exported_bundle, synthetic_rows  # noqa: F401 (fixtures)
 
 from pcee.calibration.bundle import record_in_manifest
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
@@ -26,7 +27,6 @@ from pcee.calibration.report import format_table
 from pcee.calibration.search import Sweep, pareto_frontier, search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Simulator
 from pcee.runtime import AllExits, EarlyExitRuntime, Manifest, OperatingPoint
-from test_calibration import bundle, calibrate_cli, data_csv, exported_bundle, synthetic_rows  # noqa: F401 (fixtures)
 
 DATA_COLUMNS = ("--text-column", "text", "--label-column", "label")
 
@@ -60,7 +60,9 @@ def test_concurrent_calibrations_keep_every_point(bundle: Path):
     names = ["a", "b", "c", "d"]
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(len(names))
-    writers = [context.Process(target=record_with_a_slow_save, args=(bundle, name, barrier)) for name in names]
+    writers = [
+        context.Process(target=record_with_a_slow_save, args=(bundle, name, barrier)) for name in names
+    ]
     for writer in writers:
         writer.start()
     for writer in writers:
@@ -75,8 +77,12 @@ def test_concurrent_calibrations_keep_every_point(bundle: Path):
 
 def corrupt(cache_file: Path, how: str, rows: int, layers: int, labels: int) -> None:
     def exits(rows=rows, layers=layers, labels=labels, entropy_rows=rows, **extra):
-        return {"logits": np.zeros((rows, layers, labels), np.float32), "entropy": np.zeros((entropy_rows, layers), np.float32),
-                "max_probability": np.zeros((rows, layers), np.float32), **extra}
+        return {
+            "logits": np.zeros((rows, layers, labels), np.float32),
+            "entropy": np.zeros((entropy_rows, layers), np.float32),
+            "max_probability": np.zeros((rows, layers), np.float32),
+            **extra,
+        }
 
     if how == "empty":
         cache_file.write_bytes(b"")
@@ -95,8 +101,19 @@ def corrupt(cache_file: Path, how: str, rows: int, layers: int, labels: int) -> 
             np.savez(handle, **arrays)
 
 
-@pytest.mark.parametrize("how", ["empty", "garbage", "wrong rows", "wrong layers", "wrong labels", "inconsistent arrays",
-                                 "missing array", "a learned score the bundle lacks"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "empty",
+        "garbage",
+        "wrong rows",
+        "wrong layers",
+        "wrong labels",
+        "inconsistent arrays",
+        "missing array",
+        "a learned score the bundle lacks",
+    ],
+)
 def test_a_corrupt_cache_is_discarded_with_a_warning_and_recorded_again(how: str, bundle: Path):
     runtime = EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu")
     batch = runtime.tokenizer.encode_texts(["a good film", "dull", "the plot is fun", "bad actors"])
@@ -135,13 +152,20 @@ def failing_writes(monkeypatch, target_name: str | None, code: int) -> None:
     monkeypatch.setattr("pcee.runtime.atomic.os.replace", replace)
 
 
-@pytest.mark.filterwarnings("ignore:could not cache the recorded exits")  # the cache write fails too, as it should
-@pytest.mark.parametrize("case, target_name, code", [
-    ("read-only manifest", "manifest.json", errno.EROFS),
-    ("read-only bundle", None, errno.EROFS),
-    ("full disk", None, errno.ENOSPC),
-])
-def test_a_failed_write_is_one_clear_line(case: str, target_name, code: int, bundle: Path, data_csv: Path, monkeypatch):
+@pytest.mark.filterwarnings(
+    "ignore:could not cache the recorded exits"
+)  # the cache write fails too, as it should
+@pytest.mark.parametrize(
+    "case, target_name, code",
+    [
+        ("read-only manifest", "manifest.json", errno.EROFS),
+        ("read-only bundle", None, errno.EROFS),
+        ("full disk", None, errno.ENOSPC),
+    ],
+)
+def test_a_failed_write_is_one_clear_line(
+    case: str, target_name, code: int, bundle: Path, data_csv: Path, monkeypatch
+):
     failing_writes(monkeypatch, target_name, code)
     result = calibrate_cli(*calibrate_args(bundle, data_csv))
     assert result.exit_code == 1
@@ -155,8 +179,10 @@ def test_a_metric_error_is_one_clear_line(bundle: Path, data_csv: Path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["model"]["metric"] = "bleu"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    for command in (calibrate_cli(*calibrate_args(bundle, data_csv)),
-                    CliRunner().invoke(eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS])):
+    for command in (
+        calibrate_cli(*calibrate_args(bundle, data_csv)),
+        CliRunner().invoke(eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS]),
+    ):
         assert command.exit_code == 1 and isinstance(command.exception, SystemExit), command.output
         assert command.output.startswith("Error: unknown metric 'bleu'") and "Traceback" not in command.output
 
@@ -167,9 +193,16 @@ def test_a_metric_error_is_one_clear_line(bundle: Path, data_csv: Path):
 def test_stale_report_temp_files_are_removed_and_nothing_else(bundle: Path, data_csv: Path):
     report_dir = bundle / "reports" / "speedup-0.30"
     report_dir.mkdir(parents=True)
-    stale = [report_dir / ".calibration-frontier.png.k2j4_x9a", report_dir / ".calibration-report.json.abcd1234"]
-    kept = [report_dir / ".calibration-patience.png.fresh123",  # younger than this process: maybe another run's
-            report_dir / ".notes.txt.abcd1234", report_dir / "calibration-frontier.png.abcd1234", bundle / ".manifest.json.abcd1234"]
+    stale = [
+        report_dir / ".calibration-frontier.png.k2j4_x9a",
+        report_dir / ".calibration-report.json.abcd1234",
+    ]
+    kept = [
+        report_dir / ".calibration-patience.png.fresh123",  # younger than this process: maybe another run's
+        report_dir / ".notes.txt.abcd1234",
+        report_dir / "calibration-frontier.png.abcd1234",
+        bundle / ".manifest.json.abcd1234",
+    ]
     an_hour_ago, in_a_minute = time.time() - 3600, time.time() + 60
     for path in stale + kept:
         path.write_bytes(b"partial")
@@ -220,11 +253,15 @@ def test_target_search_takes_the_best_point_over_every_patience():
     target = 0.3
     chosen = search_target(simulator, sweeps, target)
     every_point = [[simulator.run(sweep.point(index)) for index in range(len(sweep))] for sweep in sweeps]
-    reaching = [[outcome for outcome in outcomes if outcome.layer_speedup >= target] for outcomes in every_point]
+    reaching = [
+        [outcome for outcome in outcomes if outcome.layer_speedup >= target] for outcomes in every_point
+    ]
     assert chosen.layer_speedup >= target
     assert chosen.metric == max(outcome.metric for outcomes in reaching for outcome in outcomes)
     most_conservative_per_patience = [outcomes[0] for outcomes in reaching if outcomes]
-    assert chosen.metric > max(outcome.metric for outcome in most_conservative_per_patience), "the old rule should lose on these rows"
+    assert chosen.metric > max(outcome.metric for outcome in most_conservative_per_patience), (
+        "the old rule should lose on these rows"
+    )
 
 
 def test_target_search_ties_go_to_the_faster_point_then_the_lower_patience():
@@ -232,7 +269,9 @@ def test_target_search_ties_go_to_the_faster_point_then_the_lower_patience():
     rows = synthetic_rows(seed=22, count=100, num_layers=4)
     exits = rows.exits
     same_logits = np.repeat(exits.logits[:, -1:], 4, axis=1)
-    simulator = Simulator(CalibrationRows(AllExits(same_logits, exits.entropy, exits.max_probability), rows.labels), "accuracy")
+    simulator = Simulator(
+        CalibrationRows(AllExits(same_logits, exits.entropy, exits.max_probability), rows.labels), "accuracy"
+    )
     chosen = search_target(simulator, sweeps_for("pcee", simulator.rows.exits), 0.2)
     assert chosen.point.patience == 1 and chosen.layer_speedup == 0.75
 
@@ -240,13 +279,17 @@ def test_target_search_ties_go_to_the_faster_point_then_the_lower_patience():
 # ------------------------------------------------------------------ 8. exact frontiers
 
 
-@pytest.mark.parametrize("policy, patience", [("pcee", 2), ("pcee-maxprob", 3), ("branchynet", 1), ("pcee-learned", 2)])
+@pytest.mark.parametrize(
+    "policy, patience", [("pcee", 2), ("pcee-maxprob", 3), ("branchynet", 1), ("pcee-learned", 2)]
+)
 def test_exact_sweep_states_match_a_replay_at_every_threshold(policy: str, patience: int):
     from pcee.calibration.search import sweep_states
 
     rows = synthetic_rows(seed=23, count=60, num_layers=4, num_labels=3)
     exits = rows.exits
-    scored = CalibrationRows(AllExits(exits.logits, exits.entropy, exits.max_probability, 1.0 - exits.entropy), rows.labels)
+    scored = CalibrationRows(
+        AllExits(exits.logits, exits.entropy, exits.max_probability, 1.0 - exits.entropy), rows.labels
+    )
     simulator = Simulator(scored, "accuracy", has_learned_score=True)
     (sweep,) = [sweep for sweep in sweeps_for(policy, scored.exits) if sweep.patience == patience]
     states = sweep_states(simulator, sweep)
@@ -267,8 +310,13 @@ def test_frontiers_and_the_table_read_every_baseline_exactly():
     for policy in ("branchynet", "shallow-deep", "pcee"):
         truth = pareto_frontier(exhaustive(search, sweeps_for(policy, search.rows.exits)))
         reported = result.frontiers[policy]
-        assert [(o.layer_speedup, o.metric) for o in reported] == [(o.layer_speedup, o.metric) for o in truth], policy
-        best = max((o for o in truth if o.layer_speedup >= result.chosen.layer_speedup), key=lambda o: (o.metric, o.layer_speedup))
+        assert [(o.layer_speedup, o.metric) for o in reported] == [
+            (o.layer_speedup, o.metric) for o in truth
+        ], policy
+        best = max(
+            (o for o in truth if o.layer_speedup >= result.chosen.layer_speedup),
+            key=lambda o: (o.metric, o.layer_speedup),
+        )
         assert table[policy].endswith(f"{best.layer_speedup:>16.4f}{best.metric:>12.4f}"), table[policy]
 
 
@@ -279,19 +327,33 @@ def test_the_pcee_curve_is_drawn_on_top_and_identical_frontiers_are_named():
     pytest.importorskip("matplotlib")
     from pcee.calibration.report import draw_frontiers
 
-    result = calibrate(synthetic_rows(seed=3, count=300, num_labels=2), "accuracy", Objective(target_speedup=0.4))
+    result = calibrate(
+        synthetic_rows(seed=3, count=300, num_labels=2), "accuracy", Objective(target_speedup=0.4)
+    )
     lines = {line.get_label(): line for line in draw_frontiers(result).axes[0].get_lines()}
-    assert {"pcee", "pcee-maxprob (= pcee)", "shallow-deep (= branchynet)", "branchynet", "pabee", "budgeted"} <= set(lines)
+    assert {
+        "pcee",
+        "pcee-maxprob (= pcee)",
+        "shallow-deep (= branchynet)",
+        "branchynet",
+        "pabee",
+        "budgeted",
+    } <= set(lines)
     pcee = lines["pcee"]
     others = [line for label, line in lines.items() if label not in ("pcee", "chosen")]
-    assert all(pcee.get_zorder() > line.get_zorder() and pcee.get_linewidth() > line.get_linewidth() for line in others)
+    assert all(
+        pcee.get_zorder() > line.get_zorder() and pcee.get_linewidth() > line.get_linewidth()
+        for line in others
+    )
 
 
 def test_three_class_frontiers_are_not_called_identical():
     pytest.importorskip("matplotlib")
     from pcee.calibration.report import draw_frontiers
 
-    result = calibrate(synthetic_rows(seed=26, count=300, num_labels=3), "accuracy", Objective(target_speedup=0.4))
+    result = calibrate(
+        synthetic_rows(seed=26, count=300, num_labels=3), "accuracy", Objective(target_speedup=0.4)
+    )
     labels = [line.get_label() for line in draw_frontiers(result).axes[0].get_lines()]
     assert "pcee-maxprob" in labels and not any("(=" in label for label in labels)
 
@@ -305,7 +367,11 @@ def test_reports_serialize_points_with_operating_point_to_dict(bundle: Path, dat
     document = json.loads(result.stdout)
     every_field = {field.name for field in fields(OperatingPoint)}
     point = document["operating_point"]
-    assert set(point) == every_field and point == OperatingPoint.from_dict(point).to_dict() and point["source"] == "pcee-calibrate"
+    assert (
+        set(point) == every_field
+        and point == OperatingPoint.from_dict(point).to_dict()
+        and point["source"] == "pcee-calibrate"
+    )
     report = json.loads((bundle / "reports" / "speedup-0.30" / "calibration-report.json").read_text())
     assert all(every_field <= set(row) for row in report["frontiers"])
     assert Manifest.load(bundle).calibration["operating_point"] == point
@@ -314,25 +380,42 @@ def test_reports_serialize_points_with_operating_point_to_dict(bundle: Path, dat
 # ------------------------------------------------------------------ 11. evaluation on the held-out rows
 
 
-def test_eval_holdout_of_a_point_runs_the_rows_its_calibration_held_out(bundle: Path, data_csv: Path, tmp_path: Path):
-    calibrated = calibrate_cli(*calibrate_args(bundle, data_csv, "--name", "fast", "--holdout-fraction", "0.25", "--seed", "3"))
+def test_eval_holdout_of_a_point_runs_the_rows_its_calibration_held_out(
+    bundle: Path, data_csv: Path, tmp_path: Path
+):
+    calibrated = calibrate_cli(
+        *calibrate_args(bundle, data_csv, "--name", "fast", "--holdout-fraction", "0.25", "--seed", "3")
+    )
     assert calibrated.exit_code == 0, calibrated.output
     report = json.loads((bundle / "reports" / "fast" / "calibration-report.json").read_text())
-    result = CliRunner().invoke(eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS, "--holdout-of", "fast", "--json"])
+    result = CliRunner().invoke(
+        eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS, "--holdout-of", "fast", "--json"]
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads(result.stdout)
     assert evaluation["rows"] == report["holdout"]["rows"] == 30
     assert evaluation["operating_point"] == report["operating_point"]
     # Served early exit on the held-out rows gives the simulated held-out numbers of the report.
     assert evaluation["exit_histogram"] == report["holdout"]["exit_histogram"]
-    assert evaluation["metric"] == report["holdout"]["metric"] and evaluation["layer_speedup"] == report["holdout"]["layer_speedup"]
+    assert (
+        evaluation["metric"] == report["holdout"]["metric"]
+        and evaluation["layer_speedup"] == report["holdout"]["layer_speedup"]
+    )
 
     other_data = data_csv.with_name("other.csv")
     other_data.write_text("\n".join(data_csv.read_text().splitlines()[:-1]) + "\n")
-    mismatch = CliRunner().invoke(eval_main, [str(bundle), "--data", str(other_data), *DATA_COLUMNS, "--holdout-of", "fast"])
-    assert mismatch.exit_code == 1 and "not the data point 'fast' was calibrated on" in mismatch.output, mismatch.output
-    missing = CliRunner().invoke(eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS, "--holdout-of", "slow"])
-    assert missing.exit_code == 1 and "no calibration report for point 'slow'" in missing.output, missing.output
+    mismatch = CliRunner().invoke(
+        eval_main, [str(bundle), "--data", str(other_data), *DATA_COLUMNS, "--holdout-of", "fast"]
+    )
+    assert mismatch.exit_code == 1 and "not the data point 'fast' was calibrated on" in mismatch.output, (
+        mismatch.output
+    )
+    missing = CliRunner().invoke(
+        eval_main, [str(bundle), "--data", str(data_csv), *DATA_COLUMNS, "--holdout-of", "slow"]
+    )
+    assert missing.exit_code == 1 and "no calibration report for point 'slow'" in missing.output, (
+        missing.output
+    )
 
 
 # ------------------------------------------------------------------ options
@@ -340,4 +423,10 @@ def test_eval_holdout_of_a_point_runs_the_rows_its_calibration_held_out(bundle: 
 
 def test_data_options_are_only_data_options():
     command = data_options(click.command()(lambda **options: None))
-    assert {param.name for param in command.params} == {"data", "task", "text_column", "text_pair_column", "label_column"}
+    assert {param.name for param in command.params} == {
+        "data",
+        "task",
+        "text_column",
+        "text_pair_column",
+        "label_column",
+    }

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer, tiny_vocabulary
 from tokenizers import Tokenizer
 
 from pcee.exporter.bundle import ExportOptions, export_bundle
 from pcee.exporter.cli import main as export_cli
 from pcee.exporter.errors import ExportError, OutputDirectoryError
 from pcee.runtime import MANIFEST_NAME, EarlyExitRuntime, Manifest
-from tiny_models import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer, tiny_vocabulary
 
 HOUR = 3600
 
@@ -33,7 +33,9 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(model_dir, tmp_path_factory) -> Path:
     """One exported bundle; tests copy it rather than export again."""
-    return export_bundle(model_dir, tmp_path_factory.mktemp("exported") / "bundle", ExportOptions()).bundle_dir
+    return export_bundle(
+        model_dir, tmp_path_factory.mktemp("exported") / "bundle", ExportOptions()
+    ).bundle_dir
 
 
 def copy_tree(source: Path, target: Path) -> Path:
@@ -81,7 +83,13 @@ def test_a_bundle_holding_foreign_files_is_refused_and_kept(tmp_path, model_dir,
 
 def test_a_bundle_with_calibration_files_is_replaced(tmp_path, model_dir, bundle):
     output = copy_tree(bundle, tmp_path / "bundle")
-    leftovers = (".pcee-cache/recording.npz", "reports/default/report.json", "calibration-frontier.csv", ".manifest.lock", ".manifest.json.x1y2z3")
+    leftovers = (
+        ".pcee-cache/recording.npz",
+        "reports/default/report.json",
+        "calibration-frontier.csv",
+        ".manifest.lock",
+        ".manifest.json.x1y2z3",
+    )
     for name in leftovers:
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         (output / name).write_text("x")
@@ -119,7 +127,10 @@ def test_stale_staging_directories_are_removed_and_fresh_ones_kept(tmp_path, mod
     make_tree_old(stale)
     fresh = tmp_path / ".bundle.running.partial"  # another export, started after this process
     fresh.mkdir()
-    unrelated = [tmp_path / ".bundle-two.k1ll3d.partial", tmp_path / ".bundle.v2.k1ll3d.partial"]  # other outputs' staging
+    unrelated = [
+        tmp_path / ".bundle-two.k1ll3d.partial",
+        tmp_path / ".bundle.v2.k1ll3d.partial",
+    ]  # other outputs' staging
     for directory in unrelated:
         directory.mkdir()
         make_old(directory)
@@ -167,14 +178,21 @@ def test_a_foreign_directory_named_like_the_backup_is_refused_and_kept(tmp_path,
 
 # -- 3. reference PABEE/PCEE checkpoints -------------------------------------------------------------
 def write_reference_checkpoint(
-    directory: Path, id2label: dict[str, str] | None = None, finetuning_task: str | None = None, extra_vocab: list[str] | None = None,
-    drop_vocab: int = 0, tokenizer_config: dict | None = None,
+    directory: Path,
+    id2label: dict[str, str] | None = None,
+    finetuning_task: str | None = None,
+    extra_vocab: list[str] | None = None,
+    drop_vocab: int = 0,
+    tokenizer_config: dict | None = None,
 ) -> Path:
     """What the transformers-3 reference code saves: `bert.*` + `classifiers.<i>.*` in pytorch_model.bin,
     a config.json without a pcee block, vocab.txt and no tokenizer.json."""
     model = make_tiny_model("bert", num_layers=2)
     directory.mkdir(parents=True)
-    state = {("bert." + key[len("backbone."):] if key.startswith("backbone.") else key): value for key, value in model.state_dict().items()}
+    state = {
+        ("bert." + key[len("backbone.") :] if key.startswith("backbone.") else key): value
+        for key, value in model.state_dict().items()
+    }
     torch.save(state, directory / "pytorch_model.bin")
     config = model.backbone_config.to_dict()
     config.update(id2label=id2label or {"0": "LABEL_0", "1": "LABEL_1"}, finetuning_task=finetuning_task)
@@ -197,14 +215,20 @@ def write_reference_checkpoint(
         ({"0": "a", "1": "b", "2": "c"}, None, ["a", "b", "c"], False, "accuracy"),
     ],
 )
-def test_reference_config_gives_label_names_pair_input_and_metric(tmp_path, id2label, finetuning_task, labels, sentence_pair, metric):
+def test_reference_config_gives_label_names_pair_input_and_metric(
+    tmp_path, id2label, finetuning_task, labels, sentence_pair, metric
+):
     from pcee.modeling.model import MultiExitClassifier
 
-    model_dir = write_reference_checkpoint(tmp_path / "reference", id2label=id2label, finetuning_task=finetuning_task)
+    model_dir = write_reference_checkpoint(
+        tmp_path / "reference", id2label=id2label, finetuning_task=finetuning_task
+    )
     if len(id2label) != 2:  # the classifiers must match the label count
         state = torch.load(model_dir / "pytorch_model.bin")
         for index in range(2):
-            state[f"classifiers.{index}.weight"] = torch.zeros(len(id2label), state[f"classifiers.{index}.weight"].shape[1])
+            state[f"classifiers.{index}.weight"] = torch.zeros(
+                len(id2label), state[f"classifiers.{index}.weight"].shape[1]
+            )
             state[f"classifiers.{index}.bias"] = torch.zeros(len(id2label))
         torch.save(state, model_dir / "pytorch_model.bin")
     config = MultiExitClassifier.from_pretrained(model_dir).pcee_config
@@ -216,7 +240,9 @@ PAIRS = ["It was good.", "The actors were awful", "who knows"]
 
 
 def test_reference_checkpoint_exports_with_a_built_tokenizer_and_its_label_names(tmp_path):
-    model_dir = write_reference_checkpoint(tmp_path / "reference", id2label={"0": "negative", "1": "positive"}, finetuning_task="sst-2")
+    model_dir = write_reference_checkpoint(
+        tmp_path / "reference", id2label={"0": "negative", "1": "positive"}, finetuning_task="sst-2"
+    )
     result = export_bundle(model_dir, tmp_path / "bundle", ExportOptions())
     manifest = Manifest.load(result.bundle_dir)
     assert manifest.model.labels == ["negative", "positive"]
@@ -233,7 +259,9 @@ def test_reference_checkpoint_exports_with_a_built_tokenizer_and_its_label_names
     model = make_tiny_model("bert", num_layers=2)
     encoded = make_tiny_tokenizer()(TEXTS, padding=True, return_token_type_ids=True, return_tensors="pt")
     with torch.no_grad():
-        torch_logits = model(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"]).logits[-1]
+        torch_logits = model(
+            encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"]
+        ).logits[-1]
     runtime_logits = runtime.run_all_exits(runtime.tokenizer.encode_texts(TEXTS)).logits[:, -1]
     np.testing.assert_allclose(runtime_logits, torch_logits.numpy(), atol=1e-4)
 
@@ -251,7 +279,9 @@ def test_reference_pair_task_exports_as_a_pair_bundle(tmp_path):
 def test_task_type_option_overrides_the_config(tmp_path):
     model_dir = write_reference_checkpoint(tmp_path / "reference")
     output = tmp_path / "bundle"
-    result = CliRunner().invoke(export_cli, [str(model_dir), "-o", str(output), "--task-type", "sentence_pair", "--no-progress"])
+    result = CliRunner().invoke(
+        export_cli, [str(model_dir), "-o", str(output), "--task-type", "sentence_pair", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert Manifest.load(output).model.task_type == "sentence_pair"
     help_text = CliRunner().invoke(export_cli, ["--help"]).output
@@ -269,10 +299,14 @@ def test_do_lower_case_false_builds_a_cased_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("extra_vocab, drop_vocab, size", [(["extra"], 0, "+1"), ([], 1, "-1")])
 def test_vocab_txt_of_another_size_than_the_model_is_refused(tmp_path, extra_vocab, drop_vocab, size):
-    model_dir = write_reference_checkpoint(tmp_path / "reference", extra_vocab=extra_vocab, drop_vocab=drop_vocab)
+    model_dir = write_reference_checkpoint(
+        tmp_path / "reference", extra_vocab=extra_vocab, drop_vocab=drop_vocab
+    )
     vocab_size = len(tiny_vocabulary())
     tokens = vocab_size + int(size)
-    with pytest.raises(ExportError, match=f"tokenizer size {tokens} from .*vocab.txt .* model config vocab_size {vocab_size}"):
+    with pytest.raises(
+        ExportError, match=f"tokenizer size {tokens} from .*vocab.txt .* model config vocab_size {vocab_size}"
+    ):
         export_bundle(model_dir, tmp_path / "bundle", ExportOptions())
     assert not (tmp_path / "bundle").exists()
 
@@ -282,7 +316,9 @@ def test_tokenizer_json_larger_than_the_model_vocabulary_is_refused(tmp_path, mo
     tokenizer = Tokenizer.from_file(str(model_copy / "tokenizer.json"))
     tokenizer.add_tokens(["brandnewtoken"])
     tokenizer.save(str(model_copy / "tokenizer.json"))
-    with pytest.raises(ExportError, match=r"tokenizer size \d+ from .*tokenizer.json .* model config vocab_size \d+"):
+    with pytest.raises(
+        ExportError, match=r"tokenizer size \d+ from .*tokenizer.json .* model config vocab_size \d+"
+    ):
         export_bundle(model_copy, tmp_path / "bundle", ExportOptions())
 
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 from pcee.modeling.data import TextDataset
 from pcee.modeling.train import encode
 from pcee.runtime.atomic import new_file_mode
-from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 HUGE_TEXT = "good movie " * 2_000_000  # 22 MB: tokenized whole, it takes ~20 s and ~3 GB
 MAX_SEQ_LEN = 32
@@ -49,10 +49,18 @@ def test_encode_keeps_ordinary_texts_whole():
 @pytest.mark.parametrize(
     "name, module",
     [
-        ("MultiExitClassifier", "model"), ("PceeConfig", "config"), ("TrainingConfig", "train"), ("encode", "train"),
-        ("train_model", "train"), ("predict_all_exits", "train"),
-        ("load_data", "data"), ("TextDataset", "data"), ("DataError", "data"), ("ModelingError", "errors"),
-        ("task_metric", "metrics"), ("MetricError", "metrics"),
+        ("MultiExitClassifier", "model"),
+        ("PceeConfig", "config"),
+        ("TrainingConfig", "train"),
+        ("encode", "train"),
+        ("train_model", "train"),
+        ("predict_all_exits", "train"),
+        ("load_data", "data"),
+        ("TextDataset", "data"),
+        ("DataError", "data"),
+        ("ModelingError", "errors"),
+        ("task_metric", "metrics"),
+        ("MetricError", "metrics"),
     ],
 )
 def test_public_names_import_from_the_package(name, module):

@@ -8,10 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
+from bundles import export_tiny_bundle
 from click.testing import CliRunner
 
-from bundles import export_tiny_bundle
-from pcee.runtime import MANIFEST_NAME, BundleError, EarlyExitRuntime, InputError, Manifest, OperatingPoint, PolicyError
+from pcee.runtime import (
+    MANIFEST_NAME,
+    BundleError,
+    EarlyExitRuntime,
+    InputError,
+    Manifest,
+    OperatingPoint,
+    PolicyError,
+)
 from pcee.runtime.cli import main as predict_cli
 
 
@@ -41,14 +49,17 @@ def edited_copy(bundle, tmp_path, edit):
 
 
 # -- 1. operating points are typed strictly and a bad one is never installed -------------------------
-@pytest.mark.parametrize("point", [
-    {"policy": "budgeted", "layer": 2.0},
-    {"policy": "pcee", "tau": "0.2", "patience": 2},
-    {"policy": "pcee", "tau": True, "patience": 2},
-    {"policy": "pcee", "tau": 0.2, "patience": 2.0},
-    {"policy": "pcee", "tau": 0.2, "patience": 2, "ensemble": "yes"},
-    {"policy": 3},
-])
+@pytest.mark.parametrize(
+    "point",
+    [
+        {"policy": "budgeted", "layer": 2.0},
+        {"policy": "pcee", "tau": "0.2", "patience": 2},
+        {"policy": "pcee", "tau": True, "patience": 2},
+        {"policy": "pcee", "tau": 0.2, "patience": 2.0},
+        {"policy": "pcee", "tau": 0.2, "patience": 2, "ensemble": "yes"},
+        {"policy": 3},
+    ],
+)
 def test_a_mistyped_point_is_refused_and_the_runtime_keeps_serving(runtime, point):
     before = runtime.operating_point
     with pytest.raises(PolicyError):
@@ -144,12 +155,15 @@ def deep_json(data, target):
     return None
 
 
-@pytest.mark.parametrize("edit, message", [
-    (set_labels, "does not fit the model facts"),
-    (swap_layers, "the file says it holds graph 'layer_02', the manifest puts it at 'layer_01'"),
-    (negative_length, "max_seq_len must be a positive integer"),
-    (empty_tokenizer, "tokenizer.json is empty"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (set_labels, "does not fit the model facts"),
+        (swap_layers, "the file says it holds graph 'layer_02', the manifest puts it at 'layer_01'"),
+        (negative_length, "max_seq_len must be a positive integer"),
+        (empty_tokenizer, "tokenizer.json is empty"),
+    ],
+)
 def test_manifest_values_are_checked_at_load(bundle, tmp_path, edit, message):
     with pytest.raises(BundleError, match=message):
         EarlyExitRuntime.from_bundle(edited_copy(bundle, tmp_path, edit), verify_hashes=False)
@@ -195,15 +209,24 @@ def test_a_huge_text_is_cut_before_tokenizing(bundle, monkeypatch):
     huge = "good " * 2_000_000
     result = runtime.predict([huge])
     assert result.predictions[0].truncated
-    assert recorder.longest < 100 * runtime.tokenizer.max_seq_len, f"{recorder.longest} characters went to the tokenizer"
-    assert np.array_equal(runtime.tokenizer.encode_texts([huge]).input_ids, runtime.tokenizer.encode_texts(["good " * 500]).input_ids)
+    assert recorder.longest < 100 * runtime.tokenizer.max_seq_len, (
+        f"{recorder.longest} characters went to the tokenizer"
+    )
+    assert np.array_equal(
+        runtime.tokenizer.encode_texts([huge]).input_ids,
+        runtime.tokenizer.encode_texts(["good " * 500]).input_ids,
+    )
 
 
-@pytest.mark.parametrize("text", [
-    "good " * 10 + " " * 50_000 + "film " * 10,  # long whitespace runs hold no tokens
-    "x" * 20_000,  # one huge word
-    "good," * 5_000,  # punctuation splits without whitespace
-], ids=["whitespace-run", "one-huge-word", "punctuation"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "good " * 10 + " " * 50_000 + "film " * 10,  # long whitespace runs hold no tokens
+        "x" * 20_000,  # one huge word
+        "good," * 5_000,  # punctuation splits without whitespace
+    ],
+    ids=["whitespace-run", "one-huge-word", "punctuation"],
+)
 def test_cut_texts_tokenize_exactly_like_whole_ones(runtime, text):
     cut = runtime.tokenizer.encode_texts([text])
     whole = runtime.tokenizer.tokenizer.encode(text)
@@ -226,17 +249,20 @@ def nested(depth):
     return value
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda r: r.predict(["fine", "bad \ud800 text"]), r"texts\[1\] is not valid Unicode"),
-    (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 7, 0]]), "outside the segment ids"),
-    (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 0.5, 0]]), "expected integers"),
-    (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, "1", 0]]), "expected integers"),
-    (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 0]]), "exactly as long"),
-    (lambda r: r.predict_ids([nested(50_000)]), "expected integers"),
-    (lambda r: r.predict_ids([[1, True, 2]]), "expected integers"),
-    (lambda r: r.predict_ids([[1, 10**30, 2]]), "outside the vocabulary"),
-    (lambda r: r.predict(["ok"], batch_size=True), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda r: r.predict(["fine", "bad \ud800 text"]), r"texts\[1\] is not valid Unicode"),
+        (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 7, 0]]), "outside the segment ids"),
+        (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 0.5, 0]]), "expected integers"),
+        (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, "1", 0]]), "expected integers"),
+        (lambda r: r.predict_ids([[1, 5, 2]], token_type_ids=[[0, 0]]), "exactly as long"),
+        (lambda r: r.predict_ids([nested(50_000)]), "expected integers"),
+        (lambda r: r.predict_ids([[1, True, 2]]), "expected integers"),
+        (lambda r: r.predict_ids([[1, 10**30, 2]]), "outside the vocabulary"),
+        (lambda r: r.predict(["ok"], batch_size=True), "batch_size"),
+    ],
+)
 def test_bad_input_is_an_input_error(runtime, call, message):
     with pytest.raises(InputError, match=message):
         call(runtime)
@@ -275,13 +301,25 @@ def test_predict_on_a_full_disk_says_so_and_leaves_no_empty_file(bundle, tmp_pat
     monkeypatch.setattr("pcee.runtime.atomic.os.fsync", full_disk)
     output = tmp_path / "out.jsonl"
     result = CliRunner().invoke(predict_cli, [str(bundle), "--text", "good", "--output", str(output)])
-    assert result.exit_code != 0 and "No space left on device" in result.output and result.exception.__class__ is SystemExit
+    assert (
+        result.exit_code != 0
+        and "No space left on device" in result.output
+        and result.exception.__class__ is SystemExit
+    )
     assert not output.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_predict_keeps_one_output_line_per_input_line(bundle, tmp_path):
     path = tmp_path / "inputs.txt"
     path.write_text("good\n\n   \nbad film\n")
-    result = CliRunner(mix_stderr=False).invoke(predict_cli, [str(bundle), "--input", str(path)]) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner().invoke(predict_cli, [str(bundle), "--input", str(path)])
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{") and "backend" not in line]
+    result = (
+        CliRunner(mix_stderr=False).invoke(predict_cli, [str(bundle), "--input", str(path)])
+        if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
+        else CliRunner().invoke(predict_cli, [str(bundle), "--input", str(path)])
+    )
+    rows = [
+        json.loads(line)
+        for line in result.stdout.splitlines()
+        if line.startswith("{") and "backend" not in line
+    ]
     assert [("error" in row) for row in rows] == [False, True, True, False]

@@ -6,10 +6,19 @@ import sys
 import pytest
 
 CASES = {
-    "runtime": (["pcee.runtime", "pcee.runtime.cli", "pcee.runtime.backends.onnxruntime_cpu"], ["torch", "transformers"]),
-    "calibration": (["pcee.calibration.cli", "pcee.calibration.report"], ["torch", "transformers", "matplotlib"]),
+    "runtime": (
+        ["pcee.runtime", "pcee.runtime.cli", "pcee.runtime.backends.onnxruntime_cpu"],
+        ["torch", "transformers"],
+    ),
+    "calibration": (
+        ["pcee.calibration.cli", "pcee.calibration.report"],
+        ["torch", "transformers", "matplotlib"],
+    ),
     "serving": (["pcee.serving", "pcee.serving.cli"], ["torch", "transformers", "tensorrt"]),
-    "gpu backends": (["pcee.runtime.backends.tensorrt", "pcee.runtime.backends.onnxruntime_cuda"], ["torch", "tensorrt", "cuda"]),
+    "gpu backends": (
+        ["pcee.runtime.backends.tensorrt", "pcee.runtime.backends.onnxruntime_cuda"],
+        ["torch", "tensorrt", "cuda"],
+    ),
 }
 
 

@@ -5,7 +5,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcee.modeling.metrics import MetricError, accuracy, all_metrics, f1_binary, matthews_corrcoef, task_metric
+from pcee.modeling.metrics import (
+    MetricError,
+    accuracy,
+    all_metrics,
+    f1_binary,
+    matthews_corrcoef,
+    task_metric,
+)
 from pcee.runtime.errors import PceeError
 
 # Hand-computed: TP=3 (rows 0,3,5), TN=1 (row 1), FP=1 (row 2), FN=1 (row 4).
@@ -71,9 +78,15 @@ def test_task_metric_unknown_name_lists_choices():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: accuracy([0, 1, 1], [0, 1]), r"got 3 predictions for 2 labels; expected one prediction per label"),
+        (
+            lambda: accuracy([0, 1, 1], [0, 1]),
+            r"got 3 predictions for 2 labels; expected one prediction per label",
+        ),
         (lambda: f1_binary([], []), r"got no predictions; expected at least one"),
-        (lambda: task_metric("auc", PREDS, LABELS), r"unknown metric 'auc'; expected one of accuracy, f1, matthews"),
+        (
+            lambda: task_metric("auc", PREDS, LABELS),
+            r"unknown metric 'auc'; expected one of accuracy, f1, matthews",
+        ),
     ],
 )
 def test_metric_errors_belong_to_the_pcee_error_family(call, message):

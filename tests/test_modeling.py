@@ -14,12 +14,21 @@ from pcee.modeling.config import PceeConfig, default_exit_pooling
 from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureError
 from pcee.modeling.model import MultiExitClassifier, exit_loss_weights, exit_probabilities_and_entropy
 
-TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
 BACKBONE_CONFIGS = {
     "bert": lambda: BertConfig(**TINY),
     "roberta": lambda: RobertaConfig(**TINY, pad_token_id=1),
     "albert": lambda: AlbertConfig(**TINY, embedding_size=16, num_hidden_groups=1),
-    "distilbert": lambda: DistilBertConfig(vocab_size=120, dim=32, n_layers=3, n_heads=2, hidden_dim=48, max_position_embeddings=64),
+    "distilbert": lambda: DistilBertConfig(
+        vocab_size=120, dim=32, n_layers=3, n_heads=2, hidden_dim=48, max_position_embeddings=64
+    ),
 }
 
 
@@ -54,7 +63,14 @@ def test_adapter_walks_the_same_layers_as_the_backbone(model_type):
 
 
 @pytest.mark.parametrize("model_type", sorted(BACKBONE_CONFIGS))
-@pytest.mark.parametrize("head", [dict(exit_pooling="cls"), dict(exit_pooling="mean"), dict(exit_head="per_exit_pooler", learned_confidence=True)])
+@pytest.mark.parametrize(
+    "head",
+    [
+        dict(exit_pooling="cls"),
+        dict(exit_pooling="mean"),
+        dict(exit_head="per_exit_pooler", learned_confidence=True),
+    ],
+)
 def test_every_architecture_and_head_gives_one_exit_per_layer(model_type, head):
     model = tiny_model(model_type, **head)
     ids, mask = tiny_batch()
@@ -140,7 +156,10 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, model_type):
 def test_reference_pabee_checkpoint_loads(tmp_path):
     """The reference code saves `bert.*` + `classifiers.<i>.*` in pytorch_model.bin, no pcee block."""
     model = tiny_model("bert")
-    state = {("bert." + key[len("backbone."):] if key.startswith("backbone.") else key): value for key, value in model.state_dict().items()}
+    state = {
+        ("bert." + key[len("backbone.") :] if key.startswith("backbone.") else key): value
+        for key, value in model.state_dict().items()
+    }
     assert any(key.startswith("bert.pooler.") for key in state) and "classifiers.2.weight" in state
     torch.save(state, tmp_path / "pytorch_model.bin")
     config = model.backbone_config.to_dict()
@@ -169,7 +188,10 @@ def test_from_backbone_keeps_pretrained_weights(tmp_path):
         (lambda d: None, "has no config.json"),
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "gpt2"})), "not supported"),
-        (lambda d: (d / "config.json").write_text(json.dumps(BertConfig(**TINY).to_dict())), "has no weights"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps(BertConfig(**TINY).to_dict())),
+            "has no weights",
+        ),
     ],
 )
 def test_bad_model_directories_get_clear_errors(tmp_path, setup, message):

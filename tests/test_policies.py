@@ -41,7 +41,13 @@ def reference_exit(point: OperatingPoint, entropy, max_probability, score, argma
             counter = counter + 1 if previous is not None and argmax[m] == previous else 0
             previous = argmax[m]
         else:
-            signal = {"pcee": entropy, "branchynet": entropy, "pcee-maxprob": max_probability, "shallow-deep": max_probability, "pcee-learned": score}[point.policy][m]
+            signal = {
+                "pcee": entropy,
+                "branchynet": entropy,
+                "pcee-maxprob": max_probability,
+                "shallow-deep": max_probability,
+                "pcee-learned": score,
+            }[point.policy][m]
             confident = signal < point.tau if point.policy in ("pcee", "branchynet") else signal > point.tau
             counter = counter + 1 if confident else 0
         if counter == point.patience:
@@ -71,7 +77,20 @@ def exit_arrays(draw):
 
 @st.composite
 def operating_points(draw, layers: int):
-    policy = draw(st.sampled_from(["pcee", "pcee-maxprob", "pcee-learned", "branchynet", "shallow-deep", "pabee", "budgeted", "full"]))
+    policy = draw(
+        st.sampled_from(
+            [
+                "pcee",
+                "pcee-maxprob",
+                "pcee-learned",
+                "branchynet",
+                "shallow-deep",
+                "pabee",
+                "budgeted",
+                "full",
+            ]
+        )
+    )
     if policy == "full":
         return OperatingPoint(policy)
     if policy == "budgeted":
@@ -82,7 +101,9 @@ def operating_points(draw, layers: int):
         return OperatingPoint(policy, patience=draw(st.integers(1, layers - 1)))
     patience = 1 if policy in ("branchynet", "shallow-deep") else draw(st.integers(1, layers))
     tau = draw(st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0]))
-    return OperatingPoint(policy, tau=tau, patience=patience, ensemble=draw(st.booleans()) and policy.startswith("pcee"))
+    return OperatingPoint(
+        policy, tau=tau, patience=patience, ensemble=draw(st.booleans()) and policy.startswith("pcee")
+    )
 
 
 @settings(max_examples=400, deadline=None)
@@ -96,7 +117,9 @@ def test_runtime_exit_layers_equal_the_reference_loop(data):
     outcome = run_early_exit(backend, policy, backend.placeholder_batch(), labels)
     argmax = logits.argmax(-1)
     for row in range(rows):
-        expected, fired = reference_exit(policy.point, entropy[row], max_probability[row], score[row], argmax[row])
+        expected, fired = reference_exit(
+            policy.point, entropy[row], max_probability[row], score[row], argmax[row]
+        )
         assert outcome.exit_layer[row] == expected, (row, policy.point)
         reference = reference_probabilities(policy.point, logits[row], expected, fired)
         np.testing.assert_allclose(outcome.probabilities[row], reference, rtol=1e-5, atol=1e-6)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny_models import make_tiny_model_dir
 
 from pcee.calibration.bundle import record_in_manifest
 from pcee.calibration.cli import calibrate_main, eval_main
 from pcee.exporter.bundle import ExportOptions, export_bundle
 from pcee.runtime import OperatingPoint
 from pcee.runtime.cli import main as predict_main
-from tiny_models import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -37,7 +37,8 @@ def python_snippets() -> list[str]:
 def command_lines() -> list[str]:
     """Indented README lines that call one of COMMANDS on the demo's bundle, in README order."""
     return [
-        line.strip() for line in README.splitlines()
+        line.strip()
+        for line in README.splitlines()
         if line.startswith("    ") and line.split()[0] in COMMANDS and "runs/demo/" in line
     ]
 

@@ -10,18 +10,27 @@ import threading
 import numpy as np
 import pytest
 import torch
+from bundles import SENTENCES, entropy_quantile_point, export_tiny_bundle
 from click.testing import CliRunner
 
-from bundles import SENTENCES, entropy_quantile_point, export_tiny_bundle
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime import BundleError, EarlyExitRuntime, InputError, OperatingPoint, PolicyError
+from pcee.runtime import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    BundleError,
+    EarlyExitRuntime,
+    InputError,
+    OperatingPoint,
+    PolicyError,
+)
 from pcee.runtime.cli import main as predict_cli
-from pcee.runtime import FORMAT_VERSION, MANIFEST_NAME
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("bundle"), exit_pooling="mean", learned_confidence=True, num_layers=4)
+    return export_tiny_bundle(
+        tmp_path_factory.mktemp("bundle"), exit_pooling="mean", learned_confidence=True, num_layers=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,9 @@ def runtime(bundle):
 
 @pytest.fixture(scope="module")
 def pair_runtime(tmp_path_factory):
-    return EarlyExitRuntime.from_bundle(export_tiny_bundle(tmp_path_factory.mktemp("pairs"), task="qnli", num_layers=2))
+    return EarlyExitRuntime.from_bundle(
+        export_tiny_bundle(tmp_path_factory.mktemp("pairs"), task="qnli", num_layers=2)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +60,20 @@ def test_rows_really_exit_at_different_layers(runtime, varied_point):
     assert len(layers) > 1
 
 
-@pytest.mark.parametrize("policy", ["pcee", "pcee-maxprob", "pcee-learned", "pabee", "budgeted", "full", "ensemble"])
+@pytest.mark.parametrize(
+    "policy", ["pcee", "pcee-maxprob", "pcee-learned", "pabee", "budgeted", "full", "ensemble"]
+)
 def test_batch_results_equal_one_row_at_a_time(runtime, varied_point, policy):
     exits = runtime.run_all_exits(runtime.tokenizer.encode_texts(SENTENCES))
     points = {
         "pcee": OperatingPoint("pcee", tau=varied_point.tau, patience=2),
         "ensemble": OperatingPoint("pcee", tau=varied_point.tau, patience=2, ensemble=True),
-        "pcee-maxprob": OperatingPoint("pcee-maxprob", tau=float(np.median(exits.max_probability)), patience=1),
-        "pcee-learned": OperatingPoint("pcee-learned", tau=float(np.median(exits.confidence_score)), patience=1),
+        "pcee-maxprob": OperatingPoint(
+            "pcee-maxprob", tau=float(np.median(exits.max_probability)), patience=1
+        ),
+        "pcee-learned": OperatingPoint(
+            "pcee-learned", tau=float(np.median(exits.confidence_score)), patience=1
+        ),
         "pabee": OperatingPoint("pabee", patience=1),
         "budgeted": OperatingPoint("budgeted", layer=2),
         "full": OperatingPoint("full"),
@@ -73,11 +90,17 @@ def test_full_model_policy_equals_pytorch_last_exit(bundle, runtime, tmp_path):
     model = MultiExitClassifier.from_pretrained(model_dir)
     batch = runtime.tokenizer.encode_texts(SENTENCES)
     with torch.no_grad():
-        logits = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), torch.from_numpy(batch.token_type_ids)).logits[-1]
+        logits = model(
+            torch.from_numpy(batch.input_ids),
+            torch.from_numpy(batch.attention_mask),
+            torch.from_numpy(batch.token_type_ids),
+        ).logits[-1]
     expected = torch.softmax(logits, -1).numpy()
     result = runtime.predict(SENTENCES, operating_point=OperatingPoint("full"))
     assert [row.exit_layer for row in result.predictions] == [4] * len(SENTENCES)
-    np.testing.assert_allclose(np.stack([row.probabilities for row in result.predictions]), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack([row.probabilities for row in result.predictions]), expected, atol=1e-5
+    )
     assert [row.label_index for row in result.predictions] == list(expected.argmax(-1))
 
 
@@ -97,11 +120,13 @@ def test_eight_threads_with_live_switches_match_single_threaded(runtime, varied_
 
     def answer(texts, point):
         result = runtime.predict(texts, operating_point=point)
-        return result.operating_point, [(r.exit_layer, r.label_index, r.probabilities.tobytes()) for r in result.predictions]
+        return result.operating_point, [
+            (r.exit_layer, r.label_index, r.probabilities.tobytes()) for r in result.predictions
+        ]
 
     expected = {}
     for texts, point in requests:
-        for candidate in ([point] if point else defaults):
+        for candidate in [point] if point else defaults:
             used, rows = answer(texts, candidate)
             expected[(tuple(texts), used)] = rows
     results = [None] * len(requests)
@@ -217,7 +242,20 @@ def test_predict_cli_writes_json_lines(bundle, tmp_path):
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("the movie was good\n\na dull story\n")
     output = tmp_path / "out.jsonl"
-    result = CliRunner().invoke(predict_cli, [str(bundle), "--input", str(inputs), "--policy", "budgeted", "--layer", "2", "--output", str(output)])
+    result = CliRunner().invoke(
+        predict_cli,
+        [
+            str(bundle),
+            "--input",
+            str(inputs),
+            "--policy",
+            "budgeted",
+            "--layer",
+            "2",
+            "--output",
+            str(output),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 3 and rows[1] == {"line": 2, "error": "blank line: nothing to classify"}

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from bundles import export_tiny_bundle
 from click.testing import CliRunner
 
-from bundles import export_tiny_bundle
 from pcee.benchmarks.serve_load import arrival_times, main
 
 
@@ -24,8 +24,25 @@ def run(*arguments: str) -> dict:
 
 
 def test_each_rate_reports_throughput_latency_speedup_and_points(bundle):
-    report = run("--bundle", str(bundle), "--rates", "20,60", "--duration-s", "1", "--max-requests", "30", "--rows-per-request", "2",
-                 "--slo-p99-ms", "2000", "--compare-in-process", "--json", "--", "--max-wait-ms", "2")
+    report = run(
+        "--bundle",
+        str(bundle),
+        "--rates",
+        "20,60",
+        "--duration-s",
+        "1",
+        "--max-requests",
+        "30",
+        "--rows-per-request",
+        "2",
+        "--slo-p99-ms",
+        "2000",
+        "--compare-in-process",
+        "--json",
+        "--",
+        "--max-wait-ms",
+        "2",
+    )
     assert [rate["offered_rps"] for rate in report["rates"]] == [20.0, 60.0]
     for rate in report["rates"]:
         assert 0 < rate["sent"] <= 30 and rate["answered"] == rate["sent"]
@@ -38,8 +55,22 @@ def test_each_rate_reports_throughput_latency_speedup_and_points(bundle):
 
 
 def test_overload_counts_503s_and_no_resets(bundle):
-    report = run("--bundle", str(bundle), "--rates", "400", "--duration-s", "0.5", "--max-requests", "200", "--json",
-                 "--", "--max-queue", "2", "--max-wait-ms", "50")
+    report = run(
+        "--bundle",
+        str(bundle),
+        "--rates",
+        "400",
+        "--duration-s",
+        "0.5",
+        "--max-requests",
+        "200",
+        "--json",
+        "--",
+        "--max-queue",
+        "2",
+        "--max-wait-ms",
+        "50",
+    )
     rate = report["rates"][0]
     assert rate["statuses"].get("503", 0) > 0 and rate["errors"].get("5xx") == rate["statuses"]["503"]
     assert set(rate["errors"]) == {"5xx"}, "only 503s: no resets, connection errors or timeouts"

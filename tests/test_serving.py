@@ -22,9 +22,9 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from bundles import SENTENCES, export_tiny_bundle
 from prometheus_client.parser import text_string_to_metric_families
 
-from bundles import SENTENCES, export_tiny_bundle
 from pcee.runtime import BackendError, EarlyExitRuntime, Manifest, OperatingPoint
 from pcee.serving import ServerSettings, create_app
 from pcee.serving.controller import AdaptiveController, ControllerSettings
@@ -53,13 +53,15 @@ class LiveServer:
         self.listener = free_socket()
         self.url = f"http://{HOST}:{self.listener.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True
+        )
 
     @property
     def service(self):
         return self.app.state.service
 
-    def start(self, wait_ready: bool = True) -> "LiveServer":
+    def start(self, wait_ready: bool = True) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started or (wait_ready and not self.service.ready):
@@ -77,7 +79,9 @@ class LiveServer:
 def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
     settings.setdefault("max_wait_ms", 5.0)
     settings.setdefault("shadow_fraction", 0.0)
-    app = create_app(ServerSettings(model_name=MODEL, **settings), load or (lambda: EarlyExitRuntime.from_bundle(bundle)))
+    app = create_app(
+        ServerSettings(model_name=MODEL, **settings), load or (lambda: EarlyExitRuntime.from_bundle(bundle))
+    )
     server = LiveServer(app).start(wait_ready)
     try:
         yield server
@@ -90,7 +94,10 @@ def bundle(tmp_path_factory):
     """A 4-layer bundle with two extra saved points: "fast" (every row exits at layer 1) and "quality"."""
     bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("serve"), num_layers=4)
     manifest = Manifest.load(bundle_dir)
-    manifest.operating_points += [OperatingPoint("budgeted", layer=1, name="fast"), OperatingPoint("full", name="quality")]
+    manifest.operating_points += [
+        OperatingPoint("budgeted", layer=1, name="fast"),
+        OperatingPoint("full", name="quality"),
+    ]
     manifest.save(bundle_dir)
     return bundle_dir
 
@@ -140,8 +147,12 @@ def expected_rows(runtime: EarlyExitRuntime, texts: list[str], pairs=None, point
 
 def assert_same_rows(served: list[dict], expected: list[dict]) -> None:
     """Equal up to float noise: a row's probabilities may differ in the 6th decimal with its batch's padding."""
-    assert [(row["label"], row["exit_layer"]) for row in served] == [(row["label"], row["exit_layer"]) for row in expected]
-    np.testing.assert_allclose([row["probabilities"] for row in served], [row["probabilities"] for row in expected], atol=1e-5)
+    assert [(row["label"], row["exit_layer"]) for row in served] == [
+        (row["label"], row["exit_layer"]) for row in expected
+    ]
+    np.testing.assert_allclose(
+        [row["probabilities"] for row in served], [row["probabilities"] for row in expected], atol=1e-5
+    )
 
 
 def metric_samples(server: LiveServer) -> dict[tuple[str, tuple], float]:
@@ -161,28 +172,61 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 # -- the Open Inference Protocol v2 schema (KServe's REST predict v2 spec, as JSON Schema) -----------
 PARAMETERS = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
-DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+DATATYPES = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
 SHAPE = {"type": "array", "items": {"type": "integer"}}
 METADATA_TENSOR = {
-    "type": "object", "required": ["name", "datatype", "shape"],
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
     "properties": {"name": {"type": "string"}, "datatype": {"enum": DATATYPES}, "shape": SHAPE},
 }
 OIP_SCHEMAS = {
     "inference_response": {
-        "type": "object", "required": ["model_name", "outputs"],
+        "type": "object",
+        "required": ["model_name", "outputs"],
         "properties": {
-            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"}, "parameters": PARAMETERS,
-            "outputs": {"type": "array", "items": {
-                "type": "object", "required": ["name", "shape", "datatype", "data"],
-                "properties": {"name": {"type": "string"}, "shape": SHAPE, "datatype": {"enum": DATATYPES}, "parameters": PARAMETERS, "data": {"type": "array"}},
-            }},
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": PARAMETERS,
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "shape", "datatype", "data"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "shape": SHAPE,
+                        "datatype": {"enum": DATATYPES},
+                        "parameters": PARAMETERS,
+                        "data": {"type": "array"},
+                    },
+                },
+            },
         },
     },
     "metadata_model_response": {
-        "type": "object", "required": ["name", "platform", "inputs", "outputs"],
+        "type": "object",
+        "required": ["name", "platform", "inputs", "outputs"],
         "properties": {
-            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}}, "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": METADATA_TENSOR}, "outputs": {"type": "array", "items": METADATA_TENSOR},
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": METADATA_TENSOR},
+            "outputs": {"type": "array", "items": METADATA_TENSOR},
         },
     },
     "error_response": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -192,7 +236,9 @@ OIP_SCHEMAS = {
 
 
 def conforms(payload: dict, schema: str) -> None:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (in the dev extra) checks the OIP v2 shapes")
+    jsonschema = pytest.importorskip(
+        "jsonschema", reason="jsonschema (in the dev extra) checks the OIP v2 shapes"
+    )
     jsonschema.validate(payload, OIP_SCHEMAS[schema])
 
 
@@ -220,17 +266,31 @@ def test_infer_answers_in_oip_v2_shapes_with_the_runtime_results(server, referen
     expected = reference.predict(texts).predictions
     assert reply["id"] == "req-7" and reply["model_name"] == MODEL
     assert reply["parameters"]["operating_point"] == "default"
-    assert outputs["label"] == {"name": "label", "datatype": "BYTES", "shape": [3], "data": [row.label for row in expected]}
-    assert outputs["exit_layer"] == {"name": "exit_layer", "datatype": "INT32", "shape": [3], "data": [row.exit_layer for row in expected]}
+    assert outputs["label"] == {
+        "name": "label",
+        "datatype": "BYTES",
+        "shape": [3],
+        "data": [row.label for row in expected],
+    }
+    assert outputs["exit_layer"] == {
+        "name": "exit_layer",
+        "datatype": "INT32",
+        "shape": [3],
+        "data": [row.exit_layer for row in expected],
+    }
     assert outputs["probabilities"]["shape"] == [3, 2] and outputs["probabilities"]["datatype"] == "FP32"
-    np.testing.assert_allclose(outputs["probabilities"]["data"], np.concatenate([row.probabilities for row in expected]), atol=1e-6)
+    np.testing.assert_allclose(
+        outputs["probabilities"]["data"], np.concatenate([row.probabilities for row in expected]), atol=1e-6
+    )
 
 
 def test_infer_parameters_pick_a_saved_point_and_outputs_select_tensors(server):
     body = infer_body(SENTENCES[:4], parameters={"operating_point": "fast"}, outputs=[{"name": "exit_layer"}])
     reply = post(server, f"/v2/models/{MODEL}/infer", body).json()
     assert reply["parameters"]["operating_point"] == "fast"
-    assert reply["outputs"] == [{"name": "exit_layer", "datatype": "INT32", "shape": [4], "data": [1, 1, 1, 1]}]
+    assert reply["outputs"] == [
+        {"name": "exit_layer", "datatype": "INT32", "shape": [4], "data": [1, 1, 1, 1]}
+    ]
 
 
 def test_classify_returns_the_rows_of_pcee_predict(server, reference):
@@ -256,7 +316,7 @@ def test_pair_bundle_takes_text_pairs(pair_server, pair_bundle):
 
 def test_concurrent_requests_each_get_their_own_rows(server, reference):
     """50 requests from 16 threads, mixed sizes and points, batched together: each equals a lone runtime call."""
-    requests = [(SENTENCES[i % 12: i % 12 + 1 + i % 3], "fast" if i % 4 == 0 else None) for i in range(50)]
+    requests = [(SENTENCES[i % 12 : i % 12 + 1 + i % 3], "fast" if i % 4 == 0 else None) for i in range(50)]
     before = metric_samples(server).get(("pcee_batch_rows_count", ()), 0.0)
 
     def send(request):
@@ -292,14 +352,42 @@ BAD_REQUESTS = {
     "lone surrogate": ("/v1/classify", b'{"texts": ["good \\ud800"]}', "surrogate"),
     "blank text": ("/v1/classify", b'{"texts": [" "]}', "whitespace"),
     "unknown point": ("/v1/classify", b'{"texts": ["good"], "operating_point": "turbo"}', "turbo"),
-    "point object": ("/v1/classify", b'{"texts": ["good"], "operating_point": {"policy": "full"}}', "saved operating point"),
-    "pairs for a single-sentence model": ("/v1/classify", b'{"texts": ["good"], "text_pairs": ["bad"]}', "single sentences"),
+    "point object": (
+        "/v1/classify",
+        b'{"texts": ["good"], "operating_point": {"policy": "full"}}',
+        "saved operating point",
+    ),
+    "pairs for a single-sentence model": (
+        "/v1/classify",
+        b'{"texts": ["good"], "text_pairs": ["bad"]}',
+        "single sentences",
+    ),
     "oip no inputs": (f"/v2/models/{MODEL}/infer", b'{"outputs": []}', '"inputs"'),
-    "oip wrong datatype": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": ["a"]}]}', "BYTES"),
-    "oip wrong shape": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}', "shape"),
-    "oip unknown input": (f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}', "txt"),
-    "oip unknown output": (f"/v2/models/{MODEL}/infer", json.dumps(infer_body(["a"], outputs=[{"name": "logits"}])).encode(), "logits"),
-    "oip point a number": (f"/v2/models/{MODEL}/infer", json.dumps(infer_body(["a"], parameters={"operating_point": 3})).encode(), "operating_point"),
+    "oip wrong datatype": (
+        f"/v2/models/{MODEL}/infer",
+        b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": ["a"]}]}',
+        "BYTES",
+    ),
+    "oip wrong shape": (
+        f"/v2/models/{MODEL}/infer",
+        b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}',
+        "shape",
+    ),
+    "oip unknown input": (
+        f"/v2/models/{MODEL}/infer",
+        b'{"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+        "txt",
+    ),
+    "oip unknown output": (
+        f"/v2/models/{MODEL}/infer",
+        json.dumps(infer_body(["a"], outputs=[{"name": "logits"}])).encode(),
+        "logits",
+    ),
+    "oip point a number": (
+        f"/v2/models/{MODEL}/infer",
+        json.dumps(infer_body(["a"], parameters={"operating_point": 3})).encode(),
+        "operating_point",
+    ),
 }
 
 
@@ -319,7 +407,12 @@ def test_unknown_routes_and_methods_answer_json(server):
 
 
 def test_binary_tensor_extension_is_refused_with_a_hint(server):
-    response = post(server, f"/v2/models/{MODEL}/infer", infer_body(["good"]), headers={"Inference-Header-Content-Length": "60"})
+    response = post(
+        server,
+        f"/v2/models/{MODEL}/infer",
+        infer_body(["good"]),
+        headers={"Inference-Header-Content-Length": "60"},
+    )
     assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
 
 
@@ -359,7 +452,9 @@ def test_a_stalled_body_is_timed_out_with_408(server):
     """Headers promise 100 bytes, 10 arrive, then nothing: the server answers (JSON 408) instead of waiting forever."""
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection((HOST, port), timeout=10) as client:
-        client.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"texts\": ")
+        client.sendall(
+            b'POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"texts": '
+        )
         started = time.monotonic()
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
@@ -375,14 +470,23 @@ def test_metrics_follow_prometheus_naming(server):
     post(server, "/v1/classify", {"texts": SENTENCES[:3]})
     samples = metric_samples(server)
     names = {name for name, _ in samples}
-    for name in ("pcee_request_duration_seconds_bucket", "pcee_queue_wait_seconds_count", "pcee_batch_rows_bucket",
-                 "pcee_batch_duration_seconds_sum", "pcee_layers_run_total", "pcee_layers_possible_total", "pcee_queue_rows"):
+    for name in (
+        "pcee_request_duration_seconds_bucket",
+        "pcee_queue_wait_seconds_count",
+        "pcee_batch_rows_bucket",
+        "pcee_batch_duration_seconds_sum",
+        "pcee_layers_run_total",
+        "pcee_layers_possible_total",
+        "pcee_queue_rows",
+    ):
         assert name in names
     assert samples[("pcee_requests_total", (("route", "classify"), ("status", "200")))] >= 1
     assert samples[("pcee_ready", ())] == 1.0
     exit_rows = sum(value for (name, labels), value in samples.items() if name == "pcee_rows_total")
     assert exit_rows * 4 == samples[("pcee_layers_possible_total", ())]
-    assert any(name == "pcee_operating_point_info" and ("name", "default") in labels for name, labels in samples)
+    assert any(
+        name == "pcee_operating_point_info" and ("name", "default") in labels for name, labels in samples
+    )
 
 
 # -- admin -----------------------------------------------------------------------------------------
@@ -391,24 +495,38 @@ def test_admin_switches_the_point_only_with_the_token(bundle):
         point = {"operating_point": "fast"}
         missing = httpx.put(live.url + "/v1/operating-point", json=point)
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
-        wrong = httpx.put(live.url + "/v1/operating-point", json=point, headers={"Authorization": "Bearer nope"})
+        wrong = httpx.put(
+            live.url + "/v1/operating-point", json=point, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401
         authorized = {"Authorization": f"Bearer {TOKEN}"}
         switched = httpx.put(live.url + "/v1/operating-point", json=point, headers=authorized)
         assert switched.status_code == 200 and switched.json()["operating_point"]["name"] == "fast"
         reply = post(live, "/v1/classify", {"texts": SENTENCES[:3]}).json()
         assert [row["exit_layer"] for row in reply["predictions"]] == [1, 1, 1]
-        by_object = httpx.put(live.url + "/v1/operating-point", json={"operating_point": {"policy": "budgeted", "layer": 2}}, headers=authorized)
+        by_object = httpx.put(
+            live.url + "/v1/operating-point",
+            json={"operating_point": {"policy": "budgeted", "layer": 2}},
+            headers=authorized,
+        )
         assert by_object.status_code == 200 and by_object.json()["operating_point"]["layer"] == 2
-        invalid = httpx.put(live.url + "/v1/operating-point", json={"operating_point": {"policy": "pcee"}}, headers=authorized)
+        invalid = httpx.put(
+            live.url + "/v1/operating-point", json={"operating_point": {"policy": "pcee"}}, headers=authorized
+        )
         assert invalid.status_code == 400 and "tau" in invalid.json()["error"]
         samples = metric_samples(live)
         assert samples[("pcee_operating_point_switches_total", (("source", "admin"),))] == 2
-        assert any(name == "pcee_operating_point_info" and ("layer", "2") in labels for name, labels in samples)
+        assert any(
+            name == "pcee_operating_point_info" and ("layer", "2") in labels for name, labels in samples
+        )
 
 
 def test_admin_is_off_without_a_token(pair_server):
-    response = httpx.put(pair_server.url + "/v1/operating-point", json={"operating_point": "default"}, headers={"Authorization": "Bearer x"})
+    response = httpx.put(
+        pair_server.url + "/v1/operating-point",
+        json={"operating_point": "default"},
+        headers={"Authorization": "Bearer x"},
+    )
     assert response.status_code == 404 and "PCEE_ADMIN_TOKEN" in response.json()["error"]
 
 
@@ -449,7 +567,11 @@ def test_past_max_queue_requests_get_503_and_health_answers_during_a_batch(bundl
         queued = [pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[2:4]}) for _ in range(2)]
         wait_for(lambda: live.service.batcher.queued_rows == 4)
         refused = post(live, "/v1/classify", {"texts": ["one more"]})
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "--max-queue" in refused.json()["error"]
+        assert (
+            refused.status_code == 503
+            and refused.headers["retry-after"] == "1"
+            and "--max-queue" in refused.json()["error"]
+        )
         too_big = post(live, "/v1/classify", {"texts": SENTENCES[:5]})
         assert too_big.status_code == 413
         held.gate.set()
@@ -476,19 +598,28 @@ def test_not_ready_until_loaded_and_warmed_up(bundle):
 
 def test_tritonclient_speaks_to_the_server(server, reference):
     """A client nobody here wrote: NVIDIA's tritonclient, over HTTP with JSON tensors."""
-    triton = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (in the dev extra) is the independent OIP v2 client")
+    triton = pytest.importorskip(
+        "tritonclient.http", reason="tritonclient[http] (in the dev extra) is the independent OIP v2 client"
+    )
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     assert client.get_model_metadata(MODEL)["platform"] == "pcee-early-exit"
     texts = SENTENCES[:3]
     text = triton.InferInput("text", [len(texts)], "BYTES")
     text.set_data_from_numpy(np.array(texts, dtype=object), binary_data=False)
-    outputs = [triton.InferRequestedOutput(name, binary_data=False) for name in ("label", "probabilities", "exit_layer")]
+    outputs = [
+        triton.InferRequestedOutput(name, binary_data=False)
+        for name in ("label", "probabilities", "exit_layer")
+    ]
     result = client.infer(MODEL, [text], outputs=outputs, parameters={"operating_point": "quality"})
     expected = reference.predict(texts, operating_point="quality").predictions
-    assert [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")] == [row.label for row in expected]
+    assert [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")] == [
+        row.label for row in expected
+    ]
     assert result.as_numpy("exit_layer").tolist() == [4, 4, 4]
-    np.testing.assert_allclose(result.as_numpy("probabilities"), np.stack([row.probabilities for row in expected]), atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), np.stack([row.probabilities for row in expected]), atol=1e-6
+    )
     with pytest.raises(triton.InferenceServerException, match="no model named"):
         client.infer("other", [text])
     client.close()
@@ -506,8 +637,12 @@ class FakeClock:
 def test_controller_hysteresis_and_dwell():
     """Target 100 ms: step down past 90 ms, up under 50 ms, stay in between, never twice within the dwell."""
     clock, switched = FakeClock(), []
-    settings = ControllerSettings(slo_p99_ms=100, points=("quality", "mid", "fast"), dwell_s=5, window_s=10, min_samples=5)
-    controller = AdaptiveController(settings, switched.append, lambda: 0.0, ServingMetrics(max_batch_size=8), clock)
+    settings = ControllerSettings(
+        slo_p99_ms=100, points=("quality", "mid", "fast"), dwell_s=5, window_s=10, min_samples=5
+    )
+    controller = AdaptiveController(
+        settings, switched.append, lambda: 0.0, ServingMetrics(max_batch_size=8), clock
+    )
 
     def spell(latency: float, seconds: float) -> None:
         for _ in range(int(seconds * 10)):
@@ -553,8 +688,12 @@ class PointCost:
 
 
 def test_controller_steps_down_under_load_and_back_up_after(bundle):
-    ladder = ControllerSettings(slo_p99_ms=40, points=("quality", "fast"), dwell_s=0.3, window_s=1.0, min_samples=10)
-    with serving(bundle, load=PointCost(bundle, "quality", 0.08), controller=ladder, admin_token=TOKEN) as live:
+    ladder = ControllerSettings(
+        slo_p99_ms=40, points=("quality", "fast"), dwell_s=0.3, window_s=1.0, min_samples=10
+    )
+    with serving(
+        bundle, load=PointCost(bundle, "quality", 0.08), controller=ladder, admin_token=TOKEN
+    ) as live:
         assert live.service.runtime.operating_point.name == "quality"
         loaded = threading.Event()
 
@@ -571,7 +710,11 @@ def test_controller_steps_down_under_load_and_back_up_after(bundle):
         samples = metric_samples(live)
         assert samples[("pcee_operating_point_switches_total", (("source", "controller"),))] >= 2
         assert ("pcee_adaptive_level", ()) in samples
-        refused = httpx.put(live.url + "/v1/operating-point", json={"operating_point": "fast"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        refused = httpx.put(
+            live.url + "/v1/operating-point",
+            json={"operating_point": "fast"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         assert refused.status_code == 409 and "adaptive" in refused.json()["error"]
 
 
@@ -590,8 +733,20 @@ def test_shadow_rows_measure_agreement_with_the_full_model(bundle):
 # -- the CLI, as a process ---------------------------------------------------------------------------
 def start_cli(bundle: Path, port: int, *options: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pcee.serving", str(bundle), "--port", str(port), "--log-level", "warning", *options],
-        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "pcee.serving",
+            str(bundle),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *options,
+        ],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -603,12 +758,19 @@ def free_port() -> int:
 def test_sigterm_drains_admitted_requests_and_exits_0(bundle):
     port = free_port()
     url = f"http://{HOST}:{port}"
-    process = start_cli(bundle, port, env={"PCEE_MAX_WAIT_MS": "5000", "PCEE_MAX_BATCH_SIZE": "64", "PCEE_MODEL_NAME": "drained"})
+    process = start_cli(
+        bundle,
+        port,
+        env={"PCEE_MAX_WAIT_MS": "5000", "PCEE_MAX_BATCH_SIZE": "64", "PCEE_MODEL_NAME": "drained"},
+    )
     try:
         wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
         assert process.poll() is None, process.stderr.read().decode()
         with ThreadPoolExecutor(4) as pool:
-            admitted = [pool.submit(httpx.post, url + "/v1/classify", json={"texts": [text]}, timeout=30) for text in SENTENCES[:4]]
+            admitted = [
+                pool.submit(httpx.post, url + "/v1/classify", json={"texts": [text]}, timeout=30)
+                for text in SENTENCES[:4]
+            ]
             wait_for(lambda: "pcee_queue_rows 4.0" in httpx.get(url + "/metrics").text)
             process.send_signal(signal.SIGTERM)
             assert [future.result().status_code for future in admitted] == [200] * 4

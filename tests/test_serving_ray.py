@@ -15,11 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-pytest.importorskip("ray.serve", reason='Ray Serve is not installed; pip install -e ".[ray]" to run the Ray deployment test')
+pytest.importorskip(
+    "ray.serve", reason='Ray Serve is not installed; pip install -e ".[ray]" to run the Ray deployment test'
+)
 
 from bundles import SENTENCES, export_tiny_bundle  # noqa: E402
-from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint  # noqa: E402
 from test_serving import assert_same_rows, expected_rows, free_port, probe_ready, start_cli, wait_for  # noqa: E402
+
+from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +48,23 @@ def ray_server(bundle, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("ray-log") / "pcee-serve.log"
-    command = [sys.executable, "-m", "pcee.serving", str(bundle), "--port", str(port), "--model-name", "tiny", "--ray",
-               "--replicas", str(REPLICAS), "--replica-cpus", "0.5", "--max-wait-ms", "20"]
+    command = [
+        sys.executable,
+        "-m",
+        "pcee.serving",
+        str(bundle),
+        "--port",
+        str(port),
+        "--model-name",
+        "tiny",
+        "--ray",
+        "--replicas",
+        str(REPLICAS),
+        "--replica-cpus",
+        "0.5",
+        "--max-wait-ms",
+        "20",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -87,7 +105,10 @@ def test_replicas_answer_like_the_in_process_runtime(ray_server, reference):
 
 
 def test_oip_inference_and_errors_answer_as_in_pcee_serve(ray_server, reference):
-    body = {"id": "r1", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": SENTENCES[:2]}]}
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": SENTENCES[:2]}],
+    }
     reply = httpx.post(ray_server + "/v2/models/tiny/infer", json=body, timeout=60).json()
     assert reply["id"] == "r1"
     labels = next(output["data"] for output in reply["outputs"] if output["name"] == "label")
@@ -100,7 +121,9 @@ def test_oip_inference_and_errors_answer_as_in_pcee_serve(ray_server, reference)
     for path, (content, status, message) in bad.items():
         answer = httpx.post(ray_server + path, content=content, timeout=60)
         assert answer.status_code == status and message in answer.json()["error"]
-    unknown_point = httpx.post(ray_server + "/v1/classify", json={"texts": ["fun"], "operating_point": "turbo"}, timeout=60)
+    unknown_point = httpx.post(
+        ray_server + "/v1/classify", json={"texts": ["fun"], "operating_point": "turbo"}, timeout=60
+    )
     assert unknown_point.status_code == 400 and "turbo" in unknown_point.json()["error"]
 
 

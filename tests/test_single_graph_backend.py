@@ -25,7 +25,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(model_dir: Path) -> Path:
-    return export_bundle(model_dir, model_dir.with_name("with-full-graph-pcee"), ExportOptions(with_full_graph=True)).bundle_dir
+    return export_bundle(
+        model_dir, model_dir.with_name("with-full-graph-pcee"), ExportOptions(with_full_graph=True)
+    ).bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,9 @@ def runtime(bundle: Path):
 
 
 def test_predictions_equal_the_chain_at_the_full_point(bundle, runtime):
-    with EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu", operating_point=OperatingPoint("full")) as chain:
+    with EarlyExitRuntime.from_bundle(
+        bundle, backend="onnxruntime-cpu", operating_point=OperatingPoint("full")
+    ) as chain:
         expected = chain.predict(SENTENCES)
     served = runtime.predict(SENTENCES)
     assert runtime.backend_name == BACKEND and served.operating_point.policy == "full"
@@ -46,7 +50,9 @@ def test_predictions_equal_the_chain_at_the_full_point(bundle, runtime):
         assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
 
 
-@pytest.mark.parametrize("point", [OperatingPoint("pcee", tau=0.3, patience=1), OperatingPoint("budgeted", layer=1)])
+@pytest.mark.parametrize(
+    "point", [OperatingPoint("pcee", tau=0.3, patience=1), OperatingPoint("budgeted", layer=1)]
+)
 def test_other_points_are_refused(runtime, point):
     with pytest.raises(PolicyError, match="full operating point only"):
         runtime.set_operating_point(point)
@@ -62,7 +68,9 @@ def test_a_bundle_without_a_full_graph_is_refused(model_dir):
 
 
 def test_predict_cli_serves_the_single_graph(bundle, runtime):
-    result = CliRunner().invoke(predict_cli, [str(bundle), "--text", "the movie was good", "--backend", BACKEND])
+    result = CliRunner().invoke(
+        predict_cli, [str(bundle), "--text", "the movie was good", "--backend", BACKEND]
+    )
     assert result.exit_code == 0, result.output
     row = json.loads(result.output.splitlines()[-1])
     assert row["exit_layer"] == runtime.num_layers

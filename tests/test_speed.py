@@ -17,6 +17,8 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from bundles import SENTENCES  # noqa: E402
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
 from pcee.calibration.cli import calibrate_main, eval_main  # noqa: E402
 from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
 from pcee.exporter.errors import ExportError  # noqa: E402
@@ -24,9 +26,10 @@ from pcee.exporter.optimize import CONTRIB_DOMAIN  # noqa: E402
 from pcee.exporter.parity import FP32_TOLERANCE  # noqa: E402
 from pcee.exporter.quantize import AgreementError  # noqa: E402
 from pcee.runtime import MANIFEST_NAME, BundleError, EarlyExitRuntime, Manifest  # noqa: E402
-from tiny_models import make_tiny_model_dir  # noqa: E402
 
-EMBEDDINGS_ONLY = {"EmbedLayerNormalization"}  # fused from the single graph's embeddings, which layer graphs do not hold
+EMBEDDINGS_ONLY = {
+    "EmbedLayerNormalization"
+}  # fused from the single graph's embeddings, which layer graphs do not hold
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,11 @@ def sst2_model_dir(root: Path, model_type: str) -> Path:
 @pytest.fixture(scope="module")
 def fused_bundles(model_dirs) -> dict[str, Manifest]:
     return {
-        model_type: export_bundle(model_dir, model_dir.with_name(model_dir.name + "-fused"), ExportOptions(with_full_graph=True, fuse=True)).manifest
+        model_type: export_bundle(
+            model_dir,
+            model_dir.with_name(model_dir.name + "-fused"),
+            ExportOptions(with_full_graph=True, fuse=True),
+        ).manifest
         for model_type, model_dir in model_dirs.items()
     }
 
@@ -56,7 +63,9 @@ def fused_bundles(model_dirs) -> dict[str, Manifest]:
 def parity_data(tmp_path_factory) -> Path:
     """A GLUE-format SST-2 dev file (sentence, label)."""
     path = tmp_path_factory.mktemp("sst2") / "dev.tsv"
-    path.write_text("sentence\tlabel\n" + "".join(f"{text}\t{index % 2}\n" for index, text in enumerate(SENTENCES)))
+    path.write_text(
+        "sentence\tlabel\n" + "".join(f"{text}\t{index % 2}\n" for index, text in enumerate(SENTENCES))
+    )
     return path
 
 
@@ -73,10 +82,16 @@ def int8_bundle(model_dirs, parity_data) -> Path:
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
 def test_every_layer_graph_has_the_fused_operators_the_single_graph_has_per_layer(fused_bundles, model_type):
     manifest = fused_bundles[model_type]
-    single = {name: count for name, count in manifest.full_graph.fused_operators.items() if name not in EMBEDDINGS_ONLY}
+    single = {
+        name: count
+        for name, count in manifest.full_graph.fused_operators.items()
+        if name not in EMBEDDINGS_ONLY
+    }
     assert "BiasGelu" in single
     for layer in manifest.layers:
-        assert {name: count * manifest.model.num_layers for name, count in layer.fused_operators.items()} == single, layer.file
+        assert {
+            name: count * manifest.model.num_layers for name, count in layer.fused_operators.items()
+        } == single, layer.file
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -88,7 +103,9 @@ def test_bert_style_attention_is_one_fused_node_per_layer(fused_bundles, model_t
 def test_fused_graphs_keep_float32_parity_with_pytorch(fused_bundles, model_type):
     parity = fused_bundles[model_type].parity
     assert parity.passed and parity.tolerance == FP32_TOLERANCE
-    assert max(diff for outputs in parity.max_abs_diff.values() for diff in outputs.values()) <= FP32_TOLERANCE
+    assert (
+        max(diff for outputs in parity.max_abs_diff.values() for diff in outputs.values()) <= FP32_TOLERANCE
+    )
 
 
 def contrib_operators(path: Path) -> list[str]:
@@ -115,8 +132,15 @@ def test_int8_agreement_and_accuracy_are_recorded(int8_bundle, parity_data):
     manifest = Manifest.load(int8_bundle)
     quantization = manifest.quantization
     assert manifest.model.precision == "int8"
-    assert quantization.rows == len(SENTENCES) + len(SENTENCES)  # the built-in sentences and the --parity-data rows
-    assert len(quantization.agreement) == len(quantization.accuracy) == len(quantization.float_accuracy) == manifest.model.num_layers
+    assert quantization.rows == len(SENTENCES) + len(
+        SENTENCES
+    )  # the built-in sentences and the --parity-data rows
+    assert (
+        len(quantization.agreement)
+        == len(quantization.accuracy)
+        == len(quantization.float_accuracy)
+        == manifest.model.num_layers
+    )
     assert quantization.agreement[-1] >= quantization.min_agreement
     assert quantization.parity_data == str(parity_data)
     for layer in manifest.layers:
@@ -130,19 +154,28 @@ def test_int8_exit_heads_stay_float_as_the_manifest_says(int8_bundle):
     assert manifest.quantization.float_exit_heads
     for layer in manifest.layers:
         head = {node.op_type for node in exit_head_nodes(onnx.load(str(int8_bundle / layer.file)).graph)}
-        assert head & {"Gemm", "MatMul"} and not head & {"MatMulInteger", "DynamicQuantizeLinear"}, (layer.file, head)
+        assert head & {"Gemm", "MatMul"} and not head & {"MatMulInteger", "DynamicQuantizeLinear"}, (
+            layer.file,
+            head,
+        )
 
 
 def test_a_quantizer_that_quantizes_the_head_anyway_fails_the_export(model_dirs, tmp_path, monkeypatch):
     from pcee.exporter import optimize
 
-    monkeypatch.setattr(optimize, "float_head_exclusions", lambda graph: [node.name for node in optimize.exit_head_nodes(graph)])
+    monkeypatch.setattr(
+        optimize,
+        "float_head_exclusions",
+        lambda graph: [node.name for node in optimize.exit_head_nodes(graph)],
+    )
     with pytest.raises(ExportError, match="into the exit head of layer_01.onnx"):
         export_bundle(model_dirs["bert"], tmp_path / "int8", ExportOptions(quantize="int8"))
     assert not (tmp_path / "int8").exists()
 
 
-def test_int8_export_fails_below_the_agreement_threshold_and_keeps_the_previous_bundle(model_dirs, tmp_path, monkeypatch):
+def test_int8_export_fails_below_the_agreement_threshold_and_keeps_the_previous_bundle(
+    model_dirs, tmp_path, monkeypatch
+):
     output = tmp_path / "int8"
     export_bundle(model_dirs["bert"], output, ExportOptions(fuse=False))
     before = (output / MANIFEST_NAME).read_text()
@@ -151,6 +184,7 @@ def test_int8_export_fails_below_the_agreement_threshold_and_keeps_the_previous_
         return 1 - record_labels(model, batch)
 
     from pcee.exporter import bundle as bundle_module
+
     record_labels = bundle_module.torch_exit_labels
     monkeypatch.setattr(bundle_module, "torch_exit_labels", opposite_labels)
     with pytest.raises(AgreementError, match="--min-agreement") as error:
@@ -159,11 +193,14 @@ def test_int8_export_fails_below_the_agreement_threshold_and_keeps_the_previous_
     assert (output / MANIFEST_NAME).read_text() == before
 
 
-@pytest.mark.parametrize("options, says", [
-    (dict(quantize="int8", fp16=True), "--fp16"),
-    (dict(quantize="int4"), "int4"),
-    (dict(parity_data=Path("rows.tsv")), "--quantize int8"),
-])
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (dict(quantize="int8", fp16=True), "--fp16"),
+        (dict(quantize="int4"), "int4"),
+        (dict(parity_data=Path("rows.tsv")), "--quantize int8"),
+    ],
+)
 def test_bad_quantization_options_fail_before_any_work(model_dirs, tmp_path, options, says):
     with pytest.raises(ExportError, match=says):
         export_bundle(model_dirs["bert"], tmp_path / "never", ExportOptions(**options))
@@ -176,7 +213,9 @@ def test_runtime_calibration_and_eval_run_an_int8_bundle(int8_bundle, parity_dat
         result = runtime.predict(SENTENCES, operating_point="default")
     assert len(result.predictions) == len(SENTENCES)
     data = ["--data", str(parity_data), "--task", "sst2", "--backend", "onnxruntime-cpu"]
-    calibrated = CliRunner().invoke(calibrate_main, [str(bundle), *data, "--target-speedup", "0.3", "--name", "fast", "--no-progress"])
+    calibrated = CliRunner().invoke(
+        calibrate_main, [str(bundle), *data, "--target-speedup", "0.3", "--name", "fast", "--no-progress"]
+    )
     assert calibrated.exit_code == 0, calibrated.output
     evaluated = CliRunner().invoke(eval_main, [str(bundle), *data, "--holdout-of", "fast", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
@@ -202,9 +241,17 @@ def test_cpu_layer_sessions_leave_residual_layer_norms_unfused(int8_bundle):
     from pcee.runtime.backends.onnxruntime_cpu import cpu_session_options, open_session
 
     layer = int8_bundle / Manifest.load(int8_bundle).layers[0].file
-    by_default = optimized_operators(layer, ort.SessionOptions(), lambda path, options: ort.InferenceSession(str(path), options))
-    assert "SkipLayerNormalization" in by_default  # onnxruntime fuses it on its own: the setting is not vacuous
-    runtime_opened = optimized_operators(layer, cpu_session_options(1), lambda path, options: open_session(path, options, ["CPUExecutionProvider"]))
+    by_default = optimized_operators(
+        layer, ort.SessionOptions(), lambda path, options: ort.InferenceSession(str(path), options)
+    )
+    assert (
+        "SkipLayerNormalization" in by_default
+    )  # onnxruntime fuses it on its own: the setting is not vacuous
+    runtime_opened = optimized_operators(
+        layer,
+        cpu_session_options(1),
+        lambda path, options: open_session(path, options, ["CPUExecutionProvider"]),
+    )
     assert "SkipLayerNormalization" not in runtime_opened and "LayerNormalization" in runtime_opened
 
 
@@ -213,7 +260,10 @@ def test_the_chain_sessions_share_one_arena_and_cuda_sessions_do_not_opt_in(int8
 
     backend = OnnxRuntimeCpuBackend(Manifest.load(int8_bundle).graph_chain(int8_bundle), intra_op_threads=1)
     sessions = [backend.embeddings[0], *(session for session, _ in backend.layers)]
-    assert {session.get_session_options().get_session_config_entry("session.use_env_allocators") for session in sessions} == {"1"}
+    assert {
+        session.get_session_options().get_session_config_entry("session.use_env_allocators")
+        for session in sessions
+    } == {"1"}
     with pytest.raises(RuntimeError, match="does not have configuration"):
         cpu_session_options(1, share_arena=False).get_session_config_entry("session.use_env_allocators")
 

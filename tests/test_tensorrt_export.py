@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("torch", reason="exporting needs the export extras (torch)")
 
 from emulated_gpu import EmulatedTensorRT, SoftwareCuda, onnxruntime_compute, write_engine_files  # noqa: E402
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
 from pcee.exporter import bundle as bundle_module  # noqa: E402
 from pcee.exporter import tensorrt as exporter_tensorrt  # noqa: E402
 from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
@@ -24,7 +26,6 @@ from pcee.runtime import Manifest  # noqa: E402
 from pcee.runtime.backends import cuda_memory  # noqa: E402
 from pcee.runtime.backends import tensorrt as tensorrt_backend  # noqa: E402
 from pcee.runtime.graphs import layer_spec  # noqa: E402
-from tiny_models import make_tiny_model_dir  # noqa: E402
 
 FAKE_GPU = "NVIDIA Fake GPU"
 
@@ -39,7 +40,7 @@ class FakeTimingCache:
 
 
 class FakeConfig:
-    def __init__(self, builder: "FakeBuilder"):
+    def __init__(self, builder: FakeBuilder):
         self.builder = builder
         self.flags: list = []
 
@@ -88,9 +89,15 @@ def fake_tensorrt(version: str) -> ModuleType:
     module.__version__ = version
     module.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
     module.Builder = FakeBuilder
-    module.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
-    module.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0})
-    flags = {"TF32": 1, "REFIT": 2} if version.startswith("11") else {"FP16": 0, "TF32": 1, "REFIT": 2, "INT8": 3}
+    module.OnnxParser = lambda network, logger: SimpleNamespace(
+        parse_from_file=lambda path: True, num_errors=0
+    )
+    module.NetworkDefinitionCreationFlag = enum.IntEnum(
+        "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0}
+    )
+    flags = (
+        {"TF32": 1, "REFIT": 2} if version.startswith("11") else {"FP16": 0, "TF32": 1, "REFIT": 2, "INT8": 3}
+    )
     module.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
     return module
 
@@ -104,7 +111,9 @@ def gpu_here(monkeypatch):
 @pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "10.0.1", "12.0.0"])
 def test_export_refuses_tensorrt_the_runtime_cannot_load(monkeypatch, gpu_here, version):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version))
-    with pytest.raises(TensorRTUnavailableError, match=rf"TensorRT 10.1 or newer, below 12 \(found {version}\)"):
+    with pytest.raises(
+        TensorRTUnavailableError, match=rf"TensorRT 10.1 or newer, below 12 \(found {version}\)"
+    ):
         exporter_tensorrt.require_tensorrt()
 
 
@@ -116,7 +125,9 @@ def test_export_accepts_tensorrt_10_and_11(monkeypatch, gpu_here, version):
 
 def test_export_without_tensorrt_names_the_package(monkeypatch, gpu_here):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
-    with pytest.raises(TensorRTUnavailableError, match=r"the tensorrt Python package \(pip install 'pcee\[gpu\]'\)"):
+    with pytest.raises(
+        TensorRTUnavailableError, match=r"the tensorrt Python package \(pip install 'pcee\[gpu\]'\)"
+    ):
         exporter_tensorrt.require_tensorrt()
 
 
@@ -133,7 +144,9 @@ def build_fake_engines(monkeypatch, tmp_path: Path, version: str) -> FakeBuilder
 
 
 @pytest.mark.parametrize(("version", "network_flags"), [("10.16.1.11", 1 << 0), ("11.4.0.106", 0)])
-def test_networks_are_strongly_typed_and_no_precision_flag_is_set(monkeypatch, tmp_path, version, network_flags):
+def test_networks_are_strongly_typed_and_no_precision_flag_is_set(
+    monkeypatch, tmp_path, version, network_flags
+):
     """The ONNX graph's own dtypes (float32, or --fp16's half layers) carry the precision on 10 and 11 alike."""
     builder = build_fake_engines(monkeypatch, tmp_path, version)
     assert builder.network_flags == [network_flags, network_flags]
@@ -152,7 +165,11 @@ def test_the_next_build_starts_from_the_saved_timing_cache(monkeypatch, tmp_path
 
 def test_an_unreadable_timing_cache_is_replaced_not_fatal(monkeypatch, tmp_path):
     (tmp_path / "timing.cache").write_bytes(b"written by another TensorRT")
-    monkeypatch.setattr(FakeConfig, "create_timing_cache", lambda self, serialized: None if serialized else FakeTimingCache(b"empty"))
+    monkeypatch.setattr(
+        FakeConfig,
+        "create_timing_cache",
+        lambda self, serialized: None if serialized else FakeTimingCache(b"empty"),
+    )
     with pytest.warns(RuntimeWarning, match="could not read the timing cache"):
         build_fake_engines(monkeypatch, tmp_path, "11.4.0.106")
     assert (tmp_path / "timing.cache").read_bytes() == b"empty+timings+timings"
@@ -174,13 +191,19 @@ def test_engine_parity_fits_a_small_max_batch_size(monkeypatch, tmp_path):
     monkeypatch.setattr(bundle_module, "require_tensorrt", lambda: None)
 
     def build_emulated_engines(bundle_dir, embeddings, layers, shape_range, fp16, progress):
-        tensorrt = EmulatedTensorRT(bundle_dir, onnxruntime_compute(cuda), shape_range.max_batch_size, shape_range.max_seq_len)
+        tensorrt = EmulatedTensorRT(
+            bundle_dir, onnxruntime_compute(cuda), shape_range.max_batch_size, shape_range.max_seq_len
+        )
         monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: tensorrt)
-        return write_engine_files(bundle_dir, [embeddings, *layers], shape_range.max_batch_size, shape_range.max_seq_len)
+        return write_engine_files(
+            bundle_dir, [embeddings, *layers], shape_range.max_batch_size, shape_range.max_seq_len
+        )
 
     monkeypatch.setattr(bundle_module, "build_engines", build_emulated_engines)
     model_dir = make_tiny_model_dir(tmp_path, num_layers=2)
-    result = export_bundle(model_dir, tmp_path / "bundle", ExportOptions(tensorrt=True, max_batch_size=max_rows))
+    result = export_bundle(
+        model_dir, tmp_path / "bundle", ExportOptions(tensorrt=True, max_batch_size=max_rows)
+    )
     manifest = Manifest.load(result.bundle_dir)
     assert manifest.tensorrt.max_batch_size == max_rows
     assert "tensorrt" in manifest.parity.backends and "tensorrt/layer_02" in manifest.parity.max_abs_diff

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import make_tiny_model, make_tiny_tokenizer, tiny_backbone_config, tiny_vocabulary
 from transformers import AutoModel
 
 import pcee.modeling.cli as cli_module
@@ -18,7 +19,6 @@ from pcee.modeling.cli import main as train_cli
 from pcee.modeling.data import TextDataset
 from pcee.modeling.train import TrainingConfig, encode, length_grouped_batches, train_model
 from pcee.runtime.errors import PceeError
-from tiny_models import make_tiny_model, make_tiny_tokenizer, tiny_backbone_config, tiny_vocabulary
 
 POSITIVE = "good great fun love best".split()
 NEGATIVE = "bad awful dull hate worst".split()
@@ -29,7 +29,9 @@ def sentiment_rows(count: int, seed: int = 0) -> list[tuple[str, str]]:
     rows = []
     for _ in range(count):
         label = rng.randint(0, 1)
-        words = rng.sample(POSITIVE if label else NEGATIVE, 2) + rng.sample("the movie film story plot actors".split(), 2)
+        words = rng.sample(POSITIVE if label else NEGATIVE, 2) + rng.sample(
+            "the movie film story plot actors".split(), 2
+        )
         rng.shuffle(words)
         rows.append((" ".join(words), str(label)))
     return rows
@@ -62,10 +64,14 @@ def generic_files(tmp_path_factory):
 def test_training_lowers_the_loss():
     model = make_tiny_model(num_layers=2, exit_pooling="mean")
     rows = sentiment_rows(128)
-    dataset = TextDataset([text for text, _ in rows], None, [int(label) for _, label in rows], ("0", "1"), "memory")
+    dataset = TextDataset(
+        [text for text, _ in rows], None, [int(label) for _, label in rows], ("0", "1"), "memory"
+    )
     tokenizer = make_tiny_tokenizer()
     config = TrainingConfig(epochs=8, batch_size=16, learning_rate=1e-3, warmup_ratio=0.1, seed=0)
-    losses = train_model(model, encode(tokenizer, dataset, 32), config, tokenizer.pad_token_id, progress=False)
+    losses = train_model(
+        model, encode(tokenizer, dataset, 32), config, tokenizer.pad_token_id, progress=False
+    )
     assert len(losses) == 64
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
 
@@ -83,14 +89,32 @@ def run_train(*arguments):
 
 def generic_arguments(backbone, files, output):
     return [
-        "--backbone", backbone, "--train-file", files / "train.csv", "--validation-file", files / "dev.csv",
-        "--text-column", "text", "--label-column", "label", "--output-dir", output,
+        "--backbone",
+        backbone,
+        "--train-file",
+        files / "train.csv",
+        "--validation-file",
+        files / "dev.csv",
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--output-dir",
+        output,
     ]
 
 
 def test_cli_trains_saves_and_reports_every_exit(tiny_backbone, generic_files, tmp_path):
     output = tmp_path / "model"
-    result = run_train(*generic_arguments(tiny_backbone, generic_files, output), "--epochs", "1", "--max-seq-len", "24", "--lr", "1e-3")
+    result = run_train(
+        *generic_arguments(tiny_backbone, generic_files, output),
+        "--epochs",
+        "1",
+        "--max-seq-len",
+        "24",
+        "--lr",
+        "1e-3",
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((output / "eval_results.json").read_text())
     assert [row["layer"] for row in results["exits"]] == [1, 2]
@@ -104,7 +128,13 @@ def test_cli_trains_saves_and_reports_every_exit(tiny_backbone, generic_files, t
 def test_cli_is_reproducible_for_a_seed(tiny_backbone, generic_files, tmp_path):
     outputs = []
     for name in ("a", "b"):
-        run_train(*generic_arguments(tiny_backbone, generic_files, tmp_path / name), "--epochs", "0.5", "--seed", "7")
+        run_train(
+            *generic_arguments(tiny_backbone, generic_files, tmp_path / name),
+            "--epochs",
+            "0.5",
+            "--seed",
+            "7",
+        )
         outputs.append(json.loads((tmp_path / name / "eval_results.json").read_text())["final_loss"])
     assert outputs[0] == outputs[1]
 
@@ -146,13 +176,26 @@ def test_cli_unsupported_architecture_lists_supported(tmp_path, generic_files):
     backbone = tmp_path / "gpt"
     backbone.mkdir()
     (backbone / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    result = CliRunner().invoke(train_cli, [*map(str, generic_arguments(backbone, generic_files, tmp_path / "out")), "--no-progress"])
+    result = CliRunner().invoke(
+        train_cli, [*map(str, generic_arguments(backbone, generic_files, tmp_path / "out")), "--no-progress"]
+    )
     assert result.exit_code != 0 and "bert, distilbert, roberta" in result.output
 
 
 def test_cli_glue_task_directory(tiny_backbone, tmp_path):
     glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
-    result = run_train("--backbone", tiny_backbone, "--task", "sst2", "--data-dir", glue, "--output-dir", tmp_path / "m", "--epochs", "1")
+    result = run_train(
+        "--backbone",
+        tiny_backbone,
+        "--task",
+        "sst2",
+        "--data-dir",
+        glue,
+        "--output-dir",
+        tmp_path / "m",
+        "--epochs",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m" / "eval_results.json").read_text())["task"] == "sst2"
 
@@ -185,7 +228,18 @@ def test_cli_turns_any_pcee_error_into_one_line(monkeypatch, tmp_path):
 
 def test_cli_records_glue_label_names(tiny_backbone, tmp_path):
     glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
-    result = run_train("--backbone", tiny_backbone, "--task", "sst2", "--data-dir", glue, "--output-dir", tmp_path / "m", "--epochs", "1")
+    result = run_train(
+        "--backbone",
+        tiny_backbone,
+        "--task",
+        "sst2",
+        "--data-dir",
+        glue,
+        "--output-dir",
+        tmp_path / "m",
+        "--epochs",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["pcee"]["label_names"] == ["negative", "positive"]

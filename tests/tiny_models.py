@@ -47,7 +47,11 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -55,13 +59,18 @@ def tiny_backbone_config(model_type: str, num_layers: int, vocab_size: int):
     if model_type == "distilbert":
         sizes = dict(dim=HIDDEN_SIZE, hidden_dim=64, n_layers=num_layers, n_heads=2)
     else:
-        sizes = dict(hidden_size=HIDDEN_SIZE, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2)
+        sizes = dict(
+            hidden_size=HIDDEN_SIZE, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2
+        )
     if model_type == "albert":
         sizes["embedding_size"] = 16
     # RoBERTa numbers positions from pad_token_id + 1, so it needs pad_token_id + 1 spare positions.
     return AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS + PAD_ID + 2,
-        pad_token_id=PAD_ID, **sizes,
+        model_type,
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_POSITIONS + PAD_ID + 2,
+        pad_token_id=PAD_ID,
+        **sizes,
     )
 
 
@@ -77,10 +86,16 @@ def make_tiny_model(
 ) -> MultiExitClassifier:
     torch.manual_seed(seed)
     pcee_config = PceeConfig(
-        num_labels=num_labels, exit_pooling=exit_pooling, learned_confidence=learned_confidence,
-        max_seq_len=64, task=task, label_names=list(label_names or []),
+        num_labels=num_labels,
+        exit_pooling=exit_pooling,
+        learned_confidence=learned_confidence,
+        max_seq_len=64,
+        task=task,
+        label_names=list(label_names or []),
     )
-    model = MultiExitClassifier(tiny_backbone_config(model_type, num_layers, len(tiny_vocabulary())), pcee_config)
+    model = MultiExitClassifier(
+        tiny_backbone_config(model_type, num_layers, len(tiny_vocabulary())), pcee_config
+    )
     return model.eval()
 
 
@@ -89,6 +104,9 @@ def make_tiny_model_dir(tmp_path: Path, **options) -> Path:
     model = make_tiny_model(**options)
     config = model.pcee_config
     learned = "-learned" if config.learned_confidence else ""
-    directory = Path(tmp_path) / f"tiny-{model.backbone_config.model_type}-{config.exit_pooling}{learned}-{model.num_layers}"
+    directory = (
+        Path(tmp_path)
+        / f"tiny-{model.backbone_config.model_type}-{config.exit_pooling}{learned}-{model.num_layers}"
+    )
     model.save_pretrained(directory, make_tiny_tokenizer())
     return directory

@@ -12,7 +12,14 @@ from ..errors import BackendUnavailableError, InputError
 from ..graphs import EngineChain, GraphChain
 from .base import Backend
 
-BACKEND_NAMES = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-single-graph", "tensorrt")
+BACKEND_NAMES = (
+    "auto",
+    "onnxruntime",
+    "onnxruntime-cpu",
+    "onnxruntime-cuda",
+    "onnxruntime-single-graph",
+    "tensorrt",
+)
 # From 10.1 (device_memory_size_v2, IExecutionContext.set_device_memory) up to, not including, 12: the
 # majors whose Python API the TensorRT backend and the exporter are written to (TensorRT 11 removed
 # the weak-typing builder flags and device_memory_size; 12 is unknown).
@@ -64,14 +71,20 @@ def create_backend(
             try:
                 return create_tensorrt_backend(chain, engines, max_concurrency)
             except BackendUnavailableError as error:
-                warnings.warn(f"TensorRT engines cannot run here ({error}); using onnxruntime", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"TensorRT engines cannot run here ({error}); using onnxruntime",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         name = "onnxruntime"
     if name == "tensorrt":
         return create_tensorrt_backend(chain, engines, max_concurrency)
     if name == "onnxruntime-single-graph":
         return create_single_graph_backend(chain, intra_op_threads)
     if name == "onnxruntime-cuda" or (name == "onnxruntime" and cuda_provider_available()):
-        return create_cuda_backend(chain, explicit=name == "onnxruntime-cuda", intra_op_threads=intra_op_threads)
+        return create_cuda_backend(
+            chain, explicit=name == "onnxruntime-cuda", intra_op_threads=intra_op_threads
+        )
     if name == "onnxruntime":
         warn_about_a_broken_gpu_wheel()
     return create_cpu_backend(chain, intra_op_threads)
@@ -112,5 +125,9 @@ def create_cuda_backend(chain: GraphChain, explicit: bool, intra_op_threads: int
     except BackendUnavailableError:
         if explicit:
             raise
-        warnings.warn("onnxruntime CUDA execution provider could not start; falling back to CPU", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "onnxruntime CUDA execution provider could not start; falling back to CPU",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return create_cpu_backend(chain, intra_op_threads)

@@ -71,7 +71,7 @@ class CudaRuntime:
         self.api = cudart
 
     @classmethod
-    def load(cls) -> "CudaRuntime":
+    def load(cls) -> CudaRuntime:
         """cudart on a machine with a visible GPU; BackendUnavailableError saying which of the two is missing."""
         cudart = import_cudart()
         if cudart is None:
@@ -82,7 +82,9 @@ class CudaRuntime:
         except (RuntimeError, OSError) as failure:  # older cuda-python raises when libcuda cannot be loaded
             raise BackendUnavailableError(f"an NVIDIA GPU driver ({failure})") from None
         if error != cudart.cudaError_t.cudaSuccess:
-            raise BackendUnavailableError(f"an NVIDIA GPU (cudaGetDeviceCount: {runtime.describe(error)}){runtime.driver_hint()}")
+            raise BackendUnavailableError(
+                f"an NVIDIA GPU (cudaGetDeviceCount: {runtime.describe(error)}){runtime.driver_hint()}"
+            )
         if not count:
             raise BackendUnavailableError("an NVIDIA GPU (cudaGetDeviceCount: 0 devices)")
         return runtime
@@ -149,13 +151,20 @@ class CudaRuntime:
         kind = self.api.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.call("cudaMemcpyAsync", target.ctypes.data, source, nbytes, kind, stream)
 
-    def enqueue_copies(self, copies: list["PitchedCopy"], source: int, target: int, stream) -> None:
+    def enqueue_copies(self, copies: list[PitchedCopy], source: int, target: int, stream) -> None:
         """Device-to-device copies of a plan, from the buffer at `source` into the one at `target`."""
         kind = self.api.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         for copy in copies:
             self.call(
-                "cudaMemcpy2DAsync", target + copy.target_offset, copy.target_pitch, source + copy.source_offset,
-                copy.source_pitch, copy.width, copy.height, kind, stream,
+                "cudaMemcpy2DAsync",
+                target + copy.target_offset,
+                copy.target_pitch,
+                source + copy.source_offset,
+                copy.source_pitch,
+                copy.width,
+                copy.height,
+                kind,
+                stream,
             )
 
 
@@ -302,7 +311,9 @@ def runs_of_true(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(start), int(stop - start)) for start, stop in zip(edges[::2], edges[1::2])]
 
 
-def plan_row_copies(keep: np.ndarray, sequence_length: int, kept_length: int, position_bytes: int) -> list[PitchedCopy]:
+def plan_row_copies(
+    keep: np.ndarray, sequence_length: int, kept_length: int, position_bytes: int
+) -> list[PitchedCopy]:
     """Copies gathering the kept rows of a row-major [rows, sequence, ...] tensor, each trimmed to kept_length positions.
 
     Adjacent kept rows form one 2D copy: source blocks sit a full row apart, target blocks a trimmed row apart.
@@ -312,13 +323,26 @@ def plan_row_copies(keep: np.ndarray, sequence_length: int, kept_length: int, po
     copies = []
     target_row = 0
     for first_row, count in runs_of_true(keep):
-        copies.append(PitchedCopy(first_row * source_pitch, target_row * target_pitch, target_pitch, count, source_pitch, target_pitch))
+        copies.append(
+            PitchedCopy(
+                first_row * source_pitch,
+                target_row * target_pitch,
+                target_pitch,
+                count,
+                source_pitch,
+                target_pitch,
+            )
+        )
         target_row += count
     return copies
 
 
 def plan_compaction(
-    keep: np.ndarray, extents: np.ndarray, sequence_length: int, hidden_position_bytes: int, bias_position_bytes: int
+    keep: np.ndarray,
+    extents: np.ndarray,
+    sequence_length: int,
+    hidden_position_bytes: int,
+    bias_position_bytes: int,
 ) -> Compaction:
     """Keep the rows where `keep` is true; drop trailing positions no kept row attends to.
 
@@ -344,5 +368,7 @@ def require_cuda(backend: str, problems: list[str]) -> CudaRuntime:
     except BackendUnavailableError as error:
         problems = [*problems, str(error)]
     if problems:
-        raise BackendUnavailableError(f"the {backend} backend cannot run here; it needs " + "; ".join(problems))
+        raise BackendUnavailableError(
+            f"the {backend} backend cannot run here; it needs " + "; ".join(problems)
+        )
     return cuda

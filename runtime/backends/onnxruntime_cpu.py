@@ -16,7 +16,12 @@ from ..graphs import GraphChain, GraphSpec, LocatedGraph, TensorSpec
 from ..tokenization import EncodedBatch
 from .base import Backend
 
-ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 def cpu_session_options(intra_op_threads: int | None = None, share_arena: bool = True) -> ort.SessionOptions:
@@ -60,8 +65,12 @@ def share_process_arena(options: ort.SessionOptions) -> None:
     global _arena_registered
     with _arena_lock:
         if not _arena_registered:
-            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))  # -1: onnxruntime's defaults
+            memory = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            ort.create_and_register_allocator(
+                memory, ort.OrtArenaCfg(0, -1, -1, -1)
+            )  # -1: onnxruntime's defaults
             _arena_registered = True
     options.add_session_config_entry("session.use_env_allocators", "1")
 
@@ -69,9 +78,13 @@ def share_process_arena(options: ort.SessionOptions) -> None:
 def open_session(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     disabled = CPU_DISABLED_OPTIMIZERS if providers == ["CPUExecutionProvider"] else None
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=providers, disabled_optimizers=disabled
+        )
     except Exception as error:  # onnxruntime raises its own exception types for bad graphs
-        raise BundleError(f"{path} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle") from None
+        raise BundleError(
+            f"{path} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle"
+        ) from None
 
 
 def open_cpu_session(path: str | Path, intra_op_threads: int | None = None) -> ort.InferenceSession:
@@ -81,22 +94,34 @@ def open_cpu_session(path: str | Path, intra_op_threads: int | None = None) -> o
 
 def session_signature(node_args) -> list[TensorSpec]:
     return [
-        TensorSpec(arg.name, ORT_DTYPES.get(arg.type, arg.type), tuple(dim if isinstance(dim, int) else "dynamic" for dim in arg.shape))
+        TensorSpec(
+            arg.name,
+            ORT_DTYPES.get(arg.type, arg.type),
+            tuple(dim if isinstance(dim, int) else "dynamic" for dim in arg.shape),
+        )
         for arg in node_args
     ]
 
 
 def check_session(session: ort.InferenceSession, graph: LocatedGraph) -> None:
     """The opened graph must be the one the manifest describes, at its place in the chain."""
-    problems = graphs.signature_mismatches(graph.spec, session_signature(session.get_inputs()), session_signature(session.get_outputs()))
+    problems = graphs.signature_mismatches(
+        graph.spec, session_signature(session.get_inputs()), session_signature(session.get_outputs())
+    )
     recorded_name = session.get_modelmeta().custom_metadata_map.get(graphs.GRAPH_NAME_KEY)
     if recorded_name != graph.name:
-        problems.append(f"the file says it holds graph {recorded_name!r}, the manifest puts it at {graph.name!r}")
+        problems.append(
+            f"the file says it holds graph {recorded_name!r}, the manifest puts it at {graph.name!r}"
+        )
     if problems:
-        raise BundleError(f"{graph.path} does not match the manifest: {'; '.join(problems)}; re-export the bundle")
+        raise BundleError(
+            f"{graph.path} does not match the manifest: {'; '.join(problems)}; re-export the bundle"
+        )
 
 
-def open_checked_session(graph: LocatedGraph, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+def open_checked_session(
+    graph: LocatedGraph, options: ort.SessionOptions, providers: list
+) -> ort.InferenceSession:
     session = open_session(graph.path, options, providers)
     check_session(session, graph)
     return session
@@ -134,7 +159,9 @@ class OnnxRuntimeCpuBackend(Backend):
         options = cpu_session_options(intra_op_threads)
         providers = ["CPUExecutionProvider"]
         self.embeddings = (open_checked_session(chain.embeddings, options, providers), chain.embeddings.spec)
-        self.layers = [(open_checked_session(layer, options, providers), layer.spec) for layer in chain.layers]
+        self.layers = [
+            (open_checked_session(layer, options, providers), layer.spec) for layer in chain.layers
+        ]
 
     @property
     def device(self) -> str:
@@ -149,7 +176,9 @@ class OnnxRuntimeCpuBackend(Backend):
         records = []
         for index in range(first_layer, first_layer + count):
             session, spec = self.layers[index]
-            values = session.run(spec.output_names, {graphs.HIDDEN_STATES: state.hidden, graphs.ATTENTION_BIAS: state.bias})
+            values = session.run(
+                spec.output_names, {graphs.HIDDEN_STATES: state.hidden, graphs.ATTENTION_BIAS: state.bias}
+            )
             outputs = dict(zip(spec.output_names, values))
             state.hidden = outputs[graphs.NEXT_HIDDEN_STATES]
             records.append(exit_record(outputs))
@@ -158,7 +187,9 @@ class OnnxRuntimeCpuBackend(Backend):
     def _compact_impl(self, state, keep):
         bias = state.bias[keep]
         longest = longest_unmasked(bias)
-        return CpuBatchState(np.ascontiguousarray(state.hidden[keep, :longest]), np.ascontiguousarray(bias[..., :longest]))
+        return CpuBatchState(
+            np.ascontiguousarray(state.hidden[keep, :longest]), np.ascontiguousarray(bias[..., :longest])
+        )
 
 
 def longest_unmasked(bias: np.ndarray) -> int:

@@ -21,7 +21,14 @@ from ..errors import BackendUnavailableError
 from ..exits import ExitRecord
 from ..graphs import GraphChain, LocatedGraph
 from .base import Backend
-from .cuda_memory import DEVICE_INDEX, LeasePool, installed_version, plan_compaction, require_cuda, row_extents
+from .cuda_memory import (
+    DEVICE_INDEX,
+    LeasePool,
+    installed_version,
+    plan_compaction,
+    require_cuda,
+    row_extents,
+)
 from .onnxruntime_cpu import cpu_session_options, exit_record, feeds_for, open_checked_session
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -35,7 +42,9 @@ def cuda_provider_problems() -> list[str]:
     if CUDA_PROVIDER in available:
         return []
     fix = broken_gpu_wheel() or f"install onnxruntime-gpu in place of onnxruntime: {SWAP_WHEELS}"
-    return [f"onnxruntime's {CUDA_PROVIDER} (onnxruntime {ort.__version__} here offers {', '.join(available)}; {fix})"]
+    return [
+        f"onnxruntime's {CUDA_PROVIDER} (onnxruntime {ort.__version__} here offers {', '.join(available)}; {fix})"
+    ]
 
 
 def broken_gpu_wheel() -> str | None:
@@ -59,7 +68,9 @@ def broken_gpu_wheel() -> str | None:
 
 
 def open_cuda_session(graph: LocatedGraph, options: ort.SessionOptions) -> ort.InferenceSession:
-    session = open_checked_session(graph, options, [(CUDA_PROVIDER, {"device_id": DEVICE_INDEX}), "CPUExecutionProvider"])
+    session = open_checked_session(
+        graph, options, [(CUDA_PROVIDER, {"device_id": DEVICE_INDEX}), "CPUExecutionProvider"]
+    )
     if CUDA_PROVIDER not in session.get_providers():
         raise BackendUnavailableError(
             f"onnxruntime fell back to the CPU for {graph.path.name}: the {CUDA_PROVIDER} did not start, usually because the "
@@ -119,7 +130,9 @@ class OnnxRuntimeCudaBackend(Backend):
         outputs = dict(zip(spec.output_names, binding.get_outputs()))
         hidden = outputs[graphs.HIDDEN_STATES]
         spare = self.on_device(tuple(hidden.shape()), self.hidden_dtype)
-        return CudaBatchState(hidden, spare, outputs[graphs.ATTENTION_BIAS], row_extents(batch.attention_mask))
+        return CudaBatchState(
+            hidden, spare, outputs[graphs.ATTENTION_BIAS], row_extents(batch.attention_mask)
+        )
 
     def _run_layers_impl(self, state, first_layer, count):
         return [self.run_layer(state, index) for index in range(first_layer, first_layer + count)]
@@ -141,7 +154,9 @@ class OnnxRuntimeCudaBackend(Backend):
     def _compact_impl(self, state, keep):
         _, length, hidden_size = state.hidden.shape()
         hidden_bytes = hidden_size * np.dtype(self.hidden_dtype).itemsize
-        plan = plan_compaction(keep, state.row_extents, length, hidden_bytes, np.dtype(self.bias_dtype).itemsize)
+        plan = plan_compaction(
+            keep, state.row_extents, length, hidden_bytes, np.dtype(self.bias_dtype).itemsize
+        )
         hidden_shape = (plan.rows, plan.sequence_length, hidden_size)
         hidden = self.on_device(hidden_shape, self.hidden_dtype)
         bias = self.on_device((plan.rows, 1, 1, plan.sequence_length), self.bias_dtype)

@@ -32,7 +32,9 @@ class SingleGraphBackend(Backend):
                 "re-export it with pcee-export --with-full-graph"
             )
         self.spec = chain.full.spec
-        self.session = open_checked_session(chain.full, cpu_session_options(intra_op_threads), ["CPUExecutionProvider"])
+        self.session = open_checked_session(
+            chain.full, cpu_session_options(intra_op_threads), ["CPUExecutionProvider"]
+        )
 
     @property
     def device(self) -> str:
@@ -57,7 +59,9 @@ class SingleGraphBackend(Backend):
 def last_exit_record(logits: np.ndarray) -> ExitRecord:
     """The exit outputs of `logits` [n, K], as a layer graph computes them."""
     probabilities = softmax(logits)
-    return ExitRecord(logits=logits, entropy=normalized_entropy(probabilities), max_probability=probabilities.max(axis=-1))
+    return ExitRecord(
+        logits=logits, entropy=normalized_entropy(probabilities), max_probability=probabilities.max(axis=-1)
+    )
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

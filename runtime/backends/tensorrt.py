@@ -26,7 +26,15 @@ from ..graphs import EngineChain, GraphChain
 from ..tokenization import EncodedBatch
 from . import DEFAULT_MAX_CONCURRENCY, tensorrt_version_problem
 from .base import Backend
-from .cuda_memory import Allocations, Compaction, CudaRuntime, LeasePool, plan_compaction, require_cuda, row_extents
+from .cuda_memory import (
+    Allocations,
+    Compaction,
+    CudaRuntime,
+    LeasePool,
+    plan_compaction,
+    require_cuda,
+    row_extents,
+)
 from .onnxruntime_cpu import exit_record, feeds_for
 
 REBUILD_HINT = "rebuild the engines on this machine with pcee-export --tensorrt"
@@ -49,7 +57,9 @@ def tensorrt_problems(engines: EngineChain | None, trt) -> list[str]:
     elif (version_problem := tensorrt_version_problem(trt.__version__)) is not None:
         problems.append(version_problem)
     if engines is None:
-        problems.append("TensorRT engines in the bundle (export it with pcee-export --tensorrt on a GPU machine)")
+        problems.append(
+            "TensorRT engines in the bundle (export it with pcee-export --tensorrt on a GPU machine)"
+        )
     return problems
 
 
@@ -111,16 +121,21 @@ def tensor_facts(trt, chain: GraphChain, embeddings, layers: list) -> TensorFact
     layer_spec, layer = chain.layer_spec, layers[0]
     exits = {
         tensor.name: ExitLayout(tensor_dtype(trt, layer, tensor.name), tuple(tensor.shape[1:]))
-        for tensor in layer_spec.outputs if tensor.name != graphs.NEXT_HIDDEN_STATES
+        for tensor in layer_spec.outputs
+        if tensor.name != graphs.NEXT_HIDDEN_STATES
     }
     return TensorFacts(
-        token_dtypes={name: tensor_dtype(trt, embeddings, name) for name in chain.embeddings.spec.input_names},
+        token_dtypes={
+            name: tensor_dtype(trt, embeddings, name) for name in chain.embeddings.spec.input_names
+        },
         hidden_dtype=tensor_dtype(trt, layer, graphs.HIDDEN_STATES),
         bias_dtype=tensor_dtype(trt, layer, graphs.ATTENTION_BIAS),
         exits=exits,
         hidden_size=layer_spec.inputs[0].shape[2],
         num_layers=chain.num_layers,
-        limits=profile_limits([(embeddings, chain.embeddings.spec), *((engine, chain.layer_spec) for engine in layers)]),
+        limits=profile_limits(
+            [(embeddings, chain.embeddings.spec), *((engine, chain.layer_spec) for engine in layers)]
+        ),
         # At least a byte: cudaMalloc(0) returns no pointer to hand the contexts.
         scratch_bytes=max(1, *(engine.device_memory_size_v2 for engine in [embeddings, *layers])),
     )
@@ -133,7 +148,9 @@ def profile_limits(engines: list[tuple[object, graphs.GraphSpec]]) -> ProfileLim
         for tensor in spec.inputs:
             shapes = engine.get_tensor_profile_shape(tensor.name, PROFILE)
             if len(shapes) != 3:  # (min, opt, max); empty when the engine has no such profile
-                raise BundleError(f"a {spec.kind} engine has no optimization profile for {tensor.name}; {REBUILD_HINT}")
+                raise BundleError(
+                    f"a {spec.kind} engine has no optimization profile for {tensor.name}; {REBUILD_HINT}"
+                )
             largest = tuple(shapes[2])
             for axis, dim in enumerate(tensor.shape):
                 if dim in maximum:
@@ -165,7 +182,9 @@ class BoundContext:
     def __init__(self, engine, label: str, allocation_strategy):
         self.context = engine.create_execution_context(allocation_strategy)
         if self.context is None:
-            raise BackendError(f"TensorRT could not create an execution context for the {label} (out of GPU memory?)")
+            raise BackendError(
+                f"TensorRT could not create an execution context for the {label} (out of GPU memory?)"
+            )
         self.label = label
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
@@ -194,12 +213,14 @@ class BoundContext:
 
     def execute(self, stream) -> None:
         if not self.context.execute_async_v3(int(stream)):
-            raise BackendError(f"{self.label}: TensorRT execute_async_v3 failed; the TensorRT log above says why")
+            raise BackendError(
+                f"{self.label}: TensorRT execute_async_v3 failed; the TensorRT log above says why"
+            )
 
 
 @dataclass
 class TensorRTBatchState:
-    contexts: "ContextSet"
+    contexts: ContextSet
     rows: int
     sequence_length: int
     row_extents: np.ndarray
@@ -216,14 +237,22 @@ class TensorRTBatchState:
 class ContextSet:
     """What one caller uses at a time: a context per engine, a stream, device buffers and pinned exit slots."""
 
-    def __init__(self, cuda: CudaRuntime, embeddings_engine, layer_engines: list, facts: TensorFacts, allocation_strategy):
+    def __init__(
+        self,
+        cuda: CudaRuntime,
+        embeddings_engine,
+        layer_engines: list,
+        facts: TensorFacts,
+        allocation_strategy,
+    ):
         self.cuda = cuda
         self.facts = facts
         self.memory = Allocations(cuda)
         try:
             self.embeddings = BoundContext(embeddings_engine, "embeddings engine", allocation_strategy)
             self.layers = [
-                BoundContext(engine, f"layer {index + 1} engine", allocation_strategy) for index, engine in enumerate(layer_engines)
+                BoundContext(engine, f"layer {index + 1} engine", allocation_strategy)
+                for index, engine in enumerate(layer_engines)
             ]
             self.allocate_buffers()
         except BaseException:
@@ -239,18 +268,27 @@ class ContextSet:
             context.use_scratch(scratch, facts.scratch_bytes)
         rows = facts.limits.max_batch_size
         positions = rows * facts.limits.max_seq_len
-        self.tokens = {name: memory.device(positions * dtype.itemsize) for name, dtype in facts.token_dtypes.items()}
+        self.tokens = {
+            name: memory.device(positions * dtype.itemsize) for name, dtype in facts.token_dtypes.items()
+        }
         self.hidden = [memory.device(positions * facts.hidden_position_bytes) for _ in range(2)]
         self.bias = [memory.device(positions * facts.bias_dtype.itemsize) for _ in range(2)]
         self.exit_buffers = {name: memory.device(rows * exit.row_bytes) for name, exit in facts.exits.items()}
         # One pinned slot per layer, so a span of layers copies every exit out before its single sync.
-        self.exit_slots = {name: memory.pinned((facts.num_layers, rows, *exit.shape), exit.dtype) for name, exit in facts.exits.items()}
+        self.exit_slots = {
+            name: memory.pinned((facts.num_layers, rows, *exit.shape), exit.dtype)
+            for name, exit in facts.exits.items()
+        }
 
     def enqueue_embeddings(self, feeds: dict[str, np.ndarray]) -> None:
         context = self.embeddings
         for name, array in feeds.items():
             # Pageable source: cudaMemcpyAsync returns once the array is staged, so it may be freed after.
-            self.cuda.copy_to_device(self.tokens[name], np.ascontiguousarray(array, dtype=self.facts.token_dtypes[name]), self.stream)
+            self.cuda.copy_to_device(
+                self.tokens[name],
+                np.ascontiguousarray(array, dtype=self.facts.token_dtypes[name]),
+                self.stream,
+            )
             context.set_shape(name, array.shape)
             context.set_address(name, self.tokens[name])
         context.set_address(graphs.HIDDEN_STATES, self.hidden[0])
@@ -270,11 +308,15 @@ class ContextSet:
         context.execute(self.stream)
         # Same stream: the next layer overwrites the exit buffers only after these copies ran.
         for name, exit in self.facts.exits.items():
-            self.cuda.copy_to_host(self.exit_slots[name][slot], self.exit_buffers[name], rows * exit.row_bytes, self.stream)
+            self.cuda.copy_to_host(
+                self.exit_slots[name][slot], self.exit_buffers[name], rows * exit.row_bytes, self.stream
+            )
 
     def enqueue_compaction(self, state: TensorRTBatchState, plan: Compaction) -> None:
         hidden, bias = state.hidden_index, state.bias_index
-        self.cuda.enqueue_copies(plan.hidden_copies, self.hidden[hidden], self.hidden[1 - hidden], self.stream)
+        self.cuda.enqueue_copies(
+            plan.hidden_copies, self.hidden[hidden], self.hidden[1 - hidden], self.stream
+        )
         self.cuda.enqueue_copies(plan.bias_copies, self.bias[bias], self.bias[1 - bias], self.stream)
 
     def synchronize(self) -> None:
@@ -283,7 +325,9 @@ class ContextSet:
     def exit_records(self, count: int, rows: int) -> list[ExitRecord]:
         # astype copies: the pinned slots are overwritten by this set's next span.
         return [
-            exit_record({name: slots[slot, :rows].astype(np.float32) for name, slots in self.exit_slots.items()})
+            exit_record(
+                {name: slots[slot, :rows].astype(np.float32) for name, slots in self.exit_slots.items()}
+            )
             for slot in range(count)
         ]
 
@@ -295,7 +339,9 @@ class ContextSet:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, chain: GraphChain, engines: EngineChain | None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY):
+    def __init__(
+        self, chain: GraphChain, engines: EngineChain | None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    ):
         super().__init__(chain.num_layers)
         check_max_concurrency(max_concurrency)
         trt = import_tensorrt()
@@ -304,14 +350,22 @@ class TensorRTBackend(Backend):
         self.allocation_strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.runtime = trt.Runtime(shared_logger(trt))
         if self.runtime is None:
-            raise BackendUnavailableError("TensorRT could not create a runtime (is the GPU visible to this process?)")
+            raise BackendUnavailableError(
+                "TensorRT could not create a runtime (is the GPU visible to this process?)"
+            )
         self.embeddings_engine = self.load_engine(trt, engines.embeddings, chain.embeddings.spec)
-        self.layer_engines = [self.load_engine(trt, path, graph.spec) for path, graph in zip(engines.layers, chain.layers)]
+        self.layer_engines = [
+            self.load_engine(trt, path, graph.spec) for path, graph in zip(engines.layers, chain.layers)
+        ]
         if len(self.layer_engines) != self.num_layers:
-            raise BundleError(f"the manifest lists {len(self.layer_engines)} layer engines for {self.num_layers} layers; {REBUILD_HINT}")
+            raise BundleError(
+                f"the manifest lists {len(self.layer_engines)} layer engines for {self.num_layers} layers; {REBUILD_HINT}"
+            )
         self.facts = tensor_facts(trt, chain, self.embeddings_engine, self.layer_engines)
         self._device = self.cuda.device_description()
-        self.pool: LeasePool[ContextSet] = LeasePool(self.create_context_set, ContextSet.destroy, limit=max_concurrency)
+        self.pool: LeasePool[ContextSet] = LeasePool(
+            self.create_context_set, ContextSet.destroy, limit=max_concurrency
+        )
         # Build one set now, so missing GPU memory fails the load rather than the first request.
         self.pool.give_back(self.pool.checkout())
 
@@ -321,7 +375,9 @@ class TensorRTBackend(Backend):
         return engine
 
     def create_context_set(self) -> ContextSet:
-        return ContextSet(self.cuda, self.embeddings_engine, self.layer_engines, self.facts, self.allocation_strategy)
+        return ContextSet(
+            self.cuda, self.embeddings_engine, self.layer_engines, self.facts, self.allocation_strategy
+        )
 
     @property
     def device(self) -> str:
@@ -348,7 +404,9 @@ class TensorRTBackend(Backend):
     def _begin_impl(self, batch):
         self.check_limits(batch)
         contexts = self.pool.checkout()
-        state = TensorRTBatchState(contexts, len(batch), batch.input_ids.shape[1], row_extents(batch.attention_mask))
+        state = TensorRTBatchState(
+            contexts, len(batch), batch.input_ids.shape[1], row_extents(batch.attention_mask)
+        )
         state.release = weakref.finalize(state, self.pool.give_back, contexts)
         contexts.enqueue_embeddings(feeds_for(self.chain.embeddings.spec, batch))
         return state
@@ -363,7 +421,11 @@ class TensorRTBackend(Backend):
 
     def _compact_impl(self, state, keep):
         plan = plan_compaction(
-            keep, state.row_extents, state.sequence_length, self.facts.hidden_position_bytes, self.facts.bias_dtype.itemsize
+            keep,
+            state.row_extents,
+            state.sequence_length,
+            self.facts.hidden_position_bytes,
+            self.facts.bias_dtype.itemsize,
         )
         state.contexts.enqueue_compaction(state, plan)
         state.shrink(plan)
