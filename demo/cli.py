@@ -53,9 +53,9 @@ def main(workdir: Path, epochs: float, target_speedup: float, max_train_samples:
     """
     require_export_extras("pcee-demo")
     from pcee.calibration.cli import calibrate_main, eval_main
-    from pcee.calibration.report import REPORTS_DIRECTORY
     from pcee.exporter.cli import main as export_main
     from pcee.modeling.cli import main as train_main
+    from pcee.runtime import REPORTS_DIR
     from pcee.runtime.cli import main as predict_main
 
     model_dir = workdir / "sst2"
@@ -111,7 +111,7 @@ def main(workdir: Path, epochs: float, target_speedup: float, max_train_samples:
     except click.ClickException as error:
         error.show()
         raise SystemExit(error.exit_code) from None
-    report_dir = bundle_dir / REPORTS_DIRECTORY / POINT_NAME
+    report_dir = bundle_dir / REPORTS_DIR / POINT_NAME
     click.secho(
         f"\nDone. Model: {model_dir}  Bundle: {bundle_dir}  Report: {report_dir}/ (calibration-report.json, calibration-frontier.png)",
         bold=True,

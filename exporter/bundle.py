@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -28,7 +27,10 @@ from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
     FORMAT_VERSION,
+    GRAPH_DIR,
     MANIFEST_NAME,
+    TOKENIZER_DIR,
+    TOKENIZER_JSON,
     FileEntry,
     GraphFile,
     GraphSpec,
@@ -43,11 +45,14 @@ from pcee.runtime import (
     backup_directory_for,
     create_backend,
     graph_chain_of,
+    is_bundle_entry,
     layer_graph_name,
+    onnx_file,
     replace_directory,
     sha256_of,
     staging_directory_for,
     staging_directory_pattern,
+    tokenizer_file,
     written_before_this_process,
 )
 from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
@@ -77,11 +82,8 @@ from .quantize import (
     measure_agreement,
     torch_exit_labels,
 )
-from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ENGINE_DIR, ShapeRange, build_engines, require_tensorrt
+from .tensorrt import DEFAULT_MAX_BATCH_SIZE, ShapeRange, build_engines, require_tensorrt
 
-ONNX_DIR = "onnx"
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 WORDPIECE_VOCABULARY = "vocab.txt"
 OPTIONAL_TOKENIZER_FILES = (
@@ -95,22 +97,6 @@ OPTIONAL_TOKENIZER_FILES = (
 )
 BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
 BUNDLE_SUFFIX = "-pcee"
-# What a bundle directory may hold besides what pcee-export writes: what pcee-calibrate adds (its
-# recordings, .pcee-cache; its reports, reports/ and older calibration-* files; its manifest lock,
-# .manifest.lock), and the temporary files of an atomic manifest write that a kill left behind
-# (write_file_atomically names them .manifest.json.*). The calibration room is not imported here.
-BUNDLE_ENTRY_PATTERNS = (
-    MANIFEST_NAME,
-    ONNX_DIR,
-    ENGINE_DIR,
-    TOKENIZER_DIR,
-    ".pcee-cache",
-    "reports",
-    "calibration-*",
-    ".manifest.lock",
-    f".{MANIFEST_NAME}.*",
-)
-
 # Normalized entropy 0.3 is a binary exit with max probability ~0.95; two such exits in a row make a
 # conservative start that stays close to full-model accuracy. pcee-calibrate replaces it with a
 # point chosen for a target speed-up on the user's data.
@@ -375,9 +361,7 @@ def check_replaceable(directory: Path, described: str) -> None:
             f"{described} has a {MANIFEST_NAME} that is not a pcee bundle manifest ({problem}); refusing to replace "
             f"the directory, which would delete everything in it. {advice}"
         )
-    foreign = [
-        name for name in entries if not any(fnmatchcase(name, pattern) for pattern in BUNDLE_ENTRY_PATTERNS)
-    ]
+    foreign = [name for name in entries if not is_bundle_entry(name)]
     if foreign:
         raise OutputDirectoryError(
             f"{described} is a pcee bundle but also holds {', '.join(foreign)}, which pcee-export did not write; "
@@ -474,7 +458,7 @@ def write_graph(
     opset: int,
     fusion: Fusion | None,
 ) -> GraphFile:
-    relative = f"{ONNX_DIR}/{name}.onnx"
+    relative = onnx_file(name)
     export_graph(module, inputs, spec, bundle_dir / relative, opset, name, fusion)
     return graph_file(bundle_dir, relative, spec)
 
@@ -493,7 +477,7 @@ def export_graphs(
     options: ExportOptions,
 ) -> tuple[GraphFile, list[GraphFile], GraphFile | None]:
     """Trace every graph on one real batch, feeding each layer the previous graph's outputs; fused when options.fuses."""
-    (bundle_dir / ONNX_DIR).mkdir()
+    (bundle_dir / GRAPH_DIR).mkdir()
     fusion = Fusion.of(model) if options.fuses else None
     progress = tqdm(
         total=model.num_layers + 1 + options.with_full_graph,
@@ -598,7 +582,7 @@ def write_tokenizer(model_dir: Path, bundle_dir: Path, tokenizer: ModelTokenizer
         if (model_dir / name).is_file() and not (target / name).exists():
             shutil.copy2(model_dir / name, target / name)
         if (target / name).is_file():
-            written.append(FileEntry.of(bundle_dir, f"{TOKENIZER_DIR}/{name}"))
+            written.append(FileEntry.of(bundle_dir, tokenizer_file(name)))
     return TokenizerInfo(written, tokenizer.built_from)
 
 

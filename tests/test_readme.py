@@ -18,10 +18,9 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import make_tiny_model_dir
 
-from pcee.calibration.bundle import record_in_manifest
 from pcee.calibration.cli import calibrate_main, eval_main
 from pcee.exporter.bundle import ExportOptions, export_bundle
-from pcee.runtime import OperatingPoint
+from pcee.runtime import OperatingPoint, record_operating_point
 from pcee.runtime.cli import main as predict_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +47,7 @@ def demo_layout(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     model_dir = make_tiny_model_dir(root / "models", task="sst2", label_names=["negative", "positive"])
     bundle = export_bundle(model_dir, root / "runs" / "demo" / "sst2-pcee", ExportOptions()).bundle_dir
-    record_in_manifest(bundle, OperatingPoint("pcee", tau=0.5, patience=1, name="demo"), {})
+    record_operating_point(bundle, OperatingPoint("pcee", tau=0.5, patience=1, name="demo"), {})
     shutil.copytree(ROOT / "demo" / "data", root / "demo" / "data")
     (root / "reviews.txt").write_text("a gripping, funny film\n\ndull and far too long\n")
     return root
