@@ -279,7 +279,7 @@ def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) ->
     entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + ("-fused" if fuse else ""))
     if (entry / SINGLE_GRAPH_FILE).is_file():
         return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
-    from pcee.exporter.bundle import export_full_graph
+    from pcee.exporter.graph_export import export_full_graph
 
     try:
         staging = staging_directory_for(entry)

@@ -8,10 +8,21 @@ from pathlib import Path
 import click
 
 from pcee.modeling.extras import require_export_extras
-from pcee.runtime.manifest import TASK_TYPES
+from pcee.runtime import TASK_TYPES
 
-from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, QUANTIZATIONS
-from .tensorrt import DEFAULT_MAX_BATCH_SIZE
+from .options import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    QUANTIZATIONS,
+)
+
+
+def choices(values: tuple[str, ...]) -> str:
+    """The --help metavar of an option whose value ExportOptions checks: its choices, as click.Choice shows them."""
+    return f"[{'|'.join(values)}]"
 
 
 # What exporting imports beyond the runtime's own packages; the `export` extra installs them.
@@ -38,18 +49,18 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 )
 @click.option(
     "--max-batch-size",
-    type=click.IntRange(min=1),
+    type=int,
     default=DEFAULT_MAX_BATCH_SIZE,
-    help="Largest batch the TensorRT engines accept.",
+    help="Largest batch the TensorRT engines accept (at least 1).",
 )
 @click.option(
     "--max-seq-len",
-    type=click.IntRange(min=1),
+    type=int,
     help="Longest input in tokens. Default: the model's own max_seq_len.",
 )
 @click.option(
     "--task-type",
-    type=click.Choice(TASK_TYPES),
+    metavar=choices(TASK_TYPES),
     help="One text per row, or a pair of texts per row (question/answer, premise/hypothesis) that the tokenizer "
     "joins with its separator. Default: what the model's config says (pcee-train records it); for a reference "
     "PABEE/PCEE checkpoint, sentence_pair when its config's finetuning_task is a GLUE pair task (mrpc, qqp, "
@@ -69,23 +80,23 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 )
 @click.option(
     "--quantize",
-    type=click.Choice(QUANTIZATIONS),
+    metavar=choices(QUANTIZATIONS),
     help="Dynamically quantize the layer graphs' MatMul and Attention weights to int8 (onnxruntime CPU; the exit heads "
     "stay float). Checked by label agreement with the float model per exit instead of the 1e-4 tolerance.",
 )
 @click.option(
     "--parity-data",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(path_type=Path),
     help="With --quantize: labelled rows (a GLUE task directory, whose dev split is used, or a GLUE-format file of the "
     "model's task) on which agreement and per-exit accuracy are measured and recorded in the manifest. Without it, "
     "agreement is measured on a dozen built-in sentences only.",
 )
 @click.option(
     "--min-agreement",
-    type=click.FloatRange(0, 1),
+    type=float,
     default=DEFAULT_MIN_AGREEMENT,
     help="With --quantize: the export fails when the int8 chain's last exit predicts the float model's label on fewer "
-    "than this share of the rows.",
+    "than this share (0 to 1) of the rows.",
 )
 @click.option(
     "--with-full-graph",
@@ -125,8 +136,9 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
     from pcee.modeling.errors import ModelingError
     from pcee.runtime.errors import PceeError
 
-    from .bundle import ExportOptions, export_bundle
+    from .bundle import export_bundle
     from .errors import ExportError
+    from .options import ExportOptions
 
     try:
         result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options))

@@ -30,9 +30,6 @@ from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, LOGITS, MAX_PROBABILI
 from .errors import OutputMismatch, ParityError
 from .graphs import exit_signals
 
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 2e-2
-TENSORRT_FP32_TOLERANCE = 5e-3  # TensorRT may run float32 matmuls in TF32 (10 mantissa bits)
 BATCH_SIZES = (1, 4, 8)
 PADDED_BATCH_SIZE = 4
 PADDED_LENGTH = 48  # the extra batch is padded to this length (or max_seq_len) to exercise heavy padding

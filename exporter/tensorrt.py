@@ -35,8 +35,6 @@ from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
 
-DEFAULT_MAX_BATCH_SIZE = 32
-
 Shape = tuple[int, ...]
 
 

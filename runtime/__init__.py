@@ -51,6 +51,7 @@ from .loop import (
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    TASK_TYPES,
     FileEntry,
     GraphFile,
     Manifest,
@@ -123,6 +124,7 @@ __all__ = [
     "run_in_chunks",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "TASK_TYPES",
     "FileEntry",
     "GraphFile",
     "Manifest",
