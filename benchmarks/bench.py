@@ -25,13 +25,12 @@ from pcee.runtime import (
     Manifest,
     OperatingPoint,
     PceeError,
+    SingleGraphSession,
     layer_speedup,
-    open_cpu_session,
     replace_directory,
     sha256_of,
     staging_directory_for,
 )
-from pcee.runtime.graphs import LOGITS
 
 RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers it ran (0 when not layer-based)
 SINGLE_GRAPH_FILE = "full_model.onnx"
@@ -88,11 +87,10 @@ def runtime_contender(
 def single_graph_contender(
     path: Path, intra_op_threads: int | None, name: str = PLAIN_SINGLE_GRAPH, precision: str = "fp32"
 ) -> Contender:
-    session = open_cpu_session(path, intra_op_threads)
-    input_names = [tensor.name for tensor in session.get_inputs()]
+    graph = SingleGraphSession(path, intra_op_threads)
 
     def run(chunk: EncodedBatch) -> int:
-        session.run([LOGITS], {name: getattr(chunk, name) for name in input_names})
+        graph.logits(chunk)
         return 0
 
     return Contender(name, run, layer_based=False, precision=precision, single_graph=True)

@@ -173,17 +173,16 @@ def write_bundle(model_dir: Path, bundle_dir: Path, options: ExportOptions) -> M
 
 
 def check_parity(bundle_dir, embeddings, layers, full, batches, reference, tolerance: float) -> ParityResult:
-    """The runtime's own CPU backend runs the chain; the single graph runs in one session."""
-    backend = create_backend("onnxruntime-cpu", graph_chain_of(bundle_dir, embeddings, layers))
+    """The runtime's own backends run the graphs: its CPU backend the chain, its single-graph backend the whole model."""
+    chain = graph_chain_of(bundle_dir, embeddings, layers, full)
+    backend = create_backend("onnxruntime-cpu", chain)
+    single_graph = None if full is None else create_backend("onnxruntime-single-graph", chain)
     try:
-        return verify_parity(
-            [ParityTarget(backend, full, bundle_dir)],
-            batches,
-            reference,
-            tolerance,
-        )
+        return verify_parity([ParityTarget(backend, single_graph)], batches, reference, tolerance)
     finally:
         backend.close()
+        if single_graph is not None:
+            single_graph.close()
 
 
 def quantize_layers(bundle_dir: Path, layers: list[GraphFile]) -> list[GraphFile]:

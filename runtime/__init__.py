@@ -20,6 +20,7 @@ from .atomic import (
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
+from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
@@ -82,6 +83,7 @@ __all__ = [
     "Backend",
     "create_backend",
     "open_cpu_session",
+    "SingleGraphSession",
     "tensorrt_version_problem",
     "EarlyExitRuntime",
     "PredictionResult",
