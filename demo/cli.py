@@ -88,7 +88,12 @@ def main(workdir: Path, epochs: float, target_speedup: float, max_train_samples:
             "2/5 Export per-layer ONNX graphs, verified against PyTorch",
             "pcee-export",
             export_main,
-            [str(model_dir), "--output", str(bundle_dir)],
+            [
+                str(model_dir),
+                "--output",
+                str(bundle_dir),
+                "--force",
+            ],  # a rerun starts over, as --overwrite does
         )
         run_step(
             f"3/5 Calibrate for a {target_speedup:.0%} layer speed-up on SST-2 dev",

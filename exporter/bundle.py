@@ -256,11 +256,16 @@ def rows_at_most(
 
 
 def export_bundle(
-    model_dir: str | Path, output_dir: str | Path | None = None, options: ExportOptions | None = None
+    model_dir: str | Path,
+    output_dir: str | Path | None = None,
+    options: ExportOptions | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Export `model_dir` (written by pcee-train) to a verified bundle at `output_dir` (default: MODEL_DIR-pcee).
 
-    `options` (default: ExportOptions()) checked themselves when they were built.
+    `options` (default: ExportOptions()) checked themselves when they were built. An output bundle with
+    saved operating points beyond the export default, or with calibration reports, is replaced only with
+    `force`.
     """
     started = time.perf_counter()
     options = options or ExportOptions()
@@ -268,7 +273,7 @@ def export_bundle(
         require_tensorrt()
     model_dir = Path(model_dir)
     output_dir = Path(output_dir) if output_dir is not None else default_bundle_dir(model_dir)
-    check_output_dir(output_dir)
+    check_output_dir(output_dir, force)
     remove_stale_debris(output_dir)
     with staging_directory(output_dir) as staging:
         manifest = write_bundle(model_dir, staging, options)

@@ -32,7 +32,13 @@ def choices(values: tuple[str, ...]) -> str:
     "--output",
     "-o",
     type=click.Path(path_type=Path),
-    help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files (calibration results included); anything else is refused.",
+    help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files; anything else is refused. A bundle with saved operating points or calibration reports is replaced only with --force.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the bundle at --output even though it holds saved operating points or calibration reports, "
+    "which are lost.",
 )
 @click.option(
     "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET})."
@@ -110,7 +116,9 @@ def choices(values: tuple[str, ...]) -> str:
     help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool, **options) -> None:
+def main(
+    model_dir: Path, output: Path | None, force: bool, as_json: bool, no_progress: bool, **options
+) -> None:
     """Export MODEL_DIR (written by pcee-train) to a bundle the pcee runtime serves.
 
     Every transformer layer becomes one ONNX graph with its exit head inside; the chain is
@@ -123,14 +131,15 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
       pcee-export runs/sst2                       # -> runs/sst2-pcee/
       pcee-export runs/sst2 -o bundles/sst2 --tensorrt --max-batch-size 64
       pcee-export pabee-rte-checkpoint --task-type sentence_pair
-      pcee-export runs/sst2 -o runs/sst2-int8 --quantize int8 --parity-data data/glue/SST-2
+      pcee-export runs/sst2 -o runs/sst2-pcee-int8 --quantize int8 --parity-data data/glue/SST-2
       pcee-predict runs/sst2-pcee --text "a charming, affecting journey"
 
     \b
     The bundle holds manifest.json, onnx/embeddings.onnx, onnx/layer_01.onnx ...,
     tokenizer/ and, with --tensorrt, trt/. Until pcee-calibrate tunes its early-exit
     thresholds for your data, it uses a conservative uncalibrated default. An existing
-    directory is replaced only if it is a pcee bundle holding nothing but bundle files.
+    directory is replaced only if it is a pcee bundle holding nothing but bundle files,
+    and a calibrated one (saved operating points, reports) only with --force.
     """
     require_export_extras("pcee-export")
     from pcee.modeling.errors import ModelingError
@@ -141,7 +150,7 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
     from .options import ExportOptions
 
     try:
-        result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options))
+        result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options), force)
     except (ExportError, ModelingError, PceeError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:

@@ -18,12 +18,14 @@ from pcee.runtime import (
     PceeError,
     backup_directory_for,
     is_bundle_entry,
+    report_folders,
     staging_directory_for,
     staging_directory_pattern,
     written_before_this_process,
 )
 
-from .errors import OutputDirectoryError
+from .errors import CalibratedOutputError, OutputDirectoryError
+from .options import DEFAULT_POINT_NAME, DEFAULT_POINT_SOURCE
 
 BUNDLE_SUFFIX = "-pcee"
 
@@ -33,9 +35,15 @@ def default_bundle_dir(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + BUNDLE_SUFFIX)
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The output, and the backup path the swap reuses, must each be absent, empty, or a pcee bundle of bundle files alone."""
+def check_output_dir(output_dir: Path, force: bool = False) -> None:
+    """The output, and the backup path the swap reuses, must each be absent, empty, or a pcee bundle of bundle files alone.
+
+    Without `force`, the output must also hold nothing of a calibration: no saved point beyond the export
+    default, no report.
+    """
     check_replaceable(output_dir, f"--output {output_dir}")
+    if not force:
+        check_nothing_calibrated_is_lost(output_dir)
     backup = backup_directory_for(output_dir)
     check_replaceable(
         backup,
@@ -70,6 +78,44 @@ def check_replaceable(directory: Path, described: str) -> None:
             f"{described} is a pcee bundle but also holds {', '.join(foreign)}, which pcee-export did not write; "
             f"refusing to replace it, which would delete them. Move them out of the bundle, or pass a new --output."
         )
+
+
+def check_nothing_calibrated_is_lost(output_dir: Path) -> None:
+    """A bundle whose calibration replacing it would delete is replaced only when asked to, never silently."""
+    if not (output_dir / MANIFEST_NAME).is_file():
+        return
+    points = saved_points_beyond_the_default(json.loads((output_dir / MANIFEST_NAME).read_text()))
+    reports = report_folders(output_dir)
+    if not (points or reports):
+        return
+    losses = []
+    if points:
+        losses.append(f"its saved operating points {', '.join(points)}")
+    if reports:
+        losses.append(f"its calibration reports {', '.join(reports)}")
+    raise CalibratedOutputError(
+        f"--output {output_dir} is a calibrated bundle: replacing it would lose {' and '.join(losses)}. "
+        f"To keep them, write the new bundle elsewhere (for example --output {output_dir}-2); to replace the "
+        "bundle and lose them, add --force.",
+        points,
+        reports,
+    )
+
+
+def saved_points_beyond_the_default(manifest: dict) -> list[str]:
+    """The names of the manifest's operating points (saved, and the current one) other than the export's default."""
+    saved = manifest.get("operating_points")
+    entries = [*(saved if isinstance(saved, list) else []), manifest.get("operating_point")]
+    names = [
+        entry.get("name") or "(the unnamed current point)"
+        for entry in entries
+        if isinstance(entry, dict) and not is_export_default(entry)
+    ]
+    return list(dict.fromkeys(names))
+
+
+def is_export_default(point: dict) -> bool:
+    return point.get("name") == DEFAULT_POINT_NAME and point.get("source") == DEFAULT_POINT_SOURCE
 
 
 def manifest_problem(path: Path) -> str | None:
