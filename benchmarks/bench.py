@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pcee.runtime import (
+    LOGITS,
     EarlyExitRuntime,
     EncodedBatch,
     Manifest,
@@ -31,7 +32,6 @@ from pcee.runtime import (
     sha256_of,
     staging_directory_for,
 )
-from pcee.runtime.graphs import LOGITS
 
 RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers it ran (0 when not layer-based)
 SINGLE_GRAPH_FILE = "full_model.onnx"

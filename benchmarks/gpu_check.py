@@ -97,8 +97,8 @@ def make_pcee_importable() -> dict[str, str]:
 
 # -- what each stage needs, checked without running it ---------------------------------------------------
 def missing_cuda() -> list[str]:
+    from pcee.runtime import BackendUnavailableError
     from pcee.runtime.backends.cuda_memory import CudaRuntime
-    from pcee.runtime.errors import BackendUnavailableError
 
     try:
         CudaRuntime.load()
@@ -119,7 +119,7 @@ def missing_tensorrt() -> list[str]:
 
 
 def missing_cuda_provider() -> list[str]:
-    from pcee.runtime.backends.onnxruntime_cuda import cuda_provider_problems
+    from pcee.runtime import cuda_provider_problems
 
     return cuda_provider_problems()
 
@@ -292,7 +292,7 @@ def package_versions() -> dict[str, str]:
 def environment() -> dict:
     import onnxruntime
 
-    from pcee.runtime.backends.onnxruntime_cuda import broken_gpu_wheel
+    from pcee.runtime import broken_gpu_wheel
 
     missing = missing_cuda()
     return {

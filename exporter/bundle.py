@@ -27,8 +27,11 @@ from pcee.modeling.config import PceeConfig, glue_task_or_none
 from pcee.modeling.errors import ModelDirectoryError
 from pcee.modeling.model import CONFIG_NAME, MultiExitClassifier
 from pcee.runtime import (
+    EMBEDDINGS_GRAPH,
     FORMAT_VERSION,
+    FULL_GRAPH,
     MANIFEST_NAME,
+    TASK_TYPES,
     FileEntry,
     GraphFile,
     GraphSpec,
@@ -42,16 +45,17 @@ from pcee.runtime import (
     TokenizerInfo,
     backup_directory_for,
     create_backend,
+    embeddings_spec,
+    full_model_spec,
     graph_chain_of,
     layer_graph_name,
+    layer_spec,
     replace_directory,
     sha256_of,
     staging_directory_for,
     staging_directory_pattern,
     written_before_this_process,
 )
-from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
-from pcee.runtime.manifest import TASK_TYPES
 
 from .errors import ExportError, OutputDirectoryError, TokenizerError
 from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph, contrib_attention

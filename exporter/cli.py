@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pcee.modeling.extras import require_export_extras
-from pcee.runtime.manifest import TASK_TYPES
+from pcee.runtime import TASK_TYPES
 
 from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, QUANTIZATIONS
 from .tensorrt import DEFAULT_MAX_BATCH_SIZE
@@ -123,7 +123,7 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
     """
     require_export_extras("pcee-export")
     from pcee.modeling.errors import ModelingError
-    from pcee.runtime.errors import PceeError
+    from pcee.runtime import PceeError
 
     from .bundle import ExportOptions, export_bundle
     from .errors import ExportError

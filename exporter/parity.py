@@ -16,6 +16,10 @@ import torch
 
 from pcee.modeling.model import MultiExitClassifier
 from pcee.runtime import (
+    CONFIDENCE_SCORE,
+    ENTROPY,
+    LOGITS,
+    MAX_PROBABILITY,
     Backend,
     EncodedBatch,
     GraphFile,
@@ -25,7 +29,6 @@ from pcee.runtime import (
     open_cpu_session,
     run_every_exit,
 )
-from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, LOGITS, MAX_PROBABILITY
 
 from .errors import OutputMismatch, ParityError
 from .graphs import exit_signals

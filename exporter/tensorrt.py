@@ -21,14 +21,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pcee.runtime import (
+    BATCH,
+    SEQUENCE,
     FileEntry,
     GraphFile,
     GraphSpec,
     TensorRTEngines,
+    TensorSpec,
     tensorrt_version_problem,
     write_file_atomically,
 )
-from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
 

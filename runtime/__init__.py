@@ -10,6 +10,7 @@ benchmarks, serving) import from here, never from a backend module.
 
 from .atomic import (
     backup_directory_for,
+    new_file_mode,
     replace_directory,
     staging_directory_for,
     staging_directory_pattern,
@@ -20,10 +21,33 @@ from .atomic import (
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
+from .backends.onnxruntime_cuda import broken_gpu_wheel, cuda_provider_problems
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
-from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
+from .graphs import (
+    ATTENTION_BIAS,
+    BATCH,
+    CONFIDENCE_SCORE,
+    EMBEDDINGS_GRAPH,
+    ENTROPY,
+    FULL_GRAPH,
+    GRAPH_NAME_KEY,
+    HIDDEN_STATES,
+    LOGITS,
+    MAX_PROBABILITY,
+    NEXT_HIDDEN_STATES,
+    SEQUENCE,
+    EngineChain,
+    GraphChain,
+    GraphSpec,
+    LocatedGraph,
+    TensorSpec,
+    embeddings_spec,
+    full_model_spec,
+    layer_graph_name,
+    layer_spec,
+)
 from .loop import (
     DEFAULT_BATCH_SIZE,
     length_sorted_chunks,
@@ -36,6 +60,7 @@ from .loop import (
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    TASK_TYPES,
     FileEntry,
     GraphFile,
     Manifest,
@@ -53,6 +78,7 @@ from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
     "backup_directory_for",
+    "new_file_mode",
     "replace_directory",
     "staging_directory_for",
     "staging_directory_pattern",
@@ -63,6 +89,8 @@ __all__ = [
     "Backend",
     "create_backend",
     "open_cpu_session",
+    "broken_gpu_wheel",
+    "cuda_provider_problems",
     "tensorrt_version_problem",
     "EarlyExitRuntime",
     "PredictionResult",
@@ -83,6 +111,22 @@ __all__ = [
     "GraphSpec",
     "LocatedGraph",
     "layer_graph_name",
+    "ATTENTION_BIAS",
+    "BATCH",
+    "CONFIDENCE_SCORE",
+    "EMBEDDINGS_GRAPH",
+    "ENTROPY",
+    "FULL_GRAPH",
+    "GRAPH_NAME_KEY",
+    "HIDDEN_STATES",
+    "LOGITS",
+    "MAX_PROBABILITY",
+    "NEXT_HIDDEN_STATES",
+    "SEQUENCE",
+    "TensorSpec",
+    "embeddings_spec",
+    "full_model_spec",
+    "layer_spec",
     "DEFAULT_BATCH_SIZE",
     "length_sorted_chunks",
     "record_every_exit",
@@ -92,6 +136,7 @@ __all__ = [
     "run_in_chunks",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "TASK_TYPES",
     "FileEntry",
     "GraphFile",
     "Manifest",
