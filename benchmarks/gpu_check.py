@@ -198,7 +198,7 @@ STAGES = (
     ),
     Stage(
         "pytest_gpu",
-        "the gpu-marked tests of tests/test_gpu_backends.py",
+        "the gpu-marked tests of tests/test_runtime_gpu_backends.py",
         lambda arguments: ["--no-pytest"] if arguments.no_pytest else missing_cuda(),
     ),
 )
@@ -899,7 +899,7 @@ def pytest_stage(environment_variables: dict) -> dict:
         "-rs",
         "-p",
         "no:cacheprovider",
-        "tests/test_gpu_backends.py",
+        "tests/test_runtime_gpu_backends.py",
     ]
     completed = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env=environment_variables, timeout=300

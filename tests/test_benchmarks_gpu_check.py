@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py where no GPU is: its dry run, and a verdict that is ok only when a GPU backend stage ran.
 
-The stages themselves need a GPU; their checks run here on the software GPU in test_gpu_backends.py.
+The stages themselves need a GPU; their checks run here on the software GPU in test_runtime_gpu_backends.py.
 """
 
 from __future__ import annotations
