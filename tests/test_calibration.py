@@ -64,18 +64,10 @@ def write_labelled_csv(path: Path, count: int, labels=("0", "1"), seed: int = 0)
 # ------------------------------------------------------------------ a tiny exported bundle
 
 
-@pytest.fixture(scope="module")
-def exported_bundle(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from bundles import export_tiny_bundle
-
-    return export_tiny_bundle(tmp_path_factory.mktemp("tiny"), task="sst2")
-
-
 @pytest.fixture
-def bundle(exported_bundle: Path, tmp_path: Path) -> Path:
+def bundle(sst2_bundle: Path, tmp_path: Path) -> Path:
     """A private copy: tests below write manifests and caches."""
-    return Path(shutil.copytree(exported_bundle, tmp_path / "bundle"))
+    return Path(shutil.copytree(sst2_bundle, tmp_path / "bundle"))
 
 
 @pytest.fixture

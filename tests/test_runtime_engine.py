@@ -39,10 +39,8 @@ def runtime(bundle):
 
 
 @pytest.fixture(scope="module")
-def pair_runtime(tmp_path_factory):
-    return EarlyExitRuntime.from_bundle(
-        export_tiny_bundle(tmp_path_factory.mktemp("pairs"), task="qnli", num_layers=2)
-    )
+def pair_runtime(pair_bundle):
+    return EarlyExitRuntime.from_bundle(pair_bundle)
 
 
 @pytest.fixture(scope="module")
