@@ -1,7 +1,7 @@
 """Tiny bundles shared by the whole session: each is exported once, the first time a test asks for it.
 
 A shared bundle is read-only for the tests: a test that writes into a bundle (a manifest, a cache,
-a report) takes a private copy first (`copied_bundle`, or a module fixture that copies).
+a report) takes a private copy first (the default `bundle` fixture, or a module fixture that copies).
 """
 
 from __future__ import annotations
@@ -94,11 +94,16 @@ def pair_bundle(tiny_bundles) -> Path:
     return tiny_bundles.bundle(task="qnli", num_layers=2)
 
 
-def copy_bundle(bundle: Path, target: Path) -> Path:
-    return Path(shutil.copytree(bundle, target))
+@pytest.fixture
+def bundle(sst2_bundle, tmp_path) -> Path:
+    """By default `bundle` is a private copy of the SST-2 bundle, which a test may write into
+    (manifests, caches, reports); modules about another bundle define their own `bundle`."""
+    return Path(shutil.copytree(sst2_bundle, tmp_path / "bundle"))
 
 
 @pytest.fixture
-def copied_bundle(sst2_bundle, tmp_path) -> Path:
-    """A private copy of the SST-2 bundle, for a test that writes manifests, caches or reports."""
-    return copy_bundle(sst2_bundle, tmp_path / "bundle")
+def data_csv(tmp_path) -> Path:
+    """By default `data_csv` is 120 labelled rows (text,label) in the tiny models' words."""
+    from bundles import write_labelled_csv
+
+    return write_labelled_csv(tmp_path / "reviews.csv", 120)
