@@ -72,7 +72,7 @@ def sst2_model_dir(tiny_bundles) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sst2_bundle(tiny_bundles, sst2_model_dir) -> Path:
+def sst2_bundle(tiny_bundles) -> Path:
     """Its bundle as pcee-export writes it by default: MODEL_DIR-pcee, no single graph inside."""
     return tiny_bundles.bundle(task="sst2")
 
