@@ -97,8 +97,8 @@ def make_pcee_importable() -> dict[str, str]:
 
 # -- what each stage needs, checked without running it ---------------------------------------------------
 def missing_cuda() -> list[str]:
+    from pcee.runtime import BackendUnavailableError
     from pcee.runtime.backends.cuda_memory import CudaRuntime
-    from pcee.runtime.errors import BackendUnavailableError
 
     try:
         CudaRuntime.load()
@@ -119,7 +119,7 @@ def missing_tensorrt() -> list[str]:
 
 
 def missing_cuda_provider() -> list[str]:
-    from pcee.runtime.backends.onnxruntime_cuda import cuda_provider_problems
+    from pcee.runtime import cuda_provider_problems
 
     return cuda_provider_problems()
 
@@ -198,7 +198,7 @@ STAGES = (
     ),
     Stage(
         "pytest_gpu",
-        "the gpu-marked tests of tests/test_gpu_backends.py",
+        "the gpu-marked tests of tests/test_runtime_gpu_backends.py",
         lambda arguments: ["--no-pytest"] if arguments.no_pytest else missing_cuda(),
     ),
 )
@@ -292,7 +292,7 @@ def package_versions() -> dict[str, str]:
 def environment() -> dict:
     import onnxruntime
 
-    from pcee.runtime.backends.onnxruntime_cuda import broken_gpu_wheel
+    from pcee.runtime import broken_gpu_wheel
 
     missing = missing_cuda()
     return {
@@ -899,7 +899,7 @@ def pytest_stage(environment_variables: dict) -> dict:
         "-rs",
         "-p",
         "no:cacheprovider",
-        "tests/test_gpu_backends.py",
+        "tests/test_runtime_gpu_backends.py",
     ]
     completed = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env=environment_variables, timeout=300

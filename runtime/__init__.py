@@ -10,6 +10,7 @@ benchmarks, serving) import from here, never from a backend module.
 
 from .atomic import (
     backup_directory_for,
+    new_file_mode,
     replace_directory,
     staging_directory_for,
     staging_directory_pattern,
@@ -20,11 +21,34 @@ from .atomic import (
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
+from .backends.onnxruntime_cuda import broken_gpu_wheel, cuda_provider_problems
 from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
-from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
+from .graphs import (
+    ATTENTION_BIAS,
+    BATCH,
+    CONFIDENCE_SCORE,
+    EMBEDDINGS_GRAPH,
+    ENTROPY,
+    FULL_GRAPH,
+    GRAPH_NAME_KEY,
+    HIDDEN_STATES,
+    LOGITS,
+    MAX_PROBABILITY,
+    NEXT_HIDDEN_STATES,
+    SEQUENCE,
+    EngineChain,
+    GraphChain,
+    GraphSpec,
+    LocatedGraph,
+    TensorSpec,
+    embeddings_spec,
+    full_model_spec,
+    layer_graph_name,
+    layer_spec,
+)
 from .layout import (
     CACHE_DIR,
     ENGINE_DIR,
@@ -73,6 +97,7 @@ from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
     "backup_directory_for",
+    "new_file_mode",
     "replace_directory",
     "staging_directory_for",
     "staging_directory_pattern",
@@ -84,6 +109,8 @@ __all__ = [
     "create_backend",
     "open_cpu_session",
     "SingleGraphSession",
+    "broken_gpu_wheel",
+    "cuda_provider_problems",
     "tensorrt_version_problem",
     "EarlyExitRuntime",
     "PredictionResult",
@@ -117,6 +144,22 @@ __all__ = [
     "is_bundle_entry",
     "report_folders",
     "tokenizer_file",
+    "ATTENTION_BIAS",
+    "BATCH",
+    "CONFIDENCE_SCORE",
+    "EMBEDDINGS_GRAPH",
+    "ENTROPY",
+    "FULL_GRAPH",
+    "GRAPH_NAME_KEY",
+    "HIDDEN_STATES",
+    "LOGITS",
+    "MAX_PROBABILITY",
+    "NEXT_HIDDEN_STATES",
+    "SEQUENCE",
+    "TensorSpec",
+    "embeddings_spec",
+    "full_model_spec",
+    "layer_spec",
     "DEFAULT_BATCH_SIZE",
     "length_sorted_chunks",
     "record_every_exit",

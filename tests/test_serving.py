@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from bundles import SENTENCES, export_tiny_bundle
+from bundles import SENTENCES
 from prometheus_client.parser import text_string_to_metric_families
 
 from pcee.runtime import BackendError, EarlyExitRuntime, Manifest, OperatingPoint
@@ -90,9 +91,9 @@ def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(four_layer_bundle, tmp_path_factory):
     """A 4-layer bundle with two extra saved points: "fast" (every row exits at layer 1) and "quality"."""
-    bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("serve"), num_layers=4)
+    bundle_dir = shutil.copytree(four_layer_bundle, tmp_path_factory.mktemp("serve") / "bundle")
     manifest = Manifest.load(bundle_dir)
     manifest.operating_points += [
         OperatingPoint("budgeted", layer=1, name="fast"),
@@ -100,11 +101,6 @@ def bundle(tmp_path_factory):
     ]
     manifest.save(bundle_dir)
     return bundle_dir
-
-
-@pytest.fixture(scope="module")
-def pair_bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("serve-pairs"), task="qnli", num_layers=2)
 
 
 @pytest.fixture(scope="module")

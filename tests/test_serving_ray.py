@@ -6,6 +6,7 @@ without it the tests are skipped. Alone: pip install -e ".[ray]" && python -m py
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ pytest.importorskip(
     "ray.serve", reason='Ray Serve is not installed; pip install -e ".[ray]" to run the Ray deployment test'
 )
 
-from bundles import SENTENCES, export_tiny_bundle  # noqa: E402
+from bundles import SENTENCES  # noqa: E402
 from test_serving import assert_same_rows, expected_rows, free_port, probe_ready, start_cli, wait_for  # noqa: E402
 
 from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint  # noqa: E402
@@ -31,8 +32,8 @@ REPLICAS = 2
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("ray"), num_layers=4)
+def bundle(four_layer_bundle, tmp_path_factory):
+    bundle_dir = shutil.copytree(four_layer_bundle, tmp_path_factory.mktemp("ray") / "bundle")
     manifest = Manifest.load(bundle_dir)
     manifest.operating_points.append(OperatingPoint("budgeted", layer=1, name="fast"))
     manifest.save(bundle_dir)

@@ -17,7 +17,7 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_calibration import bundle, calibrate_cli, data_csv, exported_bundle, synthetic_rows  # noqa: F401 (fixtures)
+from test_calibration import calibrate_cli, synthetic_rows
 
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
 from pcee.calibration.cli import data_options, eval_main
