@@ -417,26 +417,26 @@ def test_binary_tensor_extension_is_refused_with_a_hint(server):
 
 
 def failing_runtime(bundle: Path) -> EarlyExitRuntime:
-    """A runtime whose backend fails on the text "backend down", and which has a bug on "bug"."""
+    """A runtime whose backend fails on a batch of 3 rows, and which has a bug on a batch of 5 (after warm-up)."""
     runtime = EarlyExitRuntime.from_bundle(bundle)
-    predict = runtime.predict
+    predict_encoded = runtime.predict_encoded
 
-    def failing_predict(texts, *args, **options):
-        if "backend down" in texts:
+    def failing_predict(rows, *args, **options):
+        if len(rows) == 3:
             raise BackendError("cudaMemcpyAsync failed: device lost")
-        if "bug" in texts:
+        if len(rows) == 5:
             raise RuntimeError("a bug")
-        return predict(texts, *args, **options)
+        return predict_encoded(rows, *args, **options)
 
-    runtime.predict = failing_predict
+    runtime.predict_encoded = failing_predict
     return runtime
 
 
 def test_failures_inside_the_server_answer_500_json(bundle):
     with serving(bundle, load=lambda: failing_runtime(bundle)) as live:
-        backend = post(live, "/v1/classify", {"texts": ["backend down"]})
+        backend = post(live, "/v1/classify", {"texts": SENTENCES[:3]})
         assert backend.status_code == 500 and "device lost" in backend.json()["error"]
-        bug = post(live, "/v1/classify", {"texts": ["bug"]})
+        bug = post(live, "/v1/classify", {"texts": SENTENCES[:5]})
         assert bug.status_code == 500 and "server log" in bug.json()["error"]
         assert post(live, "/v1/classify", {"texts": ["good"]}).status_code == 200
 
@@ -542,14 +542,14 @@ class HeldRuntime:
 
     def __call__(self) -> EarlyExitRuntime:
         runtime = EarlyExitRuntime.from_bundle(self.bundle)
-        predict = runtime.predict
+        predict_encoded = runtime.predict_encoded
 
         def held_predict(*args, **kwargs):
             self.entered.set()
             assert self.gate.wait(timeout=20), "the test never released the runtime"
-            return predict(*args, **kwargs)
+            return predict_encoded(*args, **kwargs)
 
-        runtime.predict = held_predict
+        runtime.predict_encoded = held_predict
         return runtime
 
     def hold(self) -> None:
@@ -676,14 +676,14 @@ class PointCost:
 
     def __call__(self) -> EarlyExitRuntime:
         runtime = EarlyExitRuntime.from_bundle(self.bundle)
-        predict = runtime.predict
+        predict_encoded = runtime.predict_encoded
 
-        def costly_predict(texts, text_pairs=None, operating_point=None, **options):
+        def costly_predict(rows, operating_point=None, *args, **options):
             if getattr(operating_point, "name", None) == self.slow_point:
                 time.sleep(self.seconds)
-            return predict(texts, text_pairs, operating_point=operating_point, **options)
+            return predict_encoded(rows, operating_point, *args, **options)
 
-        runtime.predict = costly_predict
+        runtime.predict_encoded = costly_predict
         return runtime
 
 
@@ -792,3 +792,127 @@ def test_cli_exits_1_when_the_bundle_cannot_be_served(bundle):
     process = start_cli(bundle, free_port(), "--operating-point", "turbo")
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and b"turbo" in stderr
+
+
+# -- faults: a deep queue at SIGTERM, deadlines, departed clients ------------------------------------
+SLOW_SERVER = """
+import time
+from pcee.runtime import EarlyExitRuntime
+from pcee.serving.cli import main
+
+predict_encoded = EarlyExitRuntime.predict_encoded
+
+def slow_predict_encoded(self, rows, *args, **options):
+    time.sleep({seconds})
+    return predict_encoded(self, rows, *args, **options)
+
+EarlyExitRuntime.predict_encoded = slow_predict_encoded
+main(prog_name="pcee-serve")
+"""
+
+
+def start_slow_cli(bundle: Path, port: int, seconds_per_batch: float, *options: str) -> subprocess.Popen:
+    """pcee-serve itself, in a process whose runtime takes `seconds_per_batch` longer per batch: a deep queue on demand."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_SERVER.format(seconds=seconds_per_batch),
+            str(bundle),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--shadow-fraction",
+            "0",
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def send_all(url: str, bodies: list[dict], on_sent=None) -> list[str]:
+    """Every body at once, each on its own connection; each outcome as 'STATUS' (JSON answers) or the transport error."""
+    import asyncio
+
+    async def send(client, body) -> str:
+        try:
+            reply = await client.post(url + "/v1/classify", json=body, timeout=60)
+        except httpx.TransportError as error:
+            return type(error).__name__
+        try:
+            reply.json()
+        except ValueError:
+            return f"{reply.status_code} not JSON"
+        return str(reply.status_code)
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(bodies) + 8)) as client:
+        tasks = [asyncio.create_task(send(client, body)) for body in bodies]
+        if on_sent is not None:
+            await on_sent(client)
+        return list(await asyncio.gather(*tasks))
+
+
+def test_sigterm_with_a_deep_queue_answers_everyone_and_exits_within_the_drain_timeout(bundle):
+    """Hundreds of queued rows, a 2 s drain: every admitted request gets 200 or a JSON 503, new ones get
+    503 + Retry-After while the drain runs, and the process exits 0 within the timeout (issue 17, defect 1)."""
+    import asyncio
+
+    port, drain_timeout = free_port(), 2.0
+    url = f"http://{HOST}:{port}"
+    process = start_slow_cli(
+        bundle,
+        port,
+        0.02,
+        "--max-batch-size",
+        "4",
+        "--max-wait-ms",
+        "0",
+        "--drain-timeout-s",
+        str(drain_timeout),
+    )
+    late = {}
+
+    async def signal_when_deep(client: httpx.AsyncClient) -> None:
+        deadline = time.monotonic() + 60
+        while "pcee_queue_rows" not in late:
+            metrics = (await client.get(url + "/metrics")).text
+            rows = next(
+                float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pcee_queue_rows ")
+            )
+            if rows >= 400:
+                late["pcee_queue_rows"] = rows
+            assert time.monotonic() < deadline, "the queue never got deep"
+            await asyncio.sleep(0.02)
+        late["signalled"] = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        late["refused"] = await client.post(url + "/v1/classify", json={"texts": ["late"]})
+        late["ready"] = await client.get(url + "/v2/health/ready")
+
+    try:
+        wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
+        assert process.poll() is None, process.stderr.read().decode()
+        outcomes = asyncio.run(send_all(url, [{"texts": SENTENCES[:2]}] * 300, signal_when_deep))
+        exit_code = process.wait(timeout=30)
+        took = time.monotonic() - late["signalled"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert set(outcomes) <= {"200", "503"}, sorted(set(outcomes))
+    assert outcomes.count("200") > 0 and outcomes.count("503") > 0, "the drain should have had to refuse some"
+    refused = late["refused"]
+    assert (
+        refused.status_code == 503
+        and refused.headers["retry-after"]
+        and "shutting down" in refused.json()["error"]
+    )
+    assert (
+        late["ready"].status_code == 503 and late["ready"].json()["reason"] == "the server is shutting down"
+    )
+    assert exit_code == 0
+    assert took < drain_timeout + 0.5, (
+        f"exited {took:.2f} s after SIGTERM; the drain timeout is {drain_timeout} s"
+    )
