@@ -39,7 +39,6 @@ from .protocol import (
     parse_classify,
     parse_infer,
     parse_json,
-    positive_milliseconds,
     server_metadata,
 )
 from .service import InferenceService, RuntimeLoader
@@ -140,15 +139,21 @@ def request_timeout(request: Request, timeout_ms: float | None = None) -> Deadli
     """The request's own deadline: the X-Request-Timeout-Ms header, or OIP's `timeout` parameter (the shorter)."""
     header = request.headers.get(TIMEOUT_HEADER)
     if header is not None:
-        try:
-            given = float(header)
-        except ValueError:
-            given = -1.0
-        checked = positive_milliseconds(given if math.isfinite(given) else -1.0, "X-Request-Timeout-Ms")
-        timeout_ms = checked if timeout_ms is None or checked is None else min(timeout_ms, checked)
+        given = header_milliseconds(header)
+        timeout_ms = given if timeout_ms is None or given is None else min(timeout_ms, given)
     if timeout_ms is None:
         return None
     return Deadline(time.monotonic() + timeout_ms / 1000.0, REQUEST_TIMEOUT, timeout_ms)
+
+
+def header_milliseconds(header: str) -> float | None:
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a number of milliseconds >= 0, got {header[:40]!r}")
+    return value or None
 
 
 async def client_departed(request: Request) -> None:

@@ -916,3 +916,64 @@ def test_sigterm_with_a_deep_queue_answers_everyone_and_exits_within_the_drain_t
     assert took < drain_timeout + 0.5, (
         f"exited {took:.2f} s after SIGTERM; the drain timeout is {drain_timeout} s"
     )
+
+
+def dropped(live: LiveServer, reason: str) -> float:
+    return metric_samples(live).get(("pcee_requests_dropped_total", (("reason", reason),)), 0.0)
+
+
+def rows_classified(live: LiveServer) -> float:
+    return sum(value for (name, _), value in metric_samples(live).items() if name == "pcee_rows_total")
+
+
+def test_queue_and_request_deadlines_answer_without_running(bundle):
+    """Behind a held batch: past --max-queue-wait-ms 503, past the request's own timeout (header or OIP
+    `timeout` in microseconds) 504, none of them run, each counted by reason (issue 17, defect 2)."""
+    held = HeldRuntime(bundle)
+    with serving(bundle, load=held, max_queue_wait_ms=300) as live, ThreadPoolExecutor(4) as pool:
+        held.hold()
+        running = pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[:1]})
+        assert held.entered.wait(10)
+        started = time.monotonic()
+        queued = post(live, "/v1/classify", {"texts": ["waits too long"]})
+        assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
+        assert "--max-queue-wait-ms" in queued.json()["error"] and 0.25 < time.monotonic() - started < 3
+        by_header = post(
+            live, "/v1/classify", {"texts": ["in a hurry"]}, headers={"X-Request-Timeout-Ms": "50"}
+        )
+        assert by_header.status_code == 504 and "50 ms" in by_header.json()["error"]
+        by_parameter = post(
+            live, f"/v2/models/{MODEL}/infer", infer_body(["in a hurry"], parameters={"timeout": 50_000})
+        )
+        assert by_parameter.status_code == 504 and "nothing ran" in by_parameter.json()["error"]
+        for bad in ("soon", "-1", "nan"):
+            refused = post(live, "/v1/classify", {"texts": ["x"]}, headers={"X-Request-Timeout-Ms": bad})
+            assert refused.status_code == 400 and "X-Request-Timeout-Ms" in refused.json()["error"]
+        held.gate.set()
+        assert running.result().status_code == 200
+        assert dropped(live, "queue_wait") == 1 and dropped(live, "request_timeout") == 2
+        assert rows_classified(live) == 1, "only the held request's row ran"
+        assert live.service.batcher.queued_rows == 0
+
+
+def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
+    held = HeldRuntime(bundle)
+    port = None
+    with serving(bundle, load=held) as live, ThreadPoolExecutor(2) as pool:
+        port = int(live.url.rsplit(":", 1)[1])
+        held.hold()
+        running = pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[:1]})
+        assert held.entered.wait(10)
+        body = json.dumps({"texts": SENTENCES[:3]}).encode()
+        with socket.create_connection((HOST, port), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_for(lambda: live.service.batcher.queued_rows == 3)
+        wait_for(lambda: dropped(live, "client_disconnected") == 1)
+        assert live.service.batcher.queued_rows == 0
+        held.gate.set()
+        assert running.result().status_code == 200
+        assert rows_classified(live) == 1, "the departed client's 3 rows never ran"
