@@ -383,6 +383,22 @@ BAD_REQUESTS = {
         json.dumps(infer_body(["a"], outputs=[{"name": "logits"}])).encode(),
         "logits",
     ),
+    "oip id lone surrogate": (
+        f"/v2/models/{MODEL}/infer",
+        b'{"id": "r\\ud800", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+        "surrogate",
+    ),
+    "point lone surrogate": (
+        "/v1/classify",
+        b'{"texts": ["good"], "operating_point": "\\udfff"}',
+        "surrogate",
+    ),
+    "a 5000-digit integer": ("/v1/classify", b'{"texts": ["good"], "n": ' + b"7" * 5000 + b"}", "digits"),
+    "oip timeout a string": (
+        f"/v2/models/{MODEL}/infer",
+        json.dumps(infer_body(["a"], parameters={"timeout": "soon"})).encode(),
+        "microseconds",
+    ),
     "oip point a number": (
         f"/v2/models/{MODEL}/infer",
         json.dumps(infer_body(["a"], parameters={"operating_point": 3})).encode(),
