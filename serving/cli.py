@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime, PceeError
 
 from .app import create_app
-from .connections import ConnectionLimits, protocol_with
+from .connections import ConnectionLimits, uvicorn_options
 from .controller import ControllerSettings
 from .logs import LOG_FORMATS, logging_config
 from .service import InferenceService
@@ -136,12 +136,10 @@ def server_config(
         app,
         host=host,
         port=port,
-        http=protocol_with(limits),
-        ws="none",
+        **uvicorn_options(limits),
         log_config=logging_config(log_level, log_format, access_log),
         access_log=False,
         lifespan="on",
-        timeout_keep_alive=limits.keep_alive_timeout_s,
         # what is left of --drain-timeout-s once the drain has answered everything: time to write the answers
         timeout_graceful_shutdown=max(0.1, settings.drain_timeout_s - settings.drain_seconds),
     )

@@ -28,6 +28,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("pcee.serving")
 
 
+class HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head past the limit (httptools wraps it)."""
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_header_bytes: int = 32 * 1024
@@ -66,6 +70,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.in_head, self.head_bytes, self.head_timer = True, 0, None
+        self.head_size = 0  # the parsed head's bytes so far: a head that arrives in one read is measured too
         if len(self.connections) > self.limits.max_connections:
             self.reject(
                 503,
@@ -91,13 +96,36 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as error:
-            self.reject(400, f"invalid HTTP request: {error}")
+            if isinstance(error.__cause__ or error.__context__, HeadTooLarge):
+                self.reject_large_head()
+            else:
+                self.reject(400, f"invalid HTTP request: {error}")
             return
-        if self.in_head and self.head_bytes > self.limits.max_header_bytes:
-            self.reject(
-                431,
-                f"the request line and headers are over {self.limits.max_header_bytes} bytes (--max-header-bytes)",
-            )
+        if self.in_head and self.head_bytes > self.limits.max_header_bytes:  # a head still arriving
+            self.reject_large_head()
+
+    def reject_large_head(self) -> None:
+        self.reject(
+            431,
+            f"the request line and headers are over {self.limits.max_header_bytes} bytes (--max-header-bytes)",
+        )
+
+    def on_message_begin(self) -> None:
+        self.head_size = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self.grow_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.grow_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def grow_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > self.limits.max_header_bytes:
+            raise HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self.in_head, self.head_bytes = False, 0
@@ -149,3 +177,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def protocol_with(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
     """The protocol class uvicorn builds per connection (it passes only its config), with these limits."""
     return type("PceeHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+
+
+def uvicorn_options(limits: ConnectionLimits) -> dict:
+    """What `uvicorn.Config` takes to run the guarded protocol with these limits (no WebSockets are served)."""
+    return {"http": protocol_with(limits), "ws": "none", "timeout_keep_alive": limits.keep_alive_timeout_s}

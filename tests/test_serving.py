@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pcee.runtime import BackendError, EarlyExitRuntime, Manifest, OperatingPoint
 from pcee.serving import ServerSettings, create_app
+from pcee.serving.connections import ConnectionLimits, uvicorn_options
 from pcee.serving.controller import AdaptiveController, ControllerSettings
 from pcee.serving.metrics import ServingMetrics
 
@@ -48,11 +49,13 @@ def free_socket() -> socket.socket:
 class LiveServer:
     """uvicorn serving `app` in a thread of this process, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits: ConnectionLimits | None = None):
         self.app = app
         self.listener = free_socket()
-        self.url = f"http://{HOST}:{self.listener.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
+        options = {} if limits is None else uvicorn_options(limits)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True
         )
@@ -76,13 +79,15 @@ class LiveServer:
 
 
 @contextmanager
-def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
+def serving(
+    bundle: Path, wait_ready: bool = True, load=None, limits: ConnectionLimits | None = None, **settings
+):
     settings.setdefault("max_wait_ms", 5.0)
     settings.setdefault("shadow_fraction", 0.0)
     app = create_app(
         ServerSettings(model_name=MODEL, **settings), load or (lambda: EarlyExitRuntime.from_bundle(bundle))
     )
-    server = LiveServer(app).start(wait_ready)
+    server = LiveServer(app, limits).start(wait_ready)
     try:
         yield server
     finally:
@@ -993,3 +998,88 @@ def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
         held.gate.set()
         assert running.result().status_code == 200
         assert rows_classified(live) == 1, "the departed client's 3 rows never ran"
+
+
+# -- the connection layer: head size, head and idle timeouts, connection limit, protocol errors ----
+GUARDED = ConnectionLimits(
+    max_header_bytes=8192, header_timeout_s=0.5, keep_alive_timeout_s=0.5, max_connections=50
+)
+
+
+@pytest.fixture(scope="module")
+def guarded(bundle):
+    with serving(bundle, limits=GUARDED) as live:
+        yield live
+
+
+def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send `request` on a fresh connection and read until the server closes it (a reset reads as the end)."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=timeout) as client:
+        try:
+            client.sendall(request)
+        except OSError:  # the server closed mid-send: what it wrote before is still readable
+            pass
+        try:
+            while chunk := client.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    return reply
+
+
+def json_error(reply: bytes) -> str:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), reply[:300]
+    return json.loads(body)["error"]
+
+
+def test_a_huge_header_gets_431_or_a_closed_connection_never_200(guarded):
+    """One 1 MB header (issue 17, defect 4): refused once the head passes --max-header-bytes."""
+    reply = exchange(
+        guarded.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
+    )
+    assert not reply.startswith(b"HTTP/1.1 200")
+    if reply:
+        assert reply.startswith(b"HTTP/1.1 431") and "--max-header-bytes" in json_error(reply)
+    huge_line = exchange(guarded.port, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert huge_line.startswith(b"HTTP/1.1 431")
+    assert get(guarded, "/v2/health/live").status_code == 200  # a small head still passes
+
+
+def test_silent_and_trickling_connections_are_closed(guarded):
+    """Nothing sent, half a request line, an idle keep-alive: each is closed (issue 17, defect 5)."""
+    started = time.monotonic()
+    assert exchange(guarded.port, b"") == b""
+    half = exchange(guarded.port, b"GET /v2/hea")
+    assert half.startswith(b"HTTP/1.1 408") and "--header-timeout-s" in json_error(half)
+    kept_alive = exchange(guarded.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept_alive.startswith(b"HTTP/1.1 200") and kept_alive.endswith(b'{"live":true}')
+    assert time.monotonic() - started < 8, "each connection was closed within its timeout"
+
+
+def test_protocol_errors_are_answered_as_json(guarded):
+    requests = {
+        "two lengths": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "length and chunked": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "not http": b"\x16\x03\x01 hello\r\n\r\n",
+    }
+    for name, request in requests.items():
+        reply = exchange(guarded.port, request)
+        assert reply.startswith(b"HTTP/1.1 400"), (name, reply[:200])
+        assert json_error(reply).startswith("invalid HTTP request"), name
+
+
+def test_past_max_connections_a_new_connection_gets_503_json(bundle):
+    limits = ConnectionLimits(max_connections=3, header_timeout_s=30)
+    with serving(bundle, limits=limits) as live:
+        held = [socket.create_connection((HOST, live.port), timeout=10) for _ in range(3)]
+        try:
+            wait_for(lambda: len(live.server.server_state.connections) == 3)
+            refused = exchange(live.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503") and "--max-connections" in json_error(refused)
+        finally:
+            for connection in held:
+                connection.close()
+        wait_for(lambda: len(live.server.server_state.connections) == 0)
+        assert get(live, "/v2/health/live").status_code == 200
