@@ -161,7 +161,9 @@ headers = st.fixed_dictionaries(
     },
 )
 path_segment = st.text(
-    st.characters(min_codepoint=0x21, max_codepoint=0x10FFFF, exclude_characters="/?#%"),
+    st.characters(
+        min_codepoint=0x21, max_codepoint=0x10FFFF, exclude_characters="/?#%", exclude_categories=("Cs",)
+    ),
     min_size=1,
     max_size=12,
 )
