@@ -358,7 +358,8 @@ def main(
     Routes:
       POST /v2/models/{name}/infer   Open Inference Protocol v2 (KServe, Triton, Seldon clients)
       POST /v1/classify              {"texts": [...], "text_pairs": [...]?, "operating_point": "name"?}
-      GET  /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
+      GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready,
+           /v2/models/{name}/config (Triton's shape); every model route also under .../versions/1/
       GET  /metrics                  Prometheus metrics (pcee_*)
       PUT  /v1/operating-point       switch live; needs Authorization: Bearer $PCEE_ADMIN_TOKEN
                                      (the route is off, 404, when PCEE_ADMIN_TOKEN is unset)
@@ -377,17 +378,18 @@ def main(
     steps to the next faster saved point when the rolling p99 or the queue wait passes 0.9 x the
     target, and back when both are under 0.5 x the target, at most once per --dwell-s.
 
-    SIGTERM drains: readiness turns off, new requests get 503, admitted
-    ones are answered, and the process exits 0. Ready (200 on /v2/health/ready) comes after the
-    bundle has loaded and one warm-up batch has run.
+    SIGTERM drains: readiness turns off and new requests get 503 with Retry-After while the server
+    still listens; admitted requests are answered until shortly before --drain-timeout-s, those
+    still queued then get 503, and the process exits 0 within the timeout. Ready (200 on
+    /v2/health/ready) comes after the bundle has loaded and one warm-up batch has run.
 
     \b
     Scale-out on Ray Serve (pip install "pcee[ray]"):
       pcee-serve runs/sst2-pcee --ray --replicas 2                     # a local Ray cluster
       RAY_ADDRESS=ray://head:10001 pcee-serve /shared/sst2-pcee --ray --replicas 8
-    Each replica loads the bundle once and batches with @serve.batch; the routes are
-    /v1/classify, /v2/models/{name}/infer and /v2/health/*. The bundle path must exist on
-    every node. Adaptive points, the shadow run, admin and /metrics are single-process only.
+    Each replica serves this same app (every route, limit and answer), loading the bundle once.
+    The bundle path must exist on every node. The adaptive controller and the admin route are
+    single-process only; /metrics and the shadow run are per replica.
     """
     logging.config.dictConfig(logging_config(log_level, log_format, access_log))
     settings = ServerSettings(

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PredictionResult
 
 from .batching import QUEUE_WAIT, Batcher, Deadline, earliest
-from .controller import AdaptiveController
+from .controller import AdaptiveController, check_ladder_order
 from .errors import Conflict, NotFound, Unauthorized, Unavailable
 from .metrics import ServingMetrics
 from .protocol import ClassifyRequest, point_label
@@ -130,7 +130,10 @@ class InferenceService:
         try:
             if self.settings.controller is not None:
                 for name in self.settings.controller.points:
-                    runtime.resolve_operating_point(name)  # an unknown name fails the start, not a later step
+                    runtime.make_policy(
+                        name
+                    )  # an unknown or unservable point fails the start, not a later step
+                check_ladder_order(runtime, self.settings.controller.points)
             if self.settings.starting_point is not None:
                 runtime.set_operating_point(self.settings.starting_point)
             warm_up(runtime, self.settings.max_batch_size)

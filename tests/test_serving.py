@@ -1083,3 +1083,77 @@ def test_past_max_connections_a_new_connection_gets_503_json(bundle):
                 connection.close()
         wait_for(lambda: len(live.server.server_state.connections) == 0)
         assert get(live, "/v2/health/live").status_code == 200
+
+
+# -- the adaptive ladder: `full` is a point of every bundle, and the order is checked -------------------
+def test_full_is_on_every_ladder_and_a_ladder_out_of_order_is_refused(bundle):
+    """`--adaptive-points full,...` needs no saved "full" point (issue 17, defect 8); fast-before-accurate fails the start."""
+    ladder = ControllerSettings(slo_p99_ms=1000, points=("full", "fast"), dwell_s=60)
+    with serving(bundle, controller=ladder) as live:
+        assert live.service.runtime.operating_point.policy == "full"
+        assert post(live, "/v1/classify", {"texts": ["good"]}).json()["predictions"][0]["exit_layer"] == 4
+    backwards = ControllerSettings(slo_p99_ms=1000, points=("fast", "quality"), dwell_s=60)
+    with serving(bundle, controller=backwards, wait_ready=False) as live:
+        wait_for(lambda: live.service.failure is not None)
+        failure = live.service.failure
+    assert "'quality' (layer speed-up 0.000) comes after 'fast' (0.750)" in failure
+    assert "--adaptive-points quality,fast" in failure
+
+
+# -- OIP completeness and operations -------------------------------------------------------------------
+def test_server_metadata_versioned_routes_and_triton_model_config(server):
+    """GET /v2, .../versions/1/..., and .../config in Triton's shape were 404 (issue 17, defect 7)."""
+    assert get(server, "/v2").json() == {
+        "name": "pcee-serve",
+        "version": get(server, "/v2").json()["version"],
+        "extensions": [],
+    }
+    versioned = f"/v2/models/{MODEL}/versions/1"
+    assert get(server, versioned).json()["versions"] == ["1"]
+    assert get(server, versioned + "/ready").json() == {"name": MODEL, "ready": True}
+    reply = post(server, versioned + "/infer", infer_body(SENTENCES[:2])).json()
+    assert reply["model_version"] == "1" and reply["outputs"][0]["shape"] == [2]
+    assert get(server, f"/v2/models/{MODEL}/versions/2/ready").status_code == 404
+    config = get(server, f"/v2/models/{MODEL}/config").json()
+    assert config["max_batch_size"] == 0
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert [output["data_type"] for output in config["output"]] == ["TYPE_STRING", "TYPE_FP32", "TYPE_INT32"]
+    assert get(server, versioned + "/config").json() == config
+    triton = pytest.importorskip(
+        "tritonclient.http", reason="tritonclient[http] reads the config as Triton's client"
+    )
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.get_model_config(MODEL)["input"][0]["name"] == "text"
+    assert client.get_server_metadata()["name"] == "pcee-serve"
+    client.close()
+
+
+def test_request_ids_are_echoed_or_made(server):
+    given = post(server, "/v1/classify", {"texts": ["good"]}, headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = get(server, "/v2/health/live").headers["x-request-id"]
+    assert len(made) == 32 and made != get(server, "/v2/health/live").headers["x-request-id"]
+    unprintable = get(server, "/nowhere")
+    assert unprintable.status_code == 404 and len(unprintable.headers["x-request-id"]) == 32
+
+
+def test_json_logs_have_timestamps_and_the_access_log_has_the_request_id(bundle):
+    """Every log line is timestamped; --log-format json writes one object a line (issue 17, defect 8)."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    process = start_cli(bundle, port, "--log-level", "info", "--log-format", "json", "--access-log")
+    try:
+        wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
+        httpx.post(url + "/v1/classify", json={"texts": ["good"]}, headers={"X-Request-ID": "trace-7"})
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    entries = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
+    assert entries and all(entry["time"].endswith("Z") and entry["level"] for entry in entries)
+    access = [entry for entry in entries if entry["logger"] == "pcee.serving.access"]
+    classify = next(entry for entry in access if entry["path"] == "/v1/classify")
+    assert classify["request_id"] == "trace-7" and classify["status"] == 200 and classify["duration_ms"] > 0
+    assert any("draining" in entry["message"] for entry in entries)
