@@ -60,12 +60,14 @@ def create_app(
     load_runtime: RuntimeLoader,
     on_startup_failure: Callable[[BaseException], None] | None = None,
     ready_before_serving: bool = False,
+    echo_request_id: bool = True,
 ) -> Starlette:
     """An app that loads its runtime at startup (in a thread) and closes it at shutdown.
 
     `app.state.service` is the `InferenceService`: `drain()` on it is what SIGTERM runs.
     `ready_before_serving`: the lifespan startup returns only once the bundle is loaded and warm
     (and raises if it failed), for hosts that route to an app as soon as its startup returns (Ray Serve).
+    `echo_request_id`: answer with X-Request-ID (off where a proxy in front already does, as Ray's does).
     """
     service = InferenceService(settings, load_runtime, on_startup_failure)
 
@@ -79,7 +81,7 @@ def create_app(
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestLog, metrics=service.metrics)],
+        middleware=[Middleware(RequestLog, metrics=service.metrics, echo_request_id=echo_request_id)],
         exception_handlers={
             kind: answer_error
             for kind in (ServingError, InputError, PolicyError, PceeError, HTTPException, Exception)
@@ -329,9 +331,10 @@ class RequestLog:
     and status (404s and 500s too), and writes one access-log line per request when that log is on.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics):
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, echo_request_id: bool = True):
         self.app = app
         self.metrics = metrics
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -345,7 +348,8 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.echo_request_id:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:

@@ -82,7 +82,8 @@ class EarlyExitReplica:
             backend=self.options.backend,
             intra_op_threads=self.options.threads,
         )
-        return create_app(self.settings, load, ready_before_serving=True)
+        # Ray's proxy echoes X-Request-ID itself (and makes one when absent); the app logs the same id
+        return create_app(self.settings, load, ready_before_serving=True, echo_request_id=False)
 
     async def reconfigure(self, config: dict) -> None:
         """`{"draining": true}`: drain this replica's app (Serve calls this on every replica)."""
