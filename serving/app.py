@@ -126,10 +126,14 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def refuse_binary_tensors(request: Request) -> None:
-    if BINARY_EXTENSION_HEADER in request.headers:
+def refuse_binary_tensors(request: Request, body: bytes) -> None:
+    """Triton's binary extension: its header gives the JSON part's length. Equal to the body (what
+    Triton's C++ clients send with JSON tensors): all JSON, fine; shorter: binary tensors follow, refused."""
+    declared = request.headers.get(BINARY_EXTENSION_HEADER)
+    if declared is not None and declared.strip() != str(len(body)):
         raise BadRequest(
-            "the binary tensor data extension is not supported; send tensor data as JSON (tritonclient: binary_data=False)"
+            "the binary tensor data extension is not supported; send tensor data as JSON "
+            "(tritonclient: binary_data=False; perf_analyzer: --input-tensor-format json --output-tensor-format json)"
         )
 
 
@@ -222,8 +226,9 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     service = checked_model(request)
     runtime = service.serving_runtime()
-    refuse_binary_tensors(request)
-    parsed = parse_infer(await read_body(request, service.settings), runtime.takes_pairs)
+    body = await read_body(request, service.settings)
+    refuse_binary_tensors(request, body)
+    parsed = parse_infer(body, runtime.takes_pairs)
     timeout = request_timeout(request, parsed.timeout_ms)
     result = await service.classify(parsed.rows, timeout, functools.partial(client_departed, request))
     return JSONResponse(infer_response(service.settings.model_name, parsed, result))

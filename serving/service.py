@@ -30,7 +30,7 @@ log = logging.getLogger("pcee.serving")
 WARM_UP_TEXT = "warm-up"
 # Requests with at most this many characters are tokenized on the event loop (a thread hop costs
 # more); larger ones in the tokenizer's own thread, beside the batch running in the batcher's.
-INLINE_TOKENIZE_CHARS = 4096
+INLINE_TOKENIZE_CHARS = 512
 FULL_MODEL = OperatingPoint("full")
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 

@@ -435,6 +435,13 @@ def test_binary_tensor_extension_is_refused_with_a_hint(server):
         headers={"Inference-Header-Content-Length": "60"},
     )
     assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+    body = json.dumps(infer_body(["good"])).encode()
+    all_json = post(
+        server, f"/v2/models/{MODEL}/infer", body, headers={"Inference-Header-Content-Length": str(len(body))}
+    )
+    assert all_json.status_code == 200, (
+        "the header's length is the whole body: no binary part (Triton's C++ clients)"
+    )
 
 
 def failing_runtime(bundle: Path) -> EarlyExitRuntime:
