@@ -155,6 +155,9 @@ class Batcher:
             await asyncio.wait((job.future, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
+            watch.add_done_callback(
+                lambda task: task.cancelled() or task.exception()
+            )  # consumed, never "unretrieved"
         if not job.future.done():
             self._drop(job, CLIENT_DISCONNECTED, ClientClosedRequest("the client disconnected while queued"))
         return await job.future
