@@ -265,7 +265,7 @@ option = functools.partial(click.option, show_envvar=True)
 )
 @option(
     "--adaptive-points",
-    help="Adaptive: saved point names, most accurate first (e.g. quality,speedup-0.50,speedup-0.75). The server starts at the first.",
+    help="Adaptive: saved point names (and `full`, which every bundle serves), most accurate first (e.g. full,speedup-0.50,speedup-0.75); the order is checked against their layer speed-ups at load. The server starts at the first.",
 )
 @option(
     "--dwell-s",
