@@ -158,6 +158,8 @@ class EarlyExitRuntime:
             return OperatingPoint.from_dict(point)
         if isinstance(point, str):
             saved = self.manifest.saved_point(point)
+            if saved is None and point == FULL_POINT.name:  # every bundle can serve it, saved or not
+                return FULL_POINT
             if saved is None:
                 names = [saved.name for saved in self.manifest.operating_points]
                 raise PolicyError(

@@ -9,6 +9,7 @@ Torch-free like the runtime: it imports `pcee.runtime` only, never a backend mod
 from .app import create_app
 from .errors import (
     BadRequest,
+    GatewayTimeout,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -24,6 +25,7 @@ __all__ = [
     "InferenceService",
     "ServerSettings",
     "BadRequest",
+    "GatewayTimeout",
     "NotFound",
     "PayloadTooLarge",
     "RequestTimeout",
