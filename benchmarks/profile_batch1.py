@@ -15,7 +15,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
+from pcee.runtime import (
+    FULL_POLICY,
+    EarlyExitRuntime,
+    EncodedBatch,
+    OperatingPoint,
+    PceeError,
+    graphs,
+    open_cpu_session,
+)
 
 from .bench import BenchmarkError, quantized_copy, single_graph_contender
 
@@ -120,7 +128,7 @@ def profile(
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
-        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
+        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint(FULL_POLICY)),
         "runtime_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
             plain_session(chain.embeddings.path, threads),

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcee.runtime import OperatingPoint
+from pcee.runtime import FULL_POLICY, OperatingPoint
 
 from .errors import CalibrationError
 from .search import Sweep, grid_outcomes, pareto_frontier
 from .simulate import Outcome, Simulator
 
-FULL_MODEL = OperatingPoint("full")
+FULL_MODEL = OperatingPoint(FULL_POLICY)
 
 
 def binomial_cdf(successes: int, trials: int, probability: float) -> float:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pcee.runtime import OperatingPoint
+from pcee.runtime import DEFAULT_POLICY, POLICIES, OperatingPoint
 
 from .bound import FULL_MODEL, Certification, certify_max_drop
 from .errors import CalibrationError
 from .search import (
-    CALIBRATION_POLICIES,
     SweepState,
     all_states,
     grid_outcomes,
@@ -79,7 +78,7 @@ class CalibrationResult:
     full_search: Outcome
     full_holdout: Outcome
     frontiers: dict[str, list[SweepState]]  # per policy, exact, on the search rows
-    patience_grid: list[Outcome]  # pcee over a tau grid at every patience, on the search rows
+    patience_grid: list[Outcome]  # the default policy over a tau grid at every patience, on the search rows
     certification: Certification | None
     seed: int
 
@@ -131,14 +130,18 @@ def holdout_split(count: int, holdout_fraction: float, seed: int) -> tuple[np.nd
 
 
 def frontier_policies(has_learned_score: bool) -> list[str]:
-    return [policy for policy in CALIBRATION_POLICIES if has_learned_score or policy != "pcee-learned"]
+    return [
+        name
+        for name, spec in POLICIES.items()
+        if spec.calibrated and (has_learned_score or not spec.needs_learned_score)
+    ]
 
 
 def calibrate(
     rows: CalibrationRows,
     metric_name: str,
     objective: Objective,
-    policy: str = "pcee",
+    policy: str = DEFAULT_POLICY,
     holdout_fraction: float = 0.2,
     seed: int = 0,
     has_learned_score: bool = False,
@@ -174,7 +177,9 @@ def calibrate(
         full_search=search.run(FULL_MODEL),
         full_holdout=holdout.run(FULL_MODEL),
         frontiers={each: pareto_frontier(states[each]) for each in frontier_policies(has_learned_score)},
-        patience_grid=grid_outcomes(search, sweeps_for("pcee", search.rows.exits), PATIENCE_GRID_SIZE),
+        patience_grid=grid_outcomes(
+            search, sweeps_for(DEFAULT_POLICY, search.rows.exits), PATIENCE_GRID_SIZE
+        ),
         certification=certification,
         seed=seed,
     )

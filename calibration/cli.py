@@ -15,12 +15,13 @@ import numpy as np
 from pcee.modeling.data import TextDataset
 from pcee.runtime import (
     BACKEND_NAMES,
+    DEFAULT_POLICY,
     MANIFEST_NAME,
-    POLICY_NAMES,
     EarlyExitRuntime,
     Manifest,
     OperatingPoint,
     PceeError,
+    policy_names,
 )
 
 from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest
@@ -28,7 +29,6 @@ from .calibrate import CalibrationResult, Objective, calibrate
 from .collect import record_all_exits
 from .evaluate import evaluate_bundle, held_out_rows, requested_point
 from .report import REPORTS_DIRECTORY, format_table, load_report, report_dir_for, write_report
-from .search import CALIBRATION_POLICIES
 from .simulate import CalibrationRows
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -160,7 +160,10 @@ def emit(document: dict, as_json: bool, text: str) -> None:
     help="With --max-drop: probability that the drop bound holds.",
 )
 @click.option(
-    "--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate."
+    "--policy",
+    type=click.Choice(policy_names(calibrated_only=True)),
+    default=DEFAULT_POLICY,
+    help="Exit policy to calibrate.",
 )
 @click.option(
     "--holdout-fraction",
@@ -305,7 +308,7 @@ def closing_text(result: CalibrationResult, document: dict) -> str:
     "--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name)."
 )
 @click.option(
-    "--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point."
+    "--policy", type=click.Choice(policy_names()), help="Evaluate this policy instead of the bundle's point."
 )
 @click.option(
     "--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it)."

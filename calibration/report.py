@@ -12,7 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcee.runtime import temporary_file_pattern, write_file_atomically, written_before_this_process
+from pcee.runtime import (
+    DEFAULT_POLICY,
+    temporary_file_pattern,
+    write_file_atomically,
+    written_before_this_process,
+)
 
 from .calibrate import CalibrationResult
 from .errors import CalibrationError
@@ -183,7 +188,9 @@ def draw_patience_scatter(result: CalibrationResult):
     )
     figure.colorbar(dots, ax=axes, label="tau (normalized entropy)")
     axes.set(
-        xlabel="patience", ylabel="layer speed-up", title="Reachable layer speed-ups per patience (pcee)"
+        xlabel="patience",
+        ylabel="layer speed-up",
+        title=f"Reachable layer speed-ups per patience ({DEFAULT_POLICY})",
     )
     axes.set_xticks(range(1, result.num_layers + 1))
     axes.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pcee.runtime import EarlyExitRuntime, OperatingPoint, PredictionResult
+from pcee.runtime import FULL_POLICY, EarlyExitRuntime, OperatingPoint, PredictionResult
 
 from .batching import Batcher
 from .controller import AdaptiveController
@@ -27,7 +27,7 @@ from .shadow import ShadowWatch
 log = logging.getLogger("pcee.serving")
 
 WARM_UP_TEXT = "warm-up"
-FULL_MODEL = OperatingPoint("full")
+FULL_MODEL = OperatingPoint(FULL_POLICY)
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 
 
