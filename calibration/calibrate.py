@@ -9,13 +9,14 @@ which certifies them (see `bound`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from numbers import Real
 
 import numpy as np
 
 from pcee.runtime import DEFAULT_POLICY, POLICIES, OperatingPoint
 
 from .bound import FULL_MODEL, Certification, certify_max_drop
-from .errors import CalibrationError
+from .errors import CalibrationError, OptionError
 from .search import (
     SweepState,
     all_states,
@@ -41,12 +42,14 @@ class Objective:
 
     def __post_init__(self) -> None:
         if (self.target_speedup is None) == (self.max_drop is None):
-            raise CalibrationError("give exactly one objective: a target speed-up or a maximal drop")
+            raise OptionError("give exactly one objective: --target-speedup S or --max-drop D")
         for name in ("target_speedup", "max_drop", "confidence"):
             value = getattr(self, name)
-            if value is not None and not 0.0 < value < 1.0:
-                raise CalibrationError(
-                    f"{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}"
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0
+            ):
+                raise OptionError(
+                    f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {value!r}"
                 )
 
     @property
