@@ -11,7 +11,7 @@ Steps, run in order; each reads what the previous one wrote under --workdir:
 Protocol: the evaluation rows of a task are split once (--seed) into a search half and a report
 half. Every operating point is chosen on the search half and every number reported is measured
 on the report half, so no threshold is tuned on the rows it is scored on. Threshold methods take
-the calibration search (the most conservative point reaching the target); budgeted exit and
+the calibration search (the best metric within 0.02 above the target); budgeted exit and
 PABEE, whose single integer knob gives a few speed-ups only, take the value nearest the target.
 
 Example (from the repository root; data/glue holds the GLUE task directories SST-2/, CoLA/, QNLI/):

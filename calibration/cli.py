@@ -165,6 +165,16 @@ def emit(document: dict, as_json: bool, text: str) -> None:
     help="Layer speed-up to reach, in (0, 1) (Eq. 4: 1 - layers run / (rows x layers)).",
 )
 @click.option(
+    "--at-least",
+    is_flag=True,
+    help="With --target-speedup: go above the target's band where a faster point's gain beats the metric's noise.",
+)
+@click.option(
+    "--max-speedup",
+    type=float,
+    help="With --target-speedup: like --at-least, up to this layer speed-up.",
+)
+@click.option(
     "--max-drop", type=float, help="Largest accuracy drop against the full model to certify, in (0, 1)."
 )
 @click.option(
@@ -208,8 +218,11 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
     \b
     Two objectives:
       --target-speedup S   of every (tau, patience) whose layer speed-up on the search
-                           rows reaches S, the one with the best task metric (ties go
-                           to the higher speed-up, then the lower patience).
+                           rows lies in [S, S + 0.02], the one with the best task
+                           metric (ties go to the higher speed-up, then the lower
+                           patience). With --at-least (or --max-speedup M) a faster
+                           point replaces it only if it is right on significantly
+                           more rows (exact sign test on the rows where they differ).
       --max-drop D         the largest speed-up whose accuracy drop against the full
                            model is at most D with probability --confidence (exact
                            binomial test, fixed-sequence along the frontier; assumes
@@ -243,7 +256,13 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
 def calibration_options(options: dict) -> CalibrationOptions:
     """The typed options from click's values; they check themselves."""
     data, run = labelled_data(options), run_settings(options)
-    objective = Objective(options.pop("target_speedup"), options.pop("max_drop"), options.pop("confidence"))
+    objective = Objective(
+        options.pop("target_speedup"),
+        options.pop("max_drop"),
+        options.pop("confidence"),
+        options.pop("at_least"),
+        options.pop("max_speedup"),
+    )
     return CalibrationOptions(data, objective, run=run, progress=not options.pop("no_progress"), **options)
 
 

@@ -36,11 +36,13 @@ from pcee.runtime import (
 )
 
 from .errors import CalibrationError
+from .noise import SIGNIFICANCE, SignTest
 from .simulate import Outcome, Simulator
 
 # Endpoint thresholds sit this far beyond the observed values: all rows confident, or none.
 ENDPOINT_MARGIN = 1e-6
 SPEEDUP_TOLERANCE = 1e-12
+TARGET_BAND = 0.02  # a target speed-up S is met by the search rows' speed-ups in [S, S + TARGET_BAND]
 
 
 @dataclass(frozen=True)
@@ -224,30 +226,97 @@ def all_states(simulator: Simulator, sweeps: list[Sweep]) -> list[SweepState]:
 # ------------------------------------------------------------------------------ target
 
 
-def search_target(simulator: Simulator, sweeps: list[Sweep], target: float) -> Outcome:
-    """Of every point of every sweep whose layer speed-up reaches `target`, the best (see `best_reaching`), replayed."""
-    return run_best_reaching(simulator, all_states(simulator, sweeps), target)
+@dataclass(frozen=True)
+class FurtherCandidate:
+    """The faster point looked at beyond the band, and whether its gain beat the noise."""
+
+    outcome: Outcome
+    test: SignTest  # the candidate against the band's choice, on the search rows
+    candidates: int  # frontier points beyond the band scoring higher than the band's choice
+    accepted: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "operating_point": self.outcome.point.to_dict(),
+            "layer_speedup": round(self.outcome.layer_speedup, 6),
+            "metric": round(self.outcome.metric, 6),
+            "sign_test": self.test.to_dict(),
+            "bonferroni_candidates": self.candidates,
+            "p_value_needed": round(SIGNIFICANCE / self.candidates, 6),
+            "accepted": self.accepted,
+        }
 
 
-def run_best_reaching(simulator: Simulator, states: list[SweepState], target: float) -> Outcome:
-    best = best_reaching(states, target)
-    if best is None:
+@dataclass(frozen=True)
+class TargetChoice:
+    outcome: Outcome  # the chosen point, replayed on the search rows
+    band_choice: Outcome  # the band's best point (the chosen one unless a faster one beat the noise)
+    further: FurtherCandidate | None = None
+
+
+def reaching(states: list[SweepState], target: float) -> list[SweepState]:
+    return [state for state in states if state.layer_speedup >= target - SPEEDUP_TOLERANCE]
+
+
+def within_band(states: list[SweepState], target: float, band: float) -> list[SweepState]:
+    """The states reaching `target` by at most `band`; if none (an integer knob jumps over the band), those at
+    the smallest speed-up reaching it."""
+    candidates = reaching(states, target)
+    inside = [state for state in candidates if state.layer_speedup <= target + band + SPEEDUP_TOLERANCE]
+    if inside or not candidates:
+        return inside
+    nearest = min(state.layer_speedup for state in candidates)
+    return [state for state in candidates if state.layer_speedup <= nearest + SPEEDUP_TOLERANCE]
+
+
+def best_of(states: list[SweepState]) -> SweepState:
+    """The best metric; ties go to the higher speed-up, then the lower patience, then the more conservative threshold."""
+    return max(states, key=lambda state: (state.metric, state.layer_speedup, -state.patience, -state.index))
+
+
+def choose_for_target(
+    simulator: Simulator,
+    states: list[SweepState],
+    target: float,
+    band: float = TARGET_BAND,
+    max_speedup: float | None = None,
+) -> TargetChoice:
+    """The band's best point (see `within_band`); with `max_speedup`, the best frontier point between the band
+    and `max_speedup` instead, if it is right on significantly more of the rows where the two disagree
+    (exact one-sided sign test, Bonferroni over the frontier points beyond the band that score higher)."""
+    inside = within_band(states, target, band)
+    if not inside:
         speedups = [state.layer_speedup for state in states]
         raise CalibrationError(
             f"target layer speed-up {target:g} is out of reach for policy {states[0].sweep.policy} on these "
             f"{len(simulator.rows)} rows: reachable layer speed-ups are {min(speedups):.4f} to {max(speedups):.4f}. "
             "Ask for a target in that range, or choose another policy"
         )
-    return simulator.run(best.point)
+    chosen = simulator.run(best_of(inside).point)
+    top = max(state.layer_speedup for state in inside) + SPEEDUP_TOLERANCE
+    if max_speedup is None:
+        return TargetChoice(chosen, chosen)
+    allowed = [state for state in states if top < state.layer_speedup <= max_speedup + SPEEDUP_TOLERANCE]
+    beyond = [state for state in pareto_frontier(allowed) if state.metric > chosen.metric]
+    if not beyond:
+        return TargetChoice(chosen, chosen)
+    candidate = simulator.run(best_of(beyond).point)
+    test = SignTest.of(candidate.predictions, chosen.predictions, simulator.rows.labels)
+    accepted = test.p_value <= SIGNIFICANCE / len(beyond)
+    return TargetChoice(
+        candidate if accepted else chosen, chosen, FurtherCandidate(candidate, test, len(beyond), accepted)
+    )
+
+
+def search_target(simulator: Simulator, sweeps: list[Sweep], target: float) -> Outcome:
+    """The calibration's point for `target` over every point of every sweep (`choose_for_target`), replayed."""
+    return choose_for_target(simulator, all_states(simulator, sweeps), target).outcome
 
 
 def best_reaching(states: list[SweepState], target: float) -> SweepState | None:
-    """The best metric among the states reaching `target`. Ties go to the higher speed-up, then the
-    lower patience, then the more conservative threshold."""
-    reaching = [state for state in states if state.layer_speedup >= target - SPEEDUP_TOLERANCE]
-    if not reaching:
-        return None
-    return max(reaching, key=lambda state: (state.metric, state.layer_speedup, -state.patience, -state.index))
+    """The best metric among the states reaching `target` (`best_of`): what each policy offers at a speed-up."""
+    candidates = reaching(states, target)
+    return best_of(candidates) if candidates else None
 
 
 # ------------------------------------------------------------------------------ grids and frontiers
