@@ -148,8 +148,8 @@ class CalibrationResult:
         if target is not None and abs(self.holdout.layer_speedup - target) > SPEEDUP_MISS:
             lines.append(
                 f"held-out layer speed-up {self.holdout.layer_speedup:.4f} misses the requested {target:g} by more "
-                f"than {SPEEDUP_MISS:g}: {len(self.chosen.exit_layers)} search rows are few, or unlike the held-out "
-                "rows. Calibrate on more data"
+                f"than {SPEEDUP_MISS:g}: speed-ups measured on {len(self.holdout.exit_layers)} held-out and "
+                f"{len(self.chosen.exit_layers)} search rows are noisy, or those rows differ. Calibrate on more data"
             )
         return lines
 
