@@ -12,7 +12,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.calibration.cli import data_options, open_labelled_data
+from pcee.calibration.cli import data_options, labelled_data, open_labelled_data
 from pcee.calibration.collect import record_all_exits
 from pcee.calibration.simulate import simulate
 from pcee.runtime import (
@@ -249,7 +249,7 @@ def check_plot_path(path: Path | None) -> None:
 
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:
     """Bad input (data, labels, model dir, missing single graph, another model's bundle) fails before the first timing."""
-    manifest, dataset, _ = open_labelled_data(bundle_dir, options)
+    manifest, dataset, _ = open_labelled_data(bundle_dir, labelled_data({**options}))
     check_same_model(manifest, options["also_bundles"])
     with tempfile.TemporaryDirectory(
         prefix="pcee-bench-"

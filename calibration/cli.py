@@ -126,6 +126,7 @@ def choices_metavar(choices) -> str:
 
 
 def labelled_data(options: dict) -> LabelledData:
+    """--data and how to read it, taken out of click's values (the rest go to the command's own options)."""
     return LabelledData(
         options.pop("data"),
         options.pop("task"),
@@ -136,6 +137,7 @@ def labelled_data(options: dict) -> LabelledData:
 
 
 def run_settings(options: dict) -> RunSettings:
+    """--backend and --batch-size, taken out of click's values."""
     return RunSettings(options.pop("backend"), options.pop("batch_size"))
 
 
