@@ -17,6 +17,7 @@ import numpy as np
 
 from pcee.runtime import (
     ATTENTION_BIAS,
+    FULL_POLICY,
     HIDDEN_STATES,
     NEXT_HIDDEN_STATES,
     EarlyExitRuntime,
@@ -130,7 +131,7 @@ def profile(
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
-        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
+        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint(FULL_POLICY)),
         "runtime_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
             plain_session(chain.embeddings.path, threads),

@@ -92,7 +92,22 @@ from .manifest import (
     sha256_of,
     write_json_atomically,
 )
-from .policies import POLICY_NAMES, SIGNALS, ExitPolicy, OperatingPoint, build_policy
+from .policies import (
+    CONFIDENCE_SIGNALS,
+    DEFAULT_POLICY,
+    FULL_POLICY,
+    PABEE_POLICY,
+    POLICIES,
+    ExitPolicy,
+    Knob,
+    OperatingPoint,
+    PolicySpec,
+    Signal,
+    build_policy,
+    policy_names,
+    policy_spec,
+    register_policy,
+)
 from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
@@ -184,11 +199,20 @@ __all__ = [
     "record_operating_point",
     "sha256_of",
     "write_json_atomically",
-    "POLICY_NAMES",
-    "SIGNALS",
+    "CONFIDENCE_SIGNALS",
+    "DEFAULT_POLICY",
+    "FULL_POLICY",
+    "PABEE_POLICY",
+    "POLICIES",
     "ExitPolicy",
+    "Knob",
     "OperatingPoint",
+    "PolicySpec",
+    "Signal",
     "build_policy",
+    "policy_names",
+    "policy_spec",
+    "register_policy",
     "BundleTokenizer",
     "EncodedBatch",
 ]

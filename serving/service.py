@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PredictionResult
+from pcee.runtime import FULL_POLICY, EarlyExitRuntime, EncodedBatch, OperatingPoint, PredictionResult
 
 from .batching import QUEUE_WAIT, Batcher, Deadline, earliest
 from .controller import AdaptiveController, check_ladder_order
@@ -31,7 +31,7 @@ WARM_UP_TEXT = "warm-up"
 # Requests with at most this many characters are tokenized on the event loop (a thread hop costs
 # more); larger ones in the tokenizer's own thread, beside the batch running in the batcher's.
 INLINE_TOKENIZE_CHARS = 512
-FULL_MODEL = OperatingPoint("full")
+FULL_MODEL = OperatingPoint(FULL_POLICY)
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 
 
