@@ -26,9 +26,10 @@ fi
 rm -rf "$env_dir"
 "$python" -m venv "$env_dir"
 pip=("$env_dir/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" --no-deps "nvidia-pytriton==0.7.0"
 "${pip[@]}" "numpy>=1.24,<2" "onnxruntime>=1.17" "tokenizers>=0.15"
 "${pip[@]}" --no-deps -e "$repo"
+# Last, and without its client-side dependencies: only its server binary and backend are used.
+"${pip[@]}" --no-deps "nvidia-pytriton==0.7.0"
 
 site=$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 version=$("$env_dir/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
