@@ -268,7 +268,8 @@ def test_concurrent_clients_with_mixed_points_each_get_their_own_rows(server, re
     before = executions_and_requests(server, "tiny")
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(send, requests))
-    executions, successes = np.subtract(executions_and_requests(server, "tiny"), before)
+    after = executions_and_requests(server, "tiny", before[1] + len(requests))
+    executions, successes = np.subtract(after, before)
     for (_, texts, point), served in zip(requests, answers):
         assert_same_answers(served, expected(reference, texts, point=point))
     fast = [served for (_, _, point), served in zip(requests, answers) if point == "fast"]
@@ -276,8 +277,18 @@ def test_concurrent_clients_with_mixed_points_each_get_their_own_rows(server, re
     assert successes == len(requests) and executions < successes, "the dynamic batcher merged requests"
 
 
-def executions_and_requests(server, model: str) -> tuple[int, int]:
-    stats = server.http.get_inference_statistics(model)["model_stats"][0]
+def model_stats(server, model: str, successes: int = 0) -> dict:
+    """The model's statistics once they count `successes` requests (Triton counts just after it answers)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = server.http.get_inference_statistics(model)["model_stats"][0]
+        if int(stats["inference_stats"]["success"]["count"]) >= successes or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def executions_and_requests(server, model: str, successes: int = 0) -> tuple[int, int]:
+    stats = model_stats(server, model, successes)
     return int(stats["execution_count"]), int(stats["inference_stats"]["success"]["count"])
 
 
@@ -313,7 +324,7 @@ def test_bad_requests_inside_one_dynamic_batch_fail_alone(server, reference):
         futures[4].result()
     with pytest.raises(InferenceServerException, match="no operating point named 'no-such-point'"):
         futures[5].result()
-    stats = server.http.get_inference_statistics("batched")["model_stats"][0]
+    stats = model_stats(server, "batched", successes=4)
     assert int(stats["execution_count"]) == 1, f"all {BATCHED_ROWS} requests ran in one call: {stats}"
     assert [int(batch["batch_size"]) for batch in stats["batch_stats"]] == [BATCHED_ROWS]
 
@@ -322,17 +333,23 @@ def test_custom_metrics_count_the_rows_and_layers_of_the_answers(server):
     answers = [infer(server.http, "metered", TEXTS[start : start + 25]) for start in range(0, 100, 25)]
     answers.append(infer(server.grpc, "metered", TEXTS[:10], point="fast"))
     exits = [layer for served in answers for layer in served["exit_layer"]]
-    samples = server.metrics()
+    samples = {}
 
     def value(name: str, **labels) -> float:
         key = (name, tuple(sorted({"model": "metered", "version": "1", **labels}.items())))
-        return samples[key]
+        return samples.get(key, 0.0)
+
+    # Triton counts a request a moment after its response is sent; the parser adds _total.
+    deadline = time.monotonic() + 10
+    while value("nv_inference_request_success_total") < len(answers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        samples = server.metrics()
 
     for layer in range(1, 5):
         assert value("pcee_rows_total", exit_layer=str(layer)) == exits.count(layer)
     assert value("pcee_layers_total", kind="run") == sum(exits)
     assert value("pcee_layers_total", kind="possible") == len(exits) * 4
-    assert value("nv_inference_request_success_total") == len(answers)  # the parser adds _total
+    assert value("nv_inference_request_success_total") == len(answers)
 
 
 def test_a_bundle_that_fails_its_checks_fails_the_model_load_with_the_runtime_message(server):
