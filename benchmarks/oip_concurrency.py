@@ -1,8 +1,8 @@
 """Closed-loop load at fixed concurrencies against any OIP v2 server: Triton (pcee-triton) or pcee-serve.
 
 Each of C clients sends one-row requests back to back for a while; per concurrency it reports rows/s
-and p50/p99 latency, and, with --bundle, the in-process runtime's rows/s at the point the server
-used, for the ratio. The request's text input takes the shape the model's metadata declares ([1]
+and p50/p99 latency, and, with --bundle, the ratio to the in-process runtime doing the same work:
+C threads of this process calling `runtime.predict` on one row at a time, at the same point. The request's text input takes the shape the model's metadata declares ([1]
 for pcee-serve, [1, 1] for a Triton model with a batch dimension), so one client measures both.
 
     python -m pcee.benchmarks.oip_concurrency --url http://127.0.0.1:8000 --model sst2 \
@@ -20,7 +20,7 @@ import click
 import httpx
 import numpy as np
 
-from pcee.benchmarks.serve_load import DEFAULT_DATA, InProcessReference, Labelled, require_loopback
+from pcee.benchmarks.serve_load import DEFAULT_DATA, Labelled, require_loopback
 from pcee.runtime import EarlyExitRuntime, PceeError
 
 
@@ -62,15 +62,23 @@ def client_loop(url: str, bodies: list[bytes], stop_at: float, latencies: list[f
             index += 1
 
 
-def measure(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> ConcurrencyReport:
+def runtime_loop(runtime, texts: list[str], stop_at: float, latencies: list[float], errors: list[int]):
+    index = 0
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        runtime.predict([texts[index % len(texts)]])
+        latencies.append(time.perf_counter() - started)
+        index += 1
+
+
+def measure(loop, target, work: list, concurrency: int, duration_s: float) -> ConcurrencyReport:
+    """`concurrency` threads running `loop(target, their share of work, ...)` until the time is up."""
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
     stop_at = started + duration_s
     threads = [
-        threading.Thread(
-            target=client_loop, args=(url, bodies[offset::concurrency], stop_at, latencies, errors)
-        )
+        threading.Thread(target=loop, args=(target, work[offset::concurrency], stop_at, latencies, errors))
         for offset in range(concurrency)
     ]
     for thread in threads:
@@ -89,10 +97,12 @@ def measure(url: str, bodies: list[bytes], concurrency: int, duration_s: float) 
     )
 
 
-def in_process_rows_per_s(bundle: str, point: str | None, batch_size: int, duration_s: float) -> float:
+def in_process_reports(
+    bundle: str, point: str | None, texts: list[str], concurrencies: list[int], duration_s: float
+) -> list[ConcurrencyReport]:
     with EarlyExitRuntime.from_bundle(bundle, operating_point=point) as runtime:
-        served = runtime.operating_point.to_dict()
-    return InProcessReference(bundle, batch_size).rows_per_s(served, Labelled.sst2(DEFAULT_DATA), duration_s)
+        runtime.predict(texts[:8])  # warm-up
+        return [measure(runtime_loop, runtime, texts, count, duration_s) for count in concurrencies]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,14 +112,8 @@ def in_process_rows_per_s(bundle: str, point: str | None, batch_size: int, durat
 @click.option("--duration-s", default=10.0, show_default=True, type=click.FloatRange(min=1))
 @click.option("--point", help="The saved operating point each request names.  [default: the server's]")
 @click.option("--bundle", help="The bundle the server serves: also time the in-process runtime at --point.")
-@click.option(
-    "--in-process-batch-size",
-    default=32,
-    show_default=True,
-    help="The server's batch size, for the reference.",
-)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
-def main(url, model, concurrency, duration_s, point, bundle, in_process_batch_size, as_json):
+def main(url, model, concurrency, duration_s, point, bundle, as_json):
     """Rows/s and p50/p99 latency of one-row requests at each concurrency, against an OIP v2 server."""
     try:
         url = require_loopback(url.rstrip("/"))
@@ -117,23 +121,26 @@ def main(url, model, concurrency, duration_s, point, bundle, in_process_batch_si
         texts = Labelled.sst2(DEFAULT_DATA).texts
         bodies = [request_body(text, shape, point) for text in texts]
         infer_url = f"{url}/v2/models/{model}/infer"
-        reports = [measure(infer_url, bodies, int(count), duration_s) for count in concurrency.split(",")]
-        reference = None
-        if bundle is not None:
-            reference = in_process_rows_per_s(bundle, point, in_process_batch_size, duration_s)
-            for report in reports:
-                report.fraction_of_in_process = report.rows_per_s / reference
+        counts = [int(count) for count in concurrency.split(",")]
+        reports = [measure(client_loop, infer_url, bodies, count, duration_s) for count in counts]
+        references = in_process_reports(bundle, point, texts, counts, duration_s) if bundle else []
+        for report, reference in zip(reports, references):
+            report.fraction_of_in_process = report.rows_per_s / reference.rows_per_s
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
+        summary = {
+            "url": url,
+            "model": model,
+            "point": point,
+            "concurrencies": reports,
+            "in_process": references,
+        }
         click.echo(
             json.dumps(
                 {
-                    "url": url,
-                    "model": model,
-                    "point": point,
-                    "in_process_rows_per_s": reference,
-                    "concurrencies": [asdict(report) for report in reports],
+                    key: [asdict(item) for item in value] if isinstance(value, list) else value
+                    for key, value in summary.items()
                 }
             )
         )
@@ -145,8 +152,10 @@ def main(url, model, concurrency, duration_s, point, bundle, in_process_batch_si
             f"{report.concurrency:>11}  {report.rows_per_s:>6.1f}  {report.p50_ms:>7.1f}  {report.p99_ms:>7.1f}"
             f"  {report.errors:>6}  {share}"
         )
-    if reference is not None:
-        click.echo(f"in-process runtime, batches of {in_process_batch_size}: {reference:.1f} rows/s")
+    for reference in references:
+        click.echo(
+            f"in-process, {reference.concurrency} threads: {reference.rows_per_s:.1f} rows/s, p99 {reference.p99_ms:.1f} ms"
+        )
 
 
 if __name__ == "__main__":
