@@ -128,6 +128,8 @@ def main(url, model, concurrency, duration_s, point, bundle, as_json):
             report.fraction_of_in_process = report.rows_per_s / reference.rows_per_s
     except PceeError as error:
         raise click.ClickException(str(error)) from None
+    except httpx.TransportError as error:
+        raise click.ClickException(f"cannot reach {url} ({error}); is the server up and ready?") from None
     if as_json:
         summary = {
             "url": url,
