@@ -450,3 +450,23 @@ def test_the_deploy_room_imports_no_torch():
     )
     completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "False"
+
+
+def test_one_load_client_measures_triton_and_pcee_serve(server, bundle):
+    """benchmarks/oip_concurrency reads each model's metadata, so the same requests reach both servers."""
+    from pcee.benchmarks.oip_concurrency import main as load_main
+    from pcee.benchmarks.serve_load import started_server
+
+    def measure(url: str) -> dict:
+        arguments = ["--url", url, "--model", "tiny", "--concurrency", "1,2", "--duration-s", "1", "--json"]
+        result = CliRunner().invoke(load_main, [*arguments, "--point", "fast", "--bundle", str(bundle)])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    with started_server(bundle, ("--model-name", "tiny")) as serve_url:
+        reports = [measure(f"http://{server.http_url}"), measure(serve_url)]
+    for report in reports:
+        assert [row["concurrency"] for row in report["concurrencies"]] == [1, 2]
+        for row, reference in zip(report["concurrencies"], report["in_process"]):
+            assert row["errors"] == 0 and row["requests"] > 0 and row["rows_per_s"] > 0
+            assert row["fraction_of_in_process"] == pytest.approx(row["rows_per_s"] / reference["rows_per_s"])
