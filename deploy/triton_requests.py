@@ -96,9 +96,9 @@ def run_group(runtime: EarlyExitRuntime, group: list[RowsRequest], point: str | 
     """One runtime batch for the group; if a row is refused, each request runs alone so only its own fails."""
     try:
         rows = predict(runtime, group, point)
-    except PceeError:
+    except PceeError as error:
         if len(group) == 1:
-            raise
+            return [error]
         return [run_alone(runtime, request) for request in group]
     bounds = np.cumsum([0] + [len(request.texts) for request in group])
     return [rows[start:end] for start, end in zip(bounds[:-1], bounds[1:])]

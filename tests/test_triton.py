@@ -377,6 +377,8 @@ def test_requests_are_checked_alone_and_a_refused_row_fails_only_its_request(ref
     answers = answer(reference, [good, blank, error, good])
     assert answers[2] is error
     assert isinstance(answers[1], InputError) and "whitespace" in str(answers[1])
+    alone = RowsRequest(["   "], None, "fast", (1, 1))  # the only request of its point's group
+    assert [type(item) for item in answer(reference, [good, alone])] == [list, InputError]
     wanted = reference.predict(good.texts).predictions
     for rows in (answers[0], answers[3]):
         assert [row.label for row in rows] == [row.label for row in wanted]
