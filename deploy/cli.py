@@ -14,8 +14,8 @@ from .repository import KINDS, TritonOptions, TritonRepository, write_triton_rep
 EPILOG = """\b
 Examples:
   pcee-triton runs/demo/sst2-pcee --repository runs/demo/triton
-  pcee-triton runs/demo/sst2-pcee --repository runs/demo/triton --model-name sst2-fast \\
-      --operating-point fast --max-batch-size 64 --preferred-batch-size 16 --instances 2
+  pcee-triton runs/demo/sst2-pcee --repository runs/demo/triton --model-name sst2-wide \\
+      --operating-point default --max-batch-size 64 --preferred-batch-size 16 --instances 2
 
 \b
 What it writes:
