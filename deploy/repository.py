@@ -32,7 +32,7 @@ WRITTEN_BY = "# written by pcee-triton"
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_RUNTIME_BACKEND = {"cpu": "onnxruntime-cpu", "gpu": "auto"}
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# The keys of the config's `parameters` that the model reads at load (see triton_model.py).
+# The keys of the config's `parameters`, which triton_model.py reads at load.
 POINT_PARAMETER, BACKEND_PARAMETER, THREADS_PARAMETER = (
     "operating_point",
     "runtime_backend",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from pcee.deploy.repository import BACKEND_PARAMETER, BUNDLE_FOLDER, POINT_PARAMETER, THREADS_PARAMETER
 from pcee.deploy.triton_requests import (
     PAIR_INPUT,
     TEXT_INPUT,
@@ -22,8 +23,6 @@ from pcee.deploy.triton_requests import (
 )
 from pcee.runtime import EarlyExitRuntime, PceeError
 
-BUNDLE_FOLDER = "bundle"
-
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
@@ -33,12 +32,12 @@ class TritonPythonModel:
             # The runtime's CUDA backends use device 0: make this instance's GPU the only visible one.
             os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
         bundle = Path(args["model_repository"]) / args["model_version"] / BUNDLE_FOLDER
-        threads = parameters.get("intra_op_threads")
+        threads = parameters.get(THREADS_PARAMETER)
         try:
             self.runtime = EarlyExitRuntime.from_bundle(
                 bundle,
-                backend=parameters.get("runtime_backend", "auto"),
-                operating_point=parameters.get("operating_point") or None,
+                backend=parameters.get(BACKEND_PARAMETER, "auto"),
+                operating_point=parameters.get(POINT_PARAMETER) or None,
                 intra_op_threads=int(threads) if threads else None,
             )
         except PceeError as error:
