@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpc_client
 import tritonclient.http as http_client
-from bundles import SENTENCES, export_tiny_bundle
+from bundles import SENTENCES
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
@@ -65,9 +66,10 @@ def tritonserver() -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
+def bundle(tiny_bundles, tmp_path_factory) -> Path:
     """A 4-layer bundle with saved points "fast" (exit at layer 1), "quality" (all layers) and "varied"."""
-    bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("triton"), num_layers=4, task="sst2")
+    shared = tiny_bundles.bundle(num_layers=4, task="sst2")
+    bundle_dir = shutil.copytree(shared, tmp_path_factory.mktemp("triton") / shared.name)
     manifest = Manifest.load(bundle_dir)
     manifest.operating_points += [
         OperatingPoint("budgeted", layer=1, name="fast"),
@@ -76,11 +78,6 @@ def bundle(tmp_path_factory) -> Path:
     ]
     manifest.save(bundle_dir)
     return bundle_dir
-
-
-@pytest.fixture(scope="module")
-def pair_bundle(tmp_path_factory) -> Path:
-    return export_tiny_bundle(tmp_path_factory.mktemp("triton-pairs"), task="qnli", num_layers=2)
 
 
 @pytest.fixture(scope="module")
