@@ -146,6 +146,10 @@ class ExitPolicy:
         """No row can exit in fewer layers than this: the runtime runs them back to back without a check."""
         return self.num_layers - layers_done
 
+    def fixed_exit_layer(self) -> int | None:
+        """The layer every row leaves at, for a policy that does not look at the exits; None otherwise."""
+        return None
+
     def exit_probabilities(self, state: PolicyState, exits: ExitRecord, rows: np.ndarray) -> np.ndarray:
         """The prediction of the rows that exit now (the cross-layer ensemble averages the streak)."""
         return softmax(exits.logits[rows])
@@ -217,14 +221,14 @@ class PatienceBasedPolicy(ExitPolicy):
 class FixedLayerPolicy(ExitPolicy):
     """Budgeted exit: every row leaves at the same layer (the full model is layer M)."""
 
-    def exit_layer(self) -> int:
-        return self.point.layer or self.num_layers
-
     def step(self, state, layer, exits):
-        return np.full(len(exits.entropy), layer >= self.exit_layer())
+        return np.full(len(exits.entropy), layer >= self.fixed_exit_layer())
 
     def layers_until_possible_exit(self, state, layers_done):
-        return max(1, self.exit_layer() - layers_done)
+        return max(1, self.fixed_exit_layer() - layers_done)
+
+    def fixed_exit_layer(self) -> int:
+        return self.point.layer or self.num_layers
 
 
 # ------------------------------------------------------------------------------ the registry

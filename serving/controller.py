@@ -132,13 +132,11 @@ class AdaptiveController:
 
 # -- the ladder's order ------------------------------------------------------------------------------
 def expected_speedup(runtime: EarlyExitRuntime, name: str) -> float | None:
-    """A point's layer speed-up: exact for `full` and budgeted points, else the one its calibration report
-    measured (None when the bundle holds no report for it)."""
-    point = runtime.resolve_operating_point(name)
-    if point.policy == "full":
-        return 0.0
-    if point.policy == "budgeted" and point.layer is not None:
-        return 1.0 - point.layer / runtime.num_layers
+    """A point's layer speed-up: exact for a point whose policy exits every row at one layer (`full`,
+    budgeted), else the one its calibration report measured (None when the bundle holds no report for it)."""
+    exit_layer = runtime.build_checked_policy(runtime.resolve_operating_point(name)).fixed_exit_layer()
+    if exit_layer is not None:
+        return 1.0 - exit_layer / runtime.num_layers
     report = runtime.bundle_dir / str(CALIBRATION_REPORT).format(name=name)
     try:
         return float(json.loads(report.read_text())["calibration"]["layer_speedup"])
