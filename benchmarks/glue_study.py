@@ -269,7 +269,8 @@ def export(study: Study) -> None:
         )
         parity = result.manifest.parity
         click.echo(
-            f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; parity passed: {parity['passed']} (tolerance {parity['tolerance']:g})"
+            f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; "
+            f"parity passed: {parity.passed} (tolerance {parity.tolerance:g})"
         )
 
 

@@ -22,6 +22,7 @@ from bundles import SENTENCES  # noqa: E402
 from pcee.benchmarks import bench  # noqa: E402
 from pcee.benchmarks.cli import main as bench_cli  # noqa: E402
 from pcee.benchmarks.glue_study import TASKS, Study  # noqa: E402
+from pcee.benchmarks.glue_study import main as study_cli  # noqa: E402
 from pcee.modeling.model import MultiExitClassifier  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -218,6 +219,22 @@ def test_the_glue_study_names_bundles_as_pcee_export_does(tmp_path):
     for task in study.tasks:
         model_dir = study.model_dir(task)
         assert study.bundle_dir(task) == model_dir.with_name(model_dir.name + "-pcee")
+
+
+def test_the_glue_study_exports_a_task_and_reports_its_parity(sst2_model_dir, tmp_path):
+    study = Study(tmp_path / "glue", tmp_path / "study", [TASKS["sst2"]], seed=0)
+    shutil.copytree(sst2_model_dir, study.model_dir(TASKS["sst2"]))
+    arguments = [
+        "--glue-dir",
+        str(tmp_path / "glue"),
+        "--workdir",
+        str(tmp_path / "study"),
+        "--tasks",
+        "sst2",
+    ]
+    result = CliRunner().invoke(study_cli, [*arguments, "export"])
+    assert result.exit_code == 0, result.output
+    assert "parity passed: True" in result.output
 
 
 # ------------------------------------------------------------------ 6. one-line errors
