@@ -1,0 +1,88 @@
+"""The compiled single-row graph: one onnxruntime call per row, the chain's exits on every row and policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bundles import SENTENCES, export_tiny_bundle
+
+from pcee.runtime import EarlyExitRuntime, OperatingPoint
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    bundle = export_tiny_bundle(
+        tmp_path_factory.mktemp("single-row"), exit_pooling="mean", learned_confidence=True, num_layers=4
+    )
+    with EarlyExitRuntime.from_bundle(bundle, backend="onnxruntime-cpu", intra_op_threads=1) as runtime:
+        yield runtime
+
+
+def points(runtime) -> list[OperatingPoint]:
+    """Every policy, with thresholds AT observed exit values (the strict comparisons' edge) and between them."""
+    exits = runtime.run_all_exits(runtime.tokenizer.encode_texts(SENTENCES))
+    chosen = []
+    for quantile in (0.2, 0.5, 0.8):
+        entropy = float(np.quantile(exits.entropy, quantile, method="nearest"))
+        probability = float(np.quantile(exits.max_probability, quantile, method="nearest"))
+        score = float(np.quantile(exits.confidence_score, quantile, method="nearest"))
+        for patience in (1, 2):
+            chosen += [
+                OperatingPoint("pcee", tau=entropy, patience=patience),
+                OperatingPoint("pcee", tau=entropy, patience=patience, ensemble=True),
+                OperatingPoint("pcee-maxprob", tau=probability, patience=patience),
+                OperatingPoint("pcee-learned", tau=score, patience=patience),
+            ]
+        chosen += [
+            OperatingPoint("branchynet", tau=entropy),
+            OperatingPoint("shallow-deep", tau=probability, ensemble=True),
+        ]
+    chosen += [OperatingPoint("pabee", patience=p) for p in (1, 2, 3)]
+    chosen += [OperatingPoint("budgeted", layer=layer) for layer in (1, 2, 4)] + [OperatingPoint("full")]
+    return chosen
+
+
+def one_row_at_a_time(runtime, point, compiled: bool):
+    runtime.backend.use_single_row_graph = compiled
+    try:
+        batch = runtime.tokenizer.encode_texts(SENTENCES)
+        return [
+            runtime.predict_encoded(batch.select(np.array([row])), point).predictions[0]
+            for row in range(len(batch))
+        ]
+    finally:
+        runtime.backend.use_single_row_graph = True
+
+
+def test_the_compiled_graph_exits_where_the_chain_exits_for_every_policy(runtime):
+    assert runtime.backend.single_row_graph() is not None
+    exit_layers = set()
+    for point in points(runtime):
+        chain = one_row_at_a_time(runtime, point, compiled=False)
+        compiled = one_row_at_a_time(runtime, point, compiled=True)
+        for expected, got in zip(chain, compiled):
+            assert got.exit_layer == expected.exit_layer, point.describe()
+            assert got.label == expected.label, point.describe()
+            np.testing.assert_allclose(
+                got.probabilities, expected.probabilities, atol=1e-6, err_msg=point.describe()
+            )
+            np.testing.assert_allclose(
+                got.confidence, expected.confidence, atol=1e-6, err_msg=point.describe()
+            )
+        exit_layers.update(prediction.exit_layer for prediction in compiled)
+    assert exit_layers == {1, 2, 3, 4}  # the points really exercise every branch
+
+
+def test_a_single_row_is_one_onnxruntime_call(runtime, monkeypatch):
+    for session, _ in runtime.backend.layers:
+        monkeypatch.setattr(session, "run", None)  # the chain's sessions must not be called
+    row = runtime.tokenizer.encode_texts(SENTENCES[:1])
+    assert runtime.predict_encoded(row).predictions[0].exit_layer >= 1
+
+
+def test_batches_still_run_the_chain(runtime):
+    batch = runtime.tokenizer.encode_texts(SENTENCES)
+    point = OperatingPoint("pabee", patience=1)
+    together = runtime.predict_encoded(batch, point).predictions
+    alone = one_row_at_a_time(runtime, point, compiled=True)
+    assert [p.exit_layer for p in together] == [p.exit_layer for p in alone]
