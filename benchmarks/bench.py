@@ -274,9 +274,15 @@ def single_graph_for(
     return cached_single_graph(model_dir, cache_dir or default_cache_dir())
 
 
-def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) -> SingleGraph:
-    """Exported once per model (and fusion) into `cache_dir`/single-graph/<model hash>[-fused]/, never into the bundle."""
-    entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + ("-fused" if fuse else ""))
+def cached_single_graph(
+    model_dir: Path, cache_dir: Path, fuse: bool = False, num_layers: int | None = None
+) -> SingleGraph:
+    """Exported once per model (fusion, truncation) into `cache_dir`/single-graph/<model hash>[-fused][-Nlayers]/.
+
+    Never into the bundle. `num_layers` cuts the model to its first layers and their exit.
+    """
+    suffix = ("-fused" if fuse else "") + (f"-{num_layers}layers" if num_layers else "")
+    entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + suffix)
     if (entry / SINGLE_GRAPH_FILE).is_file():
         return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
     from pcee.exporter.bundle import export_full_graph
@@ -288,7 +294,7 @@ def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) ->
             f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory"
         ) from None
     try:
-        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse)
+        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse, num_layers=num_layers)
         replace_directory(staging, entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
