@@ -50,6 +50,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
     help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).",
 )
 @click.option(
+    "--truncated",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A truncated single graph to time as well (quantized too with --quantize), e.g. the one pcee-bench "
+    "--model-dir keeps in single-graph/HASH-fused-3layers/full_model.onnx under its --cache-dir.",
+)
+@click.option(
     "--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
@@ -60,6 +66,7 @@ def main(
     repeats: int,
     single_graph: Path | None,
     quantize: str | None,
+    truncated: Path | None,
     intra_op_threads: int,
     as_json: bool,
 ) -> None:
@@ -73,8 +80,13 @@ def main(
                                 each layer graph cut down to its next hidden state
       sessions                  the same with the exit heads: what the graphs cost
       backend                   the runtime's backend over the same graphs
-      runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point
+      runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point,
+                                through the chain of sessions
       runtime_operating_point   the same at the bundle's default point
+      compiled_all_layers       predict_encoded at the full point as it serves one
+                                row: the compiled single-row graph, one call
+      compiled_operating_point  the same at the bundle's default point
+      truncated                 with --truncated: the model cut to fewer layers
       sessions_onnxruntime_defaults
                                 `sessions` on onnxruntime's own settings, not the
                                 runtime's (per-session arenas, every fusion)
@@ -87,7 +99,7 @@ def main(
           --single-graph ~/.cache/pcee/single-graph/HASH-fused/full_model.onnx
     """
     try:
-        report = profile(bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads)
+        report = profile(bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated)
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -101,6 +113,7 @@ def profile(
     single_graph: Path | None,
     quantize: str | None,
     threads: int,
+    truncated: Path | None = None,
 ) -> dict:
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
     reference = single_graph or own_single_graph(bundle_dir, runtime)
@@ -115,19 +128,26 @@ def profile(
         ]
         graph = quantized_copy(reference, Path(workdir) / "single_graph.int8.onnx") if quantize else reference
         single = single_graph_contender(graph, threads)
+        if truncated is not None and quantize:
+            truncated = quantized_copy(truncated, Path(workdir) / "truncated.int8.onnx")
+        cut = None if truncated is None else single_graph_contender(truncated, threads)
     steps = {
         "single_graph": single.run,
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
-        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
-        "runtime_operating_point": lambda row: runtime.predict_encoded(row),
+        "runtime_all_layers": through_chain(runtime, OperatingPoint("full")),
+        "runtime_operating_point": through_chain(runtime, runtime.operating_point),
+        "compiled_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
+        "compiled_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
             plain_session(chain.embeddings.path, threads),
             [plain_session(g.path, threads) for g in chain.layers],
             chain,
         ),
     }
+    if cut is not None:
+        steps["truncated"] = cut.run
     milliseconds = time_steps(steps, singles, repeats)
     base = milliseconds["single_graph"]
     return {
@@ -152,12 +172,17 @@ def own_single_graph(bundle_dir: Path, runtime: EarlyExitRuntime) -> Path:
 
 
 def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:
+    batch = encoded_sentences(runtime, data, rows)
+    return [batch.select(np.array([index])) for index in range(len(batch))]
+
+
+def encoded_sentences(runtime: EarlyExitRuntime, data: Path, rows: int) -> EncodedBatch:
+    """The first `rows` sentences of a TSV file (first column, below its header line), encoded."""
     lines = data.read_text(encoding="utf-8").splitlines()[1 : rows + 1]
     texts = [line.split("\t")[0] for line in lines if line.strip()]
     if not texts:
         raise BenchmarkError(f"{data} holds no sentences below its header line")
-    batch = runtime.tokenizer.encode_texts(texts)
-    return [batch.select(np.array([index])) for index in range(len(batch))]
+    return runtime.tokenizer.encode_texts(texts)
 
 
 def layers_without_exit_heads(chain: graphs.GraphChain, workdir: Path) -> list[Path]:
@@ -198,6 +223,19 @@ def chain_step(embeddings, layers: list, chain: graphs.GraphChain) -> Step:
     return run
 
 
+def through_chain(runtime: EarlyExitRuntime, point: OperatingPoint) -> Step:
+    """predict_encoded with the chain's sessions, not the compiled single-row graph."""
+
+    def run(row: EncodedBatch) -> None:
+        runtime.backend.use_single_row_graph = False
+        try:
+            runtime.predict_encoded(row, point)
+        finally:
+            runtime.backend.use_single_row_graph = True
+
+    return run
+
+
 def backend_step(backend) -> Step:
     def run(row: EncodedBatch) -> None:
         state = backend.begin(row)
@@ -229,6 +267,9 @@ COMPARED_WITH = {  # the step each row's "added" column is measured against
     "backend": "sessions",
     "runtime_all_layers": "backend",
     "sessions_onnxruntime_defaults": "sessions",
+    "compiled_all_layers": "runtime_all_layers",
+    "compiled_operating_point": "runtime_operating_point",
+    "truncated": "compiled_operating_point",
 }
 
 
