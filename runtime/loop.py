@@ -49,7 +49,7 @@ def run_early_exit(
     """
     if len(batch) == 1:
         compiled = backend.single_row_graph()
-        outcome = None if compiled is None else compiled.run(policy, batch, num_labels)
+        outcome = None if compiled is None else compiled.outcome(policy, batch, num_labels)
         if outcome is not None:
             return outcome
     outcome = BatchOutcome.empty(len(batch), num_labels)

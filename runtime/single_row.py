@@ -4,18 +4,19 @@ At batch 1 the chain's cost is mostly per call: seven onnxruntime calls, their i
 conversion, and the loop's Python between layers. Here the bundle's own graphs (embeddings and
 every layer, the very nodes the chain runs) are composed into one graph in which layer l+1 runs
 inside the `else` branch of an `If` on layer l's exit decision, so a single-row request is one
-onnxruntime call. The decision is the counting rule every policy shares: a per-layer "confident"
-test, a counter of consecutive confident layers, exit when it reaches the patience. Which test
-(`signal`), `tau` and `patience` are graph inputs, so any operating point runs without a rebuild:
+onnxruntime call. The decision is the counting rule every policy shares: a per-layer test, a
+counter of consecutive layers that pass it, exit when it reaches the patience. The test is fixed
+per composed graph (an `ExitRule`: two to five small operators per layer), `tau` and `patience` are
+graph inputs, so every operating point of a rule runs on one graph:
 
-    signal 0: normalized entropy < tau        (pcee, branchynet)
-    signal 1: max probability > tau           (pcee-maxprob, shallow-deep)
-    signal 2: learned confidence score > tau  (pcee-learned)
-    signal 3: argmax equal to the previous layer's (pabee)
-    signal 4: always (budgeted, full: patience = the exit layer)
+    normalized entropy < tau                   pcee, branchynet
+    max probability > tau                      pcee-maxprob, shallow-deep
+    learned confidence score > tau             pcee-learned
+    argmax equal to the layer before's         pabee
+    the layer number >= patience               budgeted, full
 
-The graph is composed in memory when the runtime first serves a single row (it needs the `onnx`
-package; without it the chain serves single rows as before). Its exits equal the chain's: the
+A rule's graph is composed in memory when the runtime first serves a single row under it (this
+needs the `onnx` package; without it the chain serves single rows as before). Its exits equal the chain's: the
 comparisons are the same float32 comparisons on the same layer outputs.
 """
 
@@ -34,53 +35,48 @@ from .tokenization import EncodedBatch
 
 TAU = "exit_tau"
 PATIENCE = "exit_patience"
-SIGNAL = "exit_signal"
 EXIT_LAYER = "exit_layer"
 STREAK = "streak_probabilities"
 SATISFIED = "satisfied"
-SIGNAL_CODES = {"entropy": 0, "max_probability": 1, "confidence_score": 2}
-PABEE_SIGNAL, ALWAYS_SIGNAL = 3, 4
+PABEE_TEST, LAYER_TEST = "same_argmax", "layer"
 
 
 @dataclass(frozen=True)
-class DecisionInputs:
-    """What one policy feeds the compiled graph."""
+class ExitRule:
+    """What a composed graph tests after each layer: a signal against tau (the graph.ENTROPY, MAX_PROBABILITY
+    or CONFIDENCE_SCORE output), the argmax against the layer before's (pabee), or the layer number (budgeted)."""
 
-    signal: int
-    tau: float
-    patience: int
+    test: str
+    ensemble: bool = False
 
 
-def decision_inputs(policy: ExitPolicy) -> DecisionInputs | None:
-    """The graph inputs that make the compiled graph decide as `policy` does; None for a policy it cannot express."""
+def exit_rule(policy: ExitPolicy) -> tuple[ExitRule, float, int] | None:
+    """The rule, tau and patience that make a composed graph decide as `policy` does; None if none can."""
     if type(policy) is PatientConfidentPolicy:
-        return DecisionInputs(SIGNAL_CODES[policy.signal], policy.point.tau, policy.point.patience)
+        return ExitRule(policy.signal, policy.point.ensemble), policy.point.tau, policy.point.patience
     if type(policy) is PatienceBasedPolicy:
-        return DecisionInputs(PABEE_SIGNAL, 0.0, policy.point.patience)
+        return ExitRule(PABEE_TEST), 0.0, policy.point.patience
     if type(policy) is FixedLayerPolicy:
-        return DecisionInputs(ALWAYS_SIGNAL, 0.0, policy.exit_layer())
+        return ExitRule(LAYER_TEST), 0.0, policy.exit_layer()
     return None
 
 
 class SingleRowGraph:
-    """One onnxruntime session over the composed graph; `run` gives a one-row batch its outcome."""
+    """One onnxruntime session over a graph composed for one exit rule; `run` gives a one-row batch its outcome."""
 
-    def __init__(self, session, token_input_names: list[str], learned_confidence: bool):
+    def __init__(self, session, token_input_names: list[str]):
         self.session = session
         self.token_input_names = token_input_names
-        self.learned_confidence = learned_confidence
-        self.output_names = [o.name for o in session.get_outputs()]
+        self.output_names = [output.name for output in session.get_outputs()]
 
-    def run(self, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome | None:
-        """The outcome the chain would give this one row under `policy`; None when the policy is not expressible."""
-        inputs = decision_inputs(policy)
-        if inputs is None:
-            return None
+    def run(
+        self, policy: ExitPolicy, tau: float, patience: int, batch: EncodedBatch, num_labels: int
+    ) -> BatchOutcome:
+        """The outcome the chain gives this one row under `policy` (whose rule this graph was composed for)."""
         feeds = {name: getattr(batch, name) for name in self.token_input_names}
-        # float32 as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
-        feeds[TAU] = np.array([inputs.tau], dtype=np.float32)
-        feeds[PATIENCE] = np.array([inputs.patience], dtype=np.int64)
-        feeds[SIGNAL] = np.array([inputs.signal], dtype=np.int64)
+        # float32, as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
+        feeds[TAU] = np.array([tau], dtype=np.float32)
+        feeds[PATIENCE] = np.array([patience], dtype=np.int64)
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         record = ExitRecord(
             logits=outputs[graphs.LOGITS],
@@ -88,43 +84,47 @@ class SingleRowGraph:
             max_probability=outputs[graphs.MAX_PROBABILITY],
             confidence_score=outputs.get(graphs.CONFIDENCE_SCORE),
         )
-        ensemble = policy.point.ensemble and type(policy) is PatientConfidentPolicy
-        probabilities = (
-            outputs[STREAK] / inputs.patience
-            if ensemble and bool(outputs[SATISFIED][0])
-            else softmax(record.logits)
-        )
+        satisfied_ensemble = policy.point.ensemble and bool(outputs[SATISFIED][0])
+        probabilities = outputs[STREAK] / patience if satisfied_ensemble else softmax(record.logits)
         outcome = BatchOutcome.empty(1, num_labels)
         rows = np.zeros(1, dtype=np.int64)
         outcome.record(rows, int(outputs[EXIT_LAYER][0]), probabilities, policy.exit_confidence(record, rows))
         return outcome
 
 
-class LazySingleRowGraph:
-    """Composes and opens the single-row graph on first use (once, thread-safe); None where it cannot be built."""
+class SingleRowGraphs:
+    """The composed graphs of one chain, each built and opened on first use of its rule (thread-safe).
+
+    Without the `onnx` package nothing can be composed: `outcome` answers None and the chain serves.
+    """
 
     def __init__(self, chain: GraphChain, open_session):
         self.chain = chain
         self.open_session = open_session  # model bytes -> onnxruntime session with the backend's options
         self._lock = threading.Lock()
-        self._graph: SingleRowGraph | None = None
-        self._tried = False
+        self._graphs: dict[ExitRule, SingleRowGraph | None] = {}
 
-    def get(self) -> SingleRowGraph | None:
-        if self._tried:
-            return self._graph
+    def outcome(self, policy: ExitPolicy, batch: EncodedBatch, num_labels: int) -> BatchOutcome | None:
+        """The one row's outcome through the graph composed for `policy`'s rule; None when there is none."""
+        decision = exit_rule(policy)
+        if decision is None:
+            return None
+        rule, tau, patience = decision
+        graph = self._graphs.get(rule) or self._build(rule)
+        return None if graph is None else graph.run(policy, tau, patience, batch, num_labels)
+
+    def _build(self, rule: ExitRule) -> SingleRowGraph | None:
         with self._lock:
-            if not self._tried:
-                self._graph = self._build()
-                self._tried = True
-        return self._graph
+            if rule not in self._graphs:
+                self._graphs[rule] = self._compose(rule)
+            return self._graphs[rule]
 
-    def _build(self) -> SingleRowGraph | None:
+    def _compose(self, rule: ExitRule) -> SingleRowGraph | None:
         try:
             from .single_row_compose import compose_single_row_graph
-        except ImportError:  # the onnx package is missing: the chain serves single rows
+        except ImportError:  # no onnx package
             return None
-        model = compose_single_row_graph(self.chain)
-        session = self.open_session(model.SerializeToString())
-        learned = any(tensor.name == graphs.CONFIDENCE_SCORE for tensor in self.chain.layers[0].spec.outputs)
-        return SingleRowGraph(session, self.chain.embeddings.spec.input_names, learned)
+        model = compose_single_row_graph(self.chain, rule)
+        return SingleRowGraph(
+            self.open_session(model.SerializeToString()), self.chain.embeddings.spec.input_names
+        )

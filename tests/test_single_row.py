@@ -55,7 +55,6 @@ def one_row_at_a_time(runtime, point, compiled: bool):
 
 
 def test_the_compiled_graph_exits_where_the_chain_exits_for_every_policy(runtime):
-    assert runtime.backend.single_row_graph() is not None
     exit_layers = set()
     for point in points(runtime):
         chain = one_row_at_a_time(runtime, point, compiled=False)
@@ -86,3 +85,25 @@ def test_batches_still_run_the_chain(runtime):
     together = runtime.predict_encoded(batch, point).predictions
     alone = one_row_at_a_time(runtime, point, compiled=True)
     assert [p.exit_layer for p in together] == [p.exit_layer for p in alone]
+
+
+def all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from all_nodes(attribute.g)
+
+
+def test_what_every_layer_derives_from_the_mask_is_computed_once(runtime):
+    import onnx
+
+    from pcee.runtime.single_row import ExitRule
+    from pcee.runtime.single_row_compose import compose_single_row_graph
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    layer_clips = [n for n in onnx.load(str(chain.layers[0].path)).graph.node if n.op_type == "Clip"]
+    composed = compose_single_row_graph(chain, ExitRule("entropy"))
+    assert len(layer_clips) == 1  # the pooling's row length, in every layer graph
+    assert [n.op_type for n in all_nodes(composed.graph)].count("Clip") == 1
+    assert [n.op_type for n in all_nodes(composed.graph)].count("If") == runtime.num_layers - 1

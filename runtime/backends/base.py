@@ -61,7 +61,7 @@ class Backend(ABC):
         """Free what this backend created."""
 
     def single_row_graph(self):
-        """The compiled single-row early-exit graph (runtime/single_row.py) if this backend has one, else None."""
+        """The compiled single-row early-exit graphs (runtime/single_row.py) if this backend has them, else None."""
         return None
 
     def _finish_impl(self, state: object) -> None:

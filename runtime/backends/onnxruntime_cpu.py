@@ -13,7 +13,7 @@ from .. import graphs
 from ..errors import BundleError
 from ..exits import ExitRecord
 from ..graphs import GraphChain, GraphSpec, LocatedGraph, TensorSpec
-from ..single_row import LazySingleRowGraph, SingleRowGraph
+from ..single_row import SingleRowGraphs
 from ..tokenization import EncodedBatch
 from .base import Backend
 
@@ -168,10 +168,10 @@ class OnnxRuntimeCpuBackend(Backend):
         self.layers = [
             (open_checked_session(layer, options, providers), layer.spec) for layer in chain.layers
         ]
-        self.single_row = LazySingleRowGraph(chain, lambda model: open_session(model, options, providers))
+        self.single_row = SingleRowGraphs(chain, lambda model: open_session(model, options, providers))
 
-    def single_row_graph(self) -> SingleRowGraph | None:
-        return self.single_row.get() if self.use_single_row_graph else None
+    def single_row_graph(self) -> SingleRowGraphs | None:
+        return self.single_row if self.use_single_row_graph else None
 
     @property
     def device(self) -> str:
