@@ -20,6 +20,7 @@ from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeErr
 from .bench import BenchmarkError, quantized_copy, single_graph_contender
 
 Step = Callable[[EncodedBatch], object]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
@@ -58,6 +59,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 @click.option(
     "--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session."
 )
+@click.option(
+    "--clock",
+    type=click.Choice(sorted(CLOCKS)),
+    default="wall",
+    help="wall: elapsed time. cpu: this thread's CPU time (with --intra-op-threads 1), which leaves out time "
+    "spent waiting for a core on a machine other jobs load.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(
     bundle_dir: Path,
@@ -68,6 +76,7 @@ def main(
     quantize: str | None,
     truncated: Path | None,
     intra_op_threads: int,
+    clock: str,
     as_json: bool,
 ) -> None:
     """Take the batch-1 cost of the early-exit chain apart, next to the single graph.
@@ -99,7 +108,9 @@ def main(
           --single-graph ~/.cache/pcee/single-graph/HASH-fused/full_model.onnx
     """
     try:
-        report = profile(bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated)
+        report = profile(
+            bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated, clock
+        )
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -114,6 +125,7 @@ def profile(
     quantize: str | None,
     threads: int,
     truncated: Path | None = None,
+    clock: str = "wall",
 ) -> dict:
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
     reference = single_graph or own_single_graph(bundle_dir, runtime)
@@ -148,7 +160,7 @@ def profile(
     }
     if cut is not None:
         steps["truncated"] = cut.run
-    milliseconds = time_steps(steps, singles, repeats)
+    milliseconds = time_steps(steps, singles, repeats, clock)
     base = milliseconds["single_graph"]
     return {
         "bundle": str(bundle_dir),
@@ -156,6 +168,7 @@ def profile(
         "rows": len(singles),
         "repeats": repeats,
         "intra_op_threads": threads,
+        "clock": clock,
         "operating_point": runtime.operating_point.to_dict(),
         "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
@@ -247,17 +260,24 @@ def backend_step(backend) -> Step:
     return run
 
 
-def time_steps(steps: dict[str, Step], rows: list[EncodedBatch], repeats: int) -> dict[str, float]:
-    """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike."""
+def time_steps(
+    steps: dict[str, Step], rows: list[EncodedBatch], repeats: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike.
+
+    clock "cpu" counts the calling thread's CPU time only (onnxruntime on one intra-op thread runs
+    in it): on a machine other jobs load, time spent waiting for a core is left out.
+    """
+    now = CLOCKS[clock]
     for step in steps.values():
         step(rows[0])
     passes: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            started = time.perf_counter()
+            started = now()
             for row in rows:
                 step(row)
-            passes[name].append((time.perf_counter() - started) / len(rows) * 1000)
+            passes[name].append((now() - started) / len(rows) * 1000)
     return {name: statistics.median(values) for name, values in passes.items()}
 
 
