@@ -56,7 +56,8 @@ def check(bundle_dir: Path, data: Path, rows: int, progress: bool) -> dict:
         chain = predictions(runtime, point, singles, compiled=False)
         compiled = predictions(runtime, point, singles, compiled=True)
         differ = (chain[0] != compiled[0]) | (chain[1] != compiled[1])
-        results[point.describe()] = {
+        label = point.describe() if point.name is None else f"{point.name}: {point.describe()}"
+        results[label] = {
             "rows_that_differ": int(differ.sum()),
             "max_probability_difference": float(np.abs(chain[2] - compiled[2]).max()),
             "mean_exit_layer": round(float(chain[0].mean()), 4),
