@@ -141,8 +141,11 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time
+
+
 def measure(
-    contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None
+    contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None, clock: str = "wall"
 ) -> dict[str, Timing]:
     """Repeat r runs every contender over all chunks before repeat r+1 starts, so drift hits all alike."""
     timings = {contender.name: Timing([], 0) for contender in contenders}
@@ -152,7 +155,7 @@ def measure(
     for _ in range(repeats):
         for contender in contenders:
             with contender.settings():
-                seconds, layers = timed_pass(contender, chunks)
+                seconds, layers = timed_pass(contender, chunks, CLOCKS[clock])
             timings[contender.name].chunk_seconds.append(seconds)
             timings[contender.name].layers_run = layers
             if progress is not None:
@@ -160,13 +163,15 @@ def measure(
     return timings
 
 
-def timed_pass(contender: Contender, chunks: list[EncodedBatch]) -> tuple[list[float], int]:
-    """Seconds per chunk and the layers run over one pass of `contender` over every chunk."""
+def timed_pass(
+    contender: Contender, chunks: list[EncodedBatch], now: Callable[[], float] = time.perf_counter
+) -> tuple[list[float], int]:
+    """Seconds per chunk (by the clock `now`) and the layers run over one pass of `contender` over every chunk."""
     seconds, layers = [], 0
     for chunk in chunks:
-        started = time.perf_counter()
+        started = now()
         layers += contender.run(chunk)
-        seconds.append(time.perf_counter() - started)
+        seconds.append(now() - started)
     return seconds, layers
 
 

@@ -128,6 +128,13 @@ class BatchSizes(click.ParamType):
     "busy cores slow PyTorch far more than onnxruntime and skew the comparison.",
 )
 @click.option(
+    "--clock",
+    type=click.Choice(["wall", "cpu"]),
+    default="wall",
+    help="wall: elapsed time. cpu: the measuring thread's CPU time, which leaves out waits for a core on a "
+    "machine other jobs load; needs --intra-op-threads 1 (every library then computes in that thread).",
+)
+@click.option(
     "--also-bundle",
     "also_bundles",
     multiple=True,
@@ -203,6 +210,10 @@ def main(bundle_dir: Path, **options) -> None:
           --points speedup-0.5,speedup-0.75 --json
     """
     try:
+        if options["clock"] == "cpu" and options["intra_op_threads"] != 1:
+            raise BenchmarkError(
+                "--clock cpu counts one thread's CPU time: pass --intra-op-threads 1 with it"
+            )
         check_plot_path(options["plot"])
         report = run_benchmark(bundle_dir, options)
         if options["plot"]:
@@ -296,6 +307,7 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
         "backend": first.backend_name,
         "device": first.device,
         "intra_op_threads": options["intra_op_threads"],
+        "clock": options["clock"],
         "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
         "pabee_point": chains[0].pabee.to_dict(),
         "chains": {chain.suffix or "first": chain.describe() for chain in chains},
@@ -392,7 +404,7 @@ def measure_batch_size(
         desc=f"batch size {batch_size}",
         disable=options["no_progress"],
     ) as bar:
-        timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar)
+        timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar, options["clock"])
     return summarize(timings, contenders, len(batch), batch_size, num_layers)
 
 
@@ -400,7 +412,7 @@ def format_report(report: dict) -> str:
     threads = report["intra_op_threads"] or "default"
     lines = [
         f"CPU: {describe_cpu(report['cpu'])}",
-        f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads; "
+        f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads, {report['clock']} clock; "
         f"PABEE patience {report['pabee_point']['patience']}",
         *(
             f"{name}: {OperatingPoint.from_dict(point).describe()}"

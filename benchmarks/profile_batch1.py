@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import numpy as np
 
 from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
 
-from .bench import BenchmarkError, quantized_copy, single_graph_contender
+from .bench import CLOCKS, BenchmarkError, quantized_copy, single_graph_contender
 
 Step = Callable[[EncodedBatch], object]
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 

@@ -55,9 +55,11 @@ def test_each_point_is_measured_against_its_truncation(calibrated, tmp_path):
         "--no-progress",
     ]
     arguments += ["--model-dir", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--points", "half"]
-    result = CliRunner().invoke(bench_cli, [*arguments, "--quantize", "int8", "--json"])
+    clock = ["--clock", "cpu", "--intra-op-threads", "1"]
+    result = CliRunner().invoke(bench_cli, [*arguments, *clock, "--quantize", "int8", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["clock"] == "cpu"
     assert report["cpu"]["model"] and set(report["cpu"]["flags"]) <= {
         "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
     }  # fmt: skip
@@ -89,3 +91,10 @@ def test_the_cpu_line_names_the_flags_that_matter(tmp_path):
     assert cpu == {"model": "Some CPU", "flags": ["avx2", "avx512f", "amx_int8"], "flags_known": True}
     assert describe_cpu(cpu) == "Some CPU (avx2 avx512f amx_int8)"
     assert describe_cpu(cpu_description(tmp_path / "missing"))  # no /proc/cpuinfo: still a line
+
+
+def test_the_cpu_clock_needs_one_thread(calibrated):
+    model_dir, bundle, data = calibrated
+    result = CliRunner().invoke(bench_cli, [str(bundle), *data_arguments(data), "--clock", "cpu"])
+    assert result.exit_code != 0 and "--intra-op-threads 1" in result.output
+    assert "Traceback" not in result.output
