@@ -22,14 +22,21 @@ Step = Callable[[EncodedBatch], object]
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
+def bundle_and_sentences(command):
+    """The BUNDLE_DIR argument and --data option of the tools that feed a bundle one sentence per call."""
+    command = click.option(
+        "--data",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
+    )(command)
+    return click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))(
+        command
+    )
+
+
 @click.command(context_settings=CONTEXT)
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
-)
+@bundle_and_sentences
 @click.option("--rows", default=300, type=click.IntRange(min=1), help="How many sentences, one per call.")
 @click.option(
     "--repeats",

@@ -14,17 +14,11 @@ from tqdm.auto import tqdm
 
 from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
 
-from .profile_batch1 import CONTEXT, encoded_sentences
+from .profile_batch1 import CONTEXT, bundle_and_sentences, encoded_sentences
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
-)
+@bundle_and_sentences
 @click.option("--rows", default=100_000, type=click.IntRange(min=1), help="At most this many sentences.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def main(bundle_dir: Path, data: Path, rows: int, no_progress: bool) -> None:

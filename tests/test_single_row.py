@@ -107,3 +107,22 @@ def test_what_every_layer_derives_from_the_mask_is_computed_once(runtime):
     assert len(layer_clips) == 1  # the pooling's row length, in every layer graph
     assert [n.op_type for n in all_nodes(composed.graph)].count("Clip") == 1
     assert [n.op_type for n in all_nodes(composed.graph)].count("If") == runtime.num_layers - 1
+
+
+def test_the_real_data_check_compares_every_point_and_finds_no_difference(runtime, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from pcee.benchmarks.single_row_check import main as check_cli
+
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
+    result = CliRunner().invoke(check_cli, [str(runtime.bundle_dir), "--data", str(data), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == len(SENTENCES) and report["rows_that_differ"] == 0
+    assert any(
+        label.startswith("pcee-learned") for label in report["per_point"]
+    )  # the tiny model has a score
+    assert len(report["per_point"]) == report["points"]
