@@ -23,6 +23,7 @@ from .backends.onnxruntime_cpu import open_cpu_session
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
+from .extras import is_importable, require_extra
 from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
 from .loop import (
     DEFAULT_BATCH_SIZE,
@@ -73,6 +74,8 @@ __all__ = [
     "InputError",
     "PceeError",
     "PolicyError",
+    "is_importable",
+    "require_extra",
     "AllExits",
     "BatchOutcome",
     "ExitRecord",
