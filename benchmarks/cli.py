@@ -369,6 +369,7 @@ def measure_batch_size(
     with tqdm(
         total=options["repeats"] * len(contenders),
         desc=f"batch size {batch_size}",
+        unit="pass",  # one contender over every row
         disable=options["no_progress"],
     ) as bar:
         timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar)

