@@ -32,7 +32,27 @@ from .search import CALIBRATION_POLICIES
 from .simulate import CalibrationRows
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
-OPEN_UNIT_INTERVAL = click.FloatRange(0, 1, min_open=True, max_open=True)
+
+
+class OpenFraction(click.FloatRange):
+    """A fraction strictly between 0 and 1; a percentage (50) is refused with the fraction to pass (0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1, min_open=True, max_open=True)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if 1 < number < 100:
+            self.fail(
+                f"{number:g} is a percentage; this option takes a fraction between 0 and 1: "
+                f"pass {number / 100:g}",
+                param,
+                ctx,
+            )
+        return super().convert(number, param, ctx)
+
+
+OPEN_UNIT_INTERVAL = OpenFraction()
 POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # also the name of the point's report folder
 REPORTS_DEFAULT = f"[default: BUNDLE_DIR/{REPORTS_DIRECTORY}]"
 

@@ -1,0 +1,59 @@
+"""Error messages that name the fix, for the mistakes of a first hour with pcee."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from bundles import export_tiny_bundle
+from click.testing import CliRunner
+
+from pcee.calibration.cli import calibrate_main
+from pcee.runtime import BundleError, EarlyExitRuntime
+from pcee.runtime.cli import main as predict_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["--data", str(ROOT / "demo" / "data"), "--task", "sst2"]
+
+
+@pytest.fixture(scope="module")
+def model_and_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """A model directory with its bundle next to it, where pcee-export puts it: MODEL_DIR-pcee."""
+    bundle = export_tiny_bundle(
+        tmp_path_factory.mktemp("first-hour"), task="sst2", label_names=["negative", "positive"]
+    )
+    return bundle.with_name(bundle.name.removesuffix("-pcee")), bundle
+
+
+def calibrate(*arguments: str):
+    return CliRunner().invoke(calibrate_main, [*arguments, *DATA])
+
+
+def test_calibrating_a_missing_directory_says_it_does_not_exist(tmp_path):
+    result = calibrate(str(tmp_path / "runs" / "nowhere"), "--target-speedup", "0.5")
+    assert result.exit_code == 1
+    assert "does not exist" in result.output and "pcee-export MODEL_DIR" in result.output
+
+
+@pytest.mark.parametrize(("given", "fraction"), [("50", "0.5"), ("75", "0.75"), ("12.5", "0.125")])
+def test_a_percentage_target_gets_the_fraction_to_pass(model_and_bundle, given, fraction):
+    result = calibrate(str(model_and_bundle[1]), "--target-speedup", given)
+    assert result.exit_code == 2 and f"pass {fraction}" in result.output
+
+
+def test_a_model_directory_points_at_its_bundle(model_and_bundle):
+    model_dir, bundle = model_and_bundle
+    with pytest.raises(BundleError, match=f"model directory, not a bundle; its exported bundle is {bundle}"):
+        EarlyExitRuntime.from_bundle(model_dir)
+    result = CliRunner().invoke(predict_main, [str(model_dir), "--text", "a dull story"])
+    assert result.exit_code == 1 and "pass that" in result.output and str(bundle) in result.output
+    result = calibrate(str(model_dir), "--target-speedup", "0.5")
+    assert result.exit_code == 1 and str(bundle) in result.output
+
+
+def test_a_model_directory_without_a_bundle_says_to_export_it(model_and_bundle, tmp_path):
+    model_dir = tmp_path / "sst2"
+    shutil.copytree(model_and_bundle[0], model_dir)
+    with pytest.raises(BundleError, match=f"export it first: pcee-export {model_dir}"):
+        EarlyExitRuntime.from_bundle(model_dir)
