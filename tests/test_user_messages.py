@@ -57,3 +57,48 @@ def test_a_model_directory_without_a_bundle_says_to_export_it(model_and_bundle, 
     shutil.copytree(model_and_bundle[0], model_dir)
     with pytest.raises(BundleError, match=f"export it first: pcee-export {model_dir}"):
         EarlyExitRuntime.from_bundle(model_dir)
+
+
+def test_eval_prints_layers_saved_and_the_wall_clock_multiple_each_labelled():
+    from pcee.calibration.cli import evaluation_text
+
+    evaluation = {
+        "metric_name": "accuracy",
+        "metric": 0.8,
+        "exit_histogram": [3, 1],
+        "operating_point": {"policy": "pcee", "tau": 0.2, "patience": 1},
+        "rows": 4,
+        "backend": "onnxruntime",
+        "layer_speedup": 0.375,
+        "wall_speedup": 0.5,
+        "wall_time_s": 0.5,
+        "full_model": {"metric": 0.9, "wall_time_s": 1.0},
+    }
+    speed = evaluation_text(evaluation).splitlines()[1]
+    assert (
+        "layers saved 37.5% (layer speed-up 0.3750)" in speed
+        and "wall clock 2.00x the full model's speed" in speed
+    )
+
+
+def test_the_bench_progress_bar_counts_labelled_passes(monkeypatch):
+    from pcee.benchmarks import cli
+
+    bar_options = {}
+
+    class Bar:
+        def __init__(self, **options):
+            bar_options.update(options)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            return False
+
+    monkeypatch.setattr(cli, "tqdm", Bar)
+    monkeypatch.setattr(cli, "chunks_of", lambda batch, size: [])
+    monkeypatch.setattr(cli, "measure", lambda *arguments: {})
+    monkeypatch.setattr(cli, "summarize", lambda *arguments, **options: {})
+    cli.measure_batch_size([], [], 1, 6, {"repeats": 3, "no_progress": False})
+    assert bar_options["unit"] == "pass"
