@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,19 @@ def test_gpu_md_speaks_to_users():
     text = doc_text("docs/GPU.md")
     for internal in ("$OUT", "borrowed", "of this project"):
         assert internal not in text, f"GPU.md says {internal!r}, which means nothing to a user"
+
+
+def test_the_install_table_names_what_the_runtime_only_install_brings():
+    def requirements(distribution: str) -> set[str]:
+        listed = requires(distribution) or []
+        return {
+            re.split(r"[ ;<>=!~\[(]", line)[0].lower().replace("_", "-")
+            for line in listed
+            if "extra ==" not in line
+        }
+
+    assert "huggingface-hub" in requirements("tokenizers") and "hf-xet" in requirements("huggingface-hub")
+    row = next(
+        line for line in doc_text("README.md").splitlines() if line.startswith("| `pip install pcee` |")
+    )
+    assert "huggingface-hub" in row and "hf_xet" in row
