@@ -25,13 +25,12 @@ from pcee.runtime import (
     Manifest,
     OperatingPoint,
     PceeError,
+    SingleGraphSession,
     layer_speedup,
-    open_cpu_session,
     replace_directory,
     sha256_of,
     staging_directory_for,
 )
-from pcee.runtime.graphs import LOGITS
 
 RunChunk = Callable[[EncodedBatch], int]  # runs one chunk, returns the layers it ran (0 when not layer-based)
 SINGLE_GRAPH_FILE = "full_model.onnx"
@@ -88,11 +87,10 @@ def runtime_contender(
 def single_graph_contender(
     path: Path, intra_op_threads: int | None, name: str = PLAIN_SINGLE_GRAPH, precision: str = "fp32"
 ) -> Contender:
-    session = open_cpu_session(path, intra_op_threads)
-    input_names = [tensor.name for tensor in session.get_inputs()]
+    graph = SingleGraphSession(path, intra_op_threads)
 
     def run(chunk: EncodedBatch) -> int:
-        session.run([LOGITS], {name: getattr(chunk, name) for name in input_names})
+        graph.logits(chunk)
         return 0
 
     return Contender(name, run, layer_based=False, precision=precision, single_graph=True)
@@ -279,7 +277,7 @@ def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) ->
     entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + ("-fused" if fuse else ""))
     if (entry / SINGLE_GRAPH_FILE).is_file():
         return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
-    from pcee.exporter.bundle import export_full_graph
+    from pcee.exporter.graph_export import export_full_graph
 
     try:
         staging = staging_directory_for(entry)

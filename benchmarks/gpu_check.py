@@ -864,7 +864,7 @@ def minilm_shaped_model():
     """A random model of MiniLM's shape (6 layers, hidden 384, 12 heads): the timings of a real deployment's size."""
     from transformers import AutoConfig
 
-    from pcee.exporter.bundle import prepare_for_export
+    from pcee.exporter.graph_export import prepare_for_export
     from pcee.modeling.config import PceeConfig
     from pcee.modeling.model import MultiExitClassifier
 

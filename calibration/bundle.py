@@ -1,22 +1,15 @@
-"""Where calibration meets a bundle: its labels, the labelled data, and the manifest update."""
+"""Where calibration meets a bundle: its labels and the labelled data."""
 
 from __future__ import annotations
 
-import fcntl
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from pcee.modeling.data import DataError, TextDataset, get_task, load_data
-from pcee.runtime import Manifest, OperatingPoint
+from pcee.runtime import Manifest
 
 from .errors import CalibrationError
-
-INITIAL_POINT_NAME = "initial"
-MANIFEST_LOCK = ".manifest.lock"
 
 
 def load_labelled_data(
@@ -55,36 +48,3 @@ def bundle_label_indices(dataset: TextDataset, bundle_labels: list[str]) -> np.n
     position = {name: index for index, name in enumerate(bundle_labels)}
     mapping = np.array([position.get(name, -1) for name in dataset.label_names], dtype=np.int64)
     return mapping[labels]
-
-
-def merged_points(
-    current: OperatingPoint, saved: list[OperatingPoint], new: OperatingPoint
-) -> list[OperatingPoint]:
-    """The saved points with `new` added (replacing a namesake), and the current point kept under a name."""
-    points = [point for point in saved if point.name != new.name]
-    if current not in saved and current.name != new.name:
-        points.append(current if current.name else replace(current, name=INITIAL_POINT_NAME))
-    return points + [new]
-
-
-def record_in_manifest(bundle_dir: Path, point: OperatingPoint, summary: dict) -> Manifest:
-    """Make `point` the bundle's operating point, keep the earlier ones by name, in one atomic write.
-
-    The read-merge-write holds the bundle's manifest lock, so concurrent calibrations all keep their points.
-    """
-    with manifest_lock(bundle_dir):
-        manifest = Manifest.load(bundle_dir, verify_hashes=False)
-        manifest.operating_points = merged_points(manifest.operating_point, manifest.operating_points, point)
-        manifest.operating_point = point
-        manifest.calibration = summary
-        manifest.save(bundle_dir)
-    return manifest
-
-
-@contextmanager
-def manifest_lock(bundle_dir: Path) -> Iterator[None]:
-    """An exclusive lock between processes (flock on BUNDLE/.manifest.lock), released when the file closes,
-    also when the process dies."""
-    with open(Path(bundle_dir) / MANIFEST_LOCK, "ab") as lock_file:  # "a": create it, never truncate it
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield

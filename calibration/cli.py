@@ -17,17 +17,19 @@ from pcee.runtime import (
     BACKEND_NAMES,
     MANIFEST_NAME,
     POLICY_NAMES,
+    REPORTS_DIR,
     EarlyExitRuntime,
     Manifest,
     OperatingPoint,
     PceeError,
+    record_operating_point,
 )
 
-from .bundle import bundle_label_indices, load_labelled_data, record_in_manifest
+from .bundle import bundle_label_indices, load_labelled_data
 from .calibrate import CalibrationResult, Objective, calibrate
 from .collect import record_all_exits
 from .evaluate import evaluate_bundle, held_out_rows, requested_point
-from .report import REPORTS_DIRECTORY, format_table, load_report, report_dir_for, write_report
+from .report import format_table, load_report, report_dir_for, write_report
 from .search import CALIBRATION_POLICIES
 from .simulate import CalibrationRows
 
@@ -54,7 +56,7 @@ class OpenFraction(click.FloatRange):
 
 OPEN_UNIT_INTERVAL = OpenFraction()
 POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # also the name of the point's report folder
-REPORTS_DEFAULT = f"[default: BUNDLE_DIR/{REPORTS_DIRECTORY}]"
+REPORTS_DEFAULT = f"[default: BUNDLE_DIR/{REPORTS_DIR}]"
 
 
 @contextmanager
@@ -275,7 +277,7 @@ def run_calibration(bundle_dir: Path, options: dict) -> None:
         click.echo(note, err=True)
     if not options["dry_run"]:
         with writing(bundle_dir / MANIFEST_NAME):
-            record_in_manifest(bundle_dir, result.point, {**result.to_dict(), **context})
+            record_operating_point(bundle_dir, result.point, {**result.to_dict(), **context})
     document = {
         **result.to_dict(),
         **context,
@@ -287,7 +289,7 @@ def run_calibration(bundle_dir: Path, options: dict) -> None:
 
 
 def reports_root(bundle_dir: Path, options: dict) -> Path:
-    return options["report_dir"] or bundle_dir / REPORTS_DIRECTORY
+    return options["report_dir"] or bundle_dir / REPORTS_DIR
 
 
 def closing_text(result: CalibrationResult, document: dict) -> str:

@@ -18,9 +18,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pcee.runtime import DEFAULT_BATCH_SIZE, AllExits, EarlyExitRuntime, EncodedBatch, write_file_atomically
+from pcee.runtime import (
+    CACHE_DIR,
+    DEFAULT_BATCH_SIZE,
+    AllExits,
+    EarlyExitRuntime,
+    EncodedBatch,
+    write_file_atomically,
+)
 
-CACHE_DIRECTORY = ".pcee-cache"
 EXIT_ARRAYS = ("logits", "entropy", "max_probability", "confidence_score")
 
 
@@ -58,7 +64,7 @@ def record_all_exits(
 ) -> Recording:
     """Every exit of every row of `batch`, from the cache when this model and data were recorded before."""
     model_hash, data_hash = model_sha256(runtime), data_sha256(batch)
-    cache_file = runtime.bundle_dir / CACHE_DIRECTORY / f"exits-{model_hash[:16]}-{data_hash[:16]}.npz"
+    cache_file = runtime.bundle_dir / CACHE_DIR / f"exits-{model_hash[:16]}-{data_hash[:16]}.npz"
     cached = load_exits(cache_file, expected_shapes(runtime, len(batch))) if cache_file.exists() else None
     if cached is not None:
         return Recording(cached, cache_file, True, model_hash, data_hash)

@@ -18,7 +18,6 @@ from .calibrate import CalibrationResult
 from .errors import CalibrationError
 from .search import best_reaching
 
-REPORTS_DIRECTORY = "reports"
 REPORT_JSON = "calibration-report.json"
 FRONTIER_CSV = "calibration-frontier.csv"
 FRONTIER_PLOT = "calibration-frontier.png"

@@ -45,12 +45,11 @@ def run_step(title: str, program: str, command: click.Command, arguments: list[s
 def save_ladder(bundle_dir: Path, data: list[str], target_speedup: float) -> tuple[str, ...]:
     """Save the points the docs use, and return them most accurate first (as pcee-serve --adaptive-points
     reads them): `full` (every layer), then the calibrated points; the target's point becomes the default."""
-    from pcee.calibration.bundle import record_in_manifest
     from pcee.calibration.cli import calibrate_main
-    from pcee.runtime import OperatingPoint
+    from pcee.runtime import OperatingPoint, record_operating_point
 
     click.secho(f"\n== 3/6 Save the full model as the operating point `full` of {bundle_dir}", bold=True)
-    record_in_manifest(bundle_dir, OperatingPoint("full", name="full"), {})
+    record_operating_point(bundle_dir, OperatingPoint("full", name="full"), {})
     for speedup in dict.fromkeys((FASTER_SPEEDUP, target_speedup)):  # the default point last
         run_step(
             f"3/6 Calibrate the point {point_name(speedup)}: {speedup:.0%} of the layers saved on SST-2 dev",
@@ -120,9 +119,9 @@ def main(
     """
     require_export_extras("pcee-demo")
     from pcee.calibration.cli import eval_main
-    from pcee.calibration.report import REPORTS_DIRECTORY
     from pcee.exporter.cli import main as export_main
     from pcee.modeling.cli import main as train_main
+    from pcee.runtime import REPORTS_DIR
     from pcee.runtime.cli import main as predict_main
 
     if quick:
@@ -152,7 +151,12 @@ def main(
             "2/6 Export per-layer ONNX graphs, verified against PyTorch",
             "pcee-export",
             export_main,
-            [str(model_dir), "--output", str(bundle_dir)],
+            [
+                str(model_dir),
+                "--output",
+                str(bundle_dir),
+                "--force",
+            ],  # a rerun starts over, as --overwrite does
         )
         ladder = save_ladder(bundle_dir, data, target_speedup)
         run_step(
@@ -170,7 +174,7 @@ def main(
     except click.ClickException as error:
         error.show()
         raise SystemExit(error.exit_code) from None
-    report_dir = bundle_dir / REPORTS_DIRECTORY / default_point
+    report_dir = bundle_dir / REPORTS_DIR / default_point
     click.secho(
         f"\n== 6/6 Done{' (quick smoke run)' if quick else ''}.\nModel: {model_dir}  Bundle: {bundle_dir} "
         f"(points: {', '.join(ladder)}; the default: {default_point})\n"

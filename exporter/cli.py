@@ -8,10 +8,21 @@ from pathlib import Path
 import click
 
 from pcee.modeling.extras import require_export_extras
-from pcee.runtime.manifest import TASK_TYPES
+from pcee.runtime import TASK_TYPES
 
-from .opsets import DEFAULT_MIN_AGREEMENT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, QUANTIZATIONS
-from .tensorrt import DEFAULT_MAX_BATCH_SIZE
+from .options import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    QUANTIZATIONS,
+)
+
+
+def choices(values: tuple[str, ...]) -> str:
+    """The --help metavar of an option whose value ExportOptions checks: its choices, as click.Choice shows them."""
+    return f"[{'|'.join(values)}]"
 
 
 # What exporting imports beyond the runtime's own packages; the `export` extra installs them.
@@ -21,7 +32,13 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
     "--output",
     "-o",
     type=click.Path(path_type=Path),
-    help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files (calibration results included); anything else is refused.",
+    help="Bundle directory. Default: MODEL_DIR-pcee beside MODEL_DIR. An existing directory there is replaced, once the new bundle is verified, only if it is a pcee bundle holding nothing but bundle files; anything else is refused. A bundle with saved operating points or calibration reports is replaced only with --force.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the bundle at --output even though it holds saved operating points or calibration reports, "
+    "which are lost.",
 )
 @click.option(
     "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset of the graphs ({MIN_OPSET} to {MAX_OPSET})."
@@ -38,18 +55,18 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 )
 @click.option(
     "--max-batch-size",
-    type=click.IntRange(min=1),
+    type=int,
     default=DEFAULT_MAX_BATCH_SIZE,
-    help="Largest batch the TensorRT engines accept.",
+    help="Largest batch the TensorRT engines accept (at least 1).",
 )
 @click.option(
     "--max-seq-len",
-    type=click.IntRange(min=1),
+    type=int,
     help="Longest input in tokens. Default: the model's own max_seq_len.",
 )
 @click.option(
     "--task-type",
-    type=click.Choice(TASK_TYPES),
+    metavar=choices(TASK_TYPES),
     help="One text per row, or a pair of texts per row (question/answer, premise/hypothesis) that the tokenizer "
     "joins with its separator. Default: what the model's config says (pcee-train records it); for a reference "
     "PABEE/PCEE checkpoint, sentence_pair when its config's finetuning_task is a GLUE pair task (mrpc, qqp, "
@@ -69,23 +86,23 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
 )
 @click.option(
     "--quantize",
-    type=click.Choice(QUANTIZATIONS),
+    metavar=choices(QUANTIZATIONS),
     help="Dynamically quantize the layer graphs' MatMul and Attention weights to int8 (onnxruntime CPU; the exit heads "
     "stay float). Checked by label agreement with the float model per exit instead of the 1e-4 tolerance.",
 )
 @click.option(
     "--parity-data",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(path_type=Path),
     help="With --quantize: labelled rows (a GLUE task directory, whose dev split is used, or a GLUE-format file of the "
     "model's task) on which agreement and per-exit accuracy are measured and recorded in the manifest. Without it, "
     "agreement is measured on a dozen built-in sentences only.",
 )
 @click.option(
     "--min-agreement",
-    type=click.FloatRange(0, 1),
+    type=float,
     default=DEFAULT_MIN_AGREEMENT,
     help="With --quantize: the export fails when the int8 chain's last exit predicts the float model's label on fewer "
-    "than this share of the rows.",
+    "than this share (0 to 1) of the rows.",
 )
 @click.option(
     "--with-full-graph",
@@ -99,7 +116,9 @@ from .tensorrt import DEFAULT_MAX_BATCH_SIZE
     help="Print one JSON object (bundle, files and sizes, parity, seconds) instead of text.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool, **options) -> None:
+def main(
+    model_dir: Path, output: Path | None, force: bool, as_json: bool, no_progress: bool, **options
+) -> None:
     """Export MODEL_DIR (written by pcee-train) to a bundle the pcee runtime serves.
 
     Every transformer layer becomes one ONNX graph with its exit head inside; the chain is
@@ -112,24 +131,26 @@ def main(model_dir: Path, output: Path | None, as_json: bool, no_progress: bool,
       pcee-export runs/sst2                       # -> runs/sst2-pcee/
       pcee-export runs/sst2 -o bundles/sst2 --tensorrt --max-batch-size 64
       pcee-export pabee-rte-checkpoint --task-type sentence_pair
-      pcee-export runs/sst2 -o runs/sst2-int8 --quantize int8 --parity-data data/glue/SST-2
+      pcee-export runs/sst2 -o runs/sst2-pcee-int8 --quantize int8 --parity-data data/glue/SST-2
       pcee-predict runs/sst2-pcee --text "a charming, affecting journey"
 
     \b
     The bundle holds manifest.json, onnx/embeddings.onnx, onnx/layer_01.onnx ...,
     tokenizer/ and, with --tensorrt, trt/. Until pcee-calibrate tunes its early-exit
     thresholds for your data, it uses a conservative uncalibrated default. An existing
-    directory is replaced only if it is a pcee bundle holding nothing but bundle files.
+    directory is replaced only if it is a pcee bundle holding nothing but bundle files,
+    and a calibrated one (saved operating points, reports) only with --force.
     """
     require_export_extras("pcee-export")
     from pcee.modeling.errors import ModelingError
     from pcee.runtime.errors import PceeError
 
-    from .bundle import ExportOptions, export_bundle
+    from .bundle import export_bundle
     from .errors import ExportError
+    from .options import ExportOptions
 
     try:
-        result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options))
+        result = export_bundle(model_dir, output, ExportOptions(progress=not no_progress, **options), force)
     except (ExportError, ModelingError, PceeError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:

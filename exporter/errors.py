@@ -19,6 +19,15 @@ class OutputDirectoryError(ExportError):
     """The output path exists and is not a pcee bundle that may be replaced."""
 
 
+class CalibratedOutputError(OutputDirectoryError):
+    """The output is a bundle with saved operating points or calibration reports that replacing it would delete."""
+
+    def __init__(self, message: str, points: list[str], reports: list[str]):
+        super().__init__(message)
+        self.points = points
+        self.reports = reports
+
+
 class TokenizerError(ExportError):
     """The model directory's tokenizer cannot serve this model: unreadable, not BERT WordPiece, or of another vocabulary size."""
 

@@ -21,20 +21,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pcee.runtime import (
+    ENGINE_DIR,
+    TIMING_CACHE_NAME,
     FileEntry,
     GraphFile,
     GraphSpec,
     TensorRTEngines,
+    engine_file,
     tensorrt_version_problem,
     write_file_atomically,
 )
 from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
-
-ENGINE_DIR = "trt"
-TIMING_CACHE_NAME = "timing.cache"
-DEFAULT_MAX_BATCH_SIZE = 32
 
 Shape = tuple[int, ...]
 
@@ -233,7 +232,7 @@ def build_engines(
     (bundle_dir / ENGINE_DIR).mkdir(exist_ok=True)
     entries = []
     for graph in tqdm([embeddings, *layers], desc="tensorrt", unit="engine", disable=not progress):
-        relative = f"{ENGINE_DIR}/{Path(graph.file).stem}.engine"
+        relative = engine_file(Path(graph.file).stem)
         builder.build(bundle_dir / graph.file, graph.spec, bundle_dir / relative)
         entries.append(FileEntry.of(bundle_dir, relative))
     builder.save_timing_cache(bundle_dir / ENGINE_DIR / TIMING_CACHE_NAME)

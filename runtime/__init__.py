@@ -20,11 +20,27 @@ from .atomic import (
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
+from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
 from .extras import is_importable, require_extra
 from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
+from .layout import (
+    CACHE_DIR,
+    ENGINE_DIR,
+    GRAPH_DIR,
+    MANIFEST_LOCK,
+    REPORTS_DIR,
+    TIMING_CACHE_NAME,
+    TOKENIZER_DIR,
+    TOKENIZER_JSON,
+    engine_file,
+    is_bundle_entry,
+    onnx_file,
+    report_folders,
+    tokenizer_file,
+)
 from .loop import (
     DEFAULT_BATCH_SIZE,
     length_sorted_chunks,
@@ -37,6 +53,7 @@ from .loop import (
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    TASK_TYPES,
     FileEntry,
     GraphFile,
     Manifest,
@@ -46,6 +63,9 @@ from .manifest import (
     TensorRTEngines,
     TokenizerInfo,
     graph_chain_of,
+    manifest_lock,
+    merged_points,
+    record_operating_point,
     sha256_of,
     write_json_atomically,
 )
@@ -64,6 +84,7 @@ __all__ = [
     "Backend",
     "create_backend",
     "open_cpu_session",
+    "SingleGraphSession",
     "tensorrt_version_problem",
     "EarlyExitRuntime",
     "PredictionResult",
@@ -86,6 +107,19 @@ __all__ = [
     "GraphSpec",
     "LocatedGraph",
     "layer_graph_name",
+    "CACHE_DIR",
+    "ENGINE_DIR",
+    "GRAPH_DIR",
+    "MANIFEST_LOCK",
+    "REPORTS_DIR",
+    "TIMING_CACHE_NAME",
+    "TOKENIZER_DIR",
+    "TOKENIZER_JSON",
+    "engine_file",
+    "onnx_file",
+    "is_bundle_entry",
+    "report_folders",
+    "tokenizer_file",
     "DEFAULT_BATCH_SIZE",
     "length_sorted_chunks",
     "record_every_exit",
@@ -95,6 +129,7 @@ __all__ = [
     "run_in_chunks",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "TASK_TYPES",
     "FileEntry",
     "GraphFile",
     "Manifest",
@@ -104,6 +139,9 @@ __all__ = [
     "TensorRTEngines",
     "TokenizerInfo",
     "graph_chain_of",
+    "manifest_lock",
+    "merged_points",
+    "record_operating_point",
     "sha256_of",
     "write_json_atomically",
     "POLICY_NAMES",

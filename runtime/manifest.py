@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .atomic import write_file_atomically
@@ -27,10 +29,11 @@ from .graphs import (
     layer_spec,
     spec_from_dict,
 )
+from .layout import MANIFEST_LOCK, MANIFEST_NAME
 from .policies import OperatingPoint
 
 FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
+INITIAL_POINT_NAME = "initial"  # what a merge names an unnamed current point it keeps
 REEXPORT = "re-export the bundle with pcee-export"
 TASK_TYPES = ("single_sentence", "sentence_pair")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -502,3 +505,40 @@ def not_a_bundle(bundle_dir: Path) -> str:
             return f"{bundle_dir} is a model directory, not a bundle; its exported bundle is {exported}: pass that"
         return f"{bundle_dir} is a model directory, not a bundle; export it first: pcee-export {bundle_dir}"
     return f"{bundle_dir} is not a pcee bundle: no {MANIFEST_NAME}; create one with pcee-export MODEL_DIR"
+
+
+# -- the one read-merge-write of a bundle's manifest -------------------------------------------------
+def merged_points(
+    current: OperatingPoint, saved: list[OperatingPoint], new: OperatingPoint
+) -> list[OperatingPoint]:
+    """The saved points with `new` added (replacing a namesake), and the current point kept under a name."""
+    points = [point for point in saved if point.name != new.name]
+    if current not in saved and current.name != new.name:
+        points.append(current if current.name else replace(current, name=INITIAL_POINT_NAME))
+    return points + [new]
+
+
+def record_operating_point(bundle_dir: str | Path, point: OperatingPoint, calibration: dict) -> Manifest:
+    """Make `point` the bundle's operating point, keep the earlier ones by name, in one atomic write.
+
+    `calibration` (the summary of the calibration that chose the point) replaces the manifest's. The
+    read-merge-write holds the bundle's manifest lock, so concurrent writers all keep their points.
+    """
+    with manifest_lock(bundle_dir):
+        manifest = Manifest.load(bundle_dir, verify_hashes=False)
+        manifest.operating_points = merged_points(manifest.operating_point, manifest.operating_points, point)
+        manifest.operating_point = point
+        manifest.calibration = calibration
+        manifest.save(bundle_dir)
+    return manifest
+
+
+@contextmanager
+def manifest_lock(bundle_dir: str | Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock on BUNDLE/.manifest.lock), released when the file closes,
+    also when the process dies."""
+    import fcntl  # POSIX only: imported here so that the runtime itself still loads elsewhere
+
+    with open(Path(bundle_dir) / MANIFEST_LOCK, "ab") as lock_file:  # "a": create it, never truncate it
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield

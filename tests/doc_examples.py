@@ -134,9 +134,10 @@ def build_demo_layout(root: Path) -> tuple[str, ...]:
         return save_ladder(bundle.relative_to(root), ["--data", "demo/data", "--task", "sst2"], 0.5)
 
 
-def run_command(command: str) -> str:
-    """One of COMMANDS as written (in the current directory); fails the test with its output unless it exits 0."""
+def run_command(command: str, commands: dict | None = None) -> str:
+    """One of `commands` (default COMMANDS) as written, in the current directory; fails the test with its
+    output unless it exits 0."""
     program, *arguments = shlex.split(command, comments=True)
-    result = CliRunner().invoke(COMMANDS[program], arguments)
+    result = CliRunner().invoke((commands or COMMANDS)[program], arguments)
     assert result.exit_code == 0, f"{command}\n{result.output}"
     return result.output

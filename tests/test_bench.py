@@ -165,7 +165,7 @@ def test_a_failed_export_leaves_nothing_in_the_cache(model_dir, monkeypatch, tmp
         Path(path).write_bytes(b"half a graph")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pcee.exporter.bundle.export_full_graph", broken_export)
+    monkeypatch.setattr("pcee.exporter.graph_export.export_full_graph", broken_export)
     with pytest.raises(KeyboardInterrupt):
         bench.cached_single_graph(model_dir, tmp_path)
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == []

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from pcee.calibration.bound import FULL_MODEL, binomial_cdf, certify_max_drop, drop_losses
-from pcee.calibration.bundle import bundle_label_indices, merged_points, record_in_manifest
+from pcee.calibration.bundle import bundle_label_indices
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
 from pcee.calibration.cli import calibrate_main, eval_main
 from pcee.calibration.collect import record_all_exits
@@ -32,6 +32,8 @@ from pcee.runtime import (
     Manifest,
     OperatingPoint,
     build_policy,
+    merged_points,
+    record_operating_point,
     softmax,
 )
 
@@ -297,7 +299,7 @@ def test_a_crash_while_writing_the_manifest_leaves_the_old_one(bundle: Path, mon
 
     monkeypatch.setattr("pcee.runtime.atomic.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
-        record_in_manifest(
+        record_operating_point(
             bundle,
             OperatingPoint("pcee", tau=0.9, patience=1, name="speedup-0.30"),
             {"mode": "target-speedup"},

@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from tiny_models import HIDDEN_SIZE, make_tiny_model_dir
 
 from pcee.exporter import bundle as bundle_module
-from pcee.exporter.bundle import ExportOptions, export_bundle, export_full_graph
+from pcee.exporter.bundle import ExportOptions, export_bundle
 from pcee.exporter.cli import main as export_cli
 from pcee.exporter.errors import OpsetError, OutputDirectoryError, ParityError, TensorRTUnavailableError
-from pcee.exporter.parity import FP16_TOLERANCE, FP32_TOLERANCE
+from pcee.exporter.graph_export import export_full_graph
+from pcee.exporter.options import FP16_TOLERANCE, FP32_TOLERANCE
 from pcee.exporter.tensorrt import ShapeRange, gpu_name, require_tensorrt
 from pcee.modeling.adapters import attention_bias
 from pcee.modeling.errors import ModelDirectoryError, UnsupportedArchitectureError

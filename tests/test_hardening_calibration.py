@@ -20,14 +20,13 @@ import pytest
 from click.testing import CliRunner
 from test_calibration import bundle, calibrate_cli, data_csv, exported_bundle, synthetic_rows  # noqa: F401 (fixtures)
 
-from pcee.calibration.bundle import record_in_manifest
 from pcee.calibration.calibrate import Objective, calibrate, split_rows
 from pcee.calibration.cli import data_options, eval_main
 from pcee.calibration.collect import record_all_exits
 from pcee.calibration.report import format_table
 from pcee.calibration.search import Sweep, pareto_frontier, search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Simulator
-from pcee.runtime import AllExits, EarlyExitRuntime, Manifest, OperatingPoint
+from pcee.runtime import AllExits, EarlyExitRuntime, Manifest, OperatingPoint, record_operating_point
 
 DATA_COLUMNS = ("--text-column", "text", "--label-column", "label")
 
@@ -54,7 +53,7 @@ def record_with_a_slow_save(bundle: Path, name: str, barrier) -> None:
 
     Manifest.save = slow_save
     barrier.wait()
-    record_in_manifest(bundle, OperatingPoint("pcee", tau=0.5, patience=1, name=name), {"name": name})
+    record_operating_point(bundle, OperatingPoint("pcee", tau=0.5, patience=1, name=name), {"name": name})
 
 
 def test_concurrent_calibrations_keep_every_point(bundle: Path):

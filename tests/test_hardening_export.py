@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 
 from pcee.exporter.bundle import ExportOptions, export_bundle
 from pcee.exporter.cli import main as export_cli
-from pcee.exporter.errors import ExportError, OutputDirectoryError
-from pcee.runtime import MANIFEST_NAME, EarlyExitRuntime, Manifest
+from pcee.exporter.errors import CalibratedOutputError, ExportError, OutputDirectoryError
+from pcee.runtime import MANIFEST_NAME, EarlyExitRuntime, Manifest, OperatingPoint, record_operating_point
 
 HOUR = 3600
 
@@ -81,20 +81,64 @@ def test_a_bundle_holding_foreign_files_is_refused_and_kept(tmp_path, model_dir,
     assert (output / "notes.txt").read_text() == "keep me" and (output / "experiments").is_dir()
 
 
-def test_a_bundle_with_calibration_files_is_replaced(tmp_path, model_dir, bundle):
+def test_a_bundle_with_the_files_pcee_writes_is_replaced(tmp_path, model_dir, bundle):
     output = copy_tree(bundle, tmp_path / "bundle")
-    leftovers = (
-        ".pcee-cache/recording.npz",
-        "reports/default/report.json",
-        "calibration-frontier.csv",
-        ".manifest.lock",
-        ".manifest.json.x1y2z3",
-    )
+    leftovers = (".pcee-cache/recording.npz", ".manifest.lock", ".manifest.json.x1y2z3")
     for name in leftovers:
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         (output / name).write_text("x")
     export_bundle(model_dir, output, ExportOptions())
-    assert not (output / "calibration-frontier.csv").exists() and Manifest.load(output)
+    assert not (output / ".pcee-cache").exists() and Manifest.load(output)
+
+
+def calibrated_copy(bundle: Path, target: Path) -> Path:
+    """The bundle with two saved points beside the export default, a report folder and an older report file."""
+    output = copy_tree(bundle, target)
+    for name in ("demo", "quality"):
+        record_operating_point(output, OperatingPoint("pcee", tau=0.5, patience=1, name=name), {})
+        (output / "reports" / name).mkdir(parents=True)
+        (output / "reports" / name / "calibration-report.json").write_text("{}")
+    (output / "calibration-frontier.csv").write_text("x")
+    return output
+
+
+def test_a_calibrated_bundle_is_not_replaced_silently(tmp_path, model_dir, bundle):
+    output = calibrated_copy(bundle, tmp_path / "bundle")
+    before = (output / MANIFEST_NAME).read_text()
+    with pytest.raises(CalibratedOutputError) as raised:
+        export_bundle(model_dir, output, ExportOptions())
+    assert raised.value.points == ["demo", "quality"]
+    assert raised.value.reports == ["reports/demo", "reports/quality", "calibration-frontier.csv"]
+    assert "--force" in str(raised.value) and f"--output {output}-2" in str(raised.value)
+    assert (output / MANIFEST_NAME).read_text() == before and (output / "reports" / "demo").is_dir()
+
+
+def test_force_replaces_a_calibrated_bundle(tmp_path, model_dir, bundle):
+    output = calibrated_copy(bundle, tmp_path / "bundle")
+    export_bundle(model_dir, output, ExportOptions(), force=True)
+    assert [point.name for point in Manifest.load(output).operating_points] == ["default"]
+    assert not (output / "reports").exists() and not (output / "calibration-frontier.csv").exists()
+
+
+def test_reports_alone_or_a_recalibrated_default_count_as_calibration(tmp_path, model_dir, bundle):
+    reported = copy_tree(bundle, tmp_path / "reported")
+    (reported / "reports" / "trial").mkdir(parents=True)
+    recalibrated = copy_tree(bundle, tmp_path / "recalibrated")
+    record_operating_point(recalibrated, OperatingPoint("pcee", tau=0.1, patience=1, name="default"), {})
+    for output, lost in ((reported, "reports/trial"), (recalibrated, "operating points default")):
+        with pytest.raises(CalibratedOutputError, match=lost):
+            export_bundle(model_dir, output, ExportOptions())
+
+
+def test_the_cli_says_what_would_be_lost_and_how_to_proceed(tmp_path, model_dir, bundle):
+    output = calibrated_copy(bundle, tmp_path / "bundle")
+    refused = CliRunner().invoke(export_cli, [str(model_dir), "--output", str(output), "--no-progress"])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert "would lose its saved operating points demo, quality and its calibration reports" in refused.output
+    forced = CliRunner().invoke(
+        export_cli, [str(model_dir), "--output", str(output), "--no-progress", "--force"]
+    )
+    assert forced.exit_code == 0, forced.output
 
 
 def test_an_older_pcee_bundle_is_replaced_but_another_producers_is_not(tmp_path, model_dir):

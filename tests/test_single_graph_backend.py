@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ from click.testing import CliRunner
 from tiny_models import make_tiny_model_dir
 
 from pcee.exporter.bundle import ExportOptions, export_bundle
-from pcee.runtime import BundleError, EarlyExitRuntime, OperatingPoint, PolicyError
+from pcee.runtime import (
+    BundleError,
+    EarlyExitRuntime,
+    OperatingPoint,
+    PolicyError,
+    SingleGraphSession,
+    softmax,
+)
 from pcee.runtime.cli import main as predict_cli
 
 BACKEND = "onnxruntime-single-graph"
@@ -80,3 +88,25 @@ def test_predict_cli_serves_the_single_graph(bundle, runtime):
 def test_recording_every_exit_needs_a_per_layer_backend(runtime):
     with pytest.raises(PolicyError, match="only the last exit"):
         runtime.run_all_exits(runtime.tokenizer.encode_texts(["good"]))
+
+
+def test_one_single_graph_runner_serves_the_backend_and_a_graph_outside_a_bundle(bundle, runtime, tmp_path):
+    """pcee-bench times its reference copies with the session the backend serves with (and parity checks with)."""
+    manifest = runtime.manifest
+    rows = runtime.tokenizer.encode_texts(SENTENCES)
+    entry = manifest.graph_chain(bundle).full
+    copy = tmp_path / "copied.onnx"
+    copy.write_bytes(entry.path.read_bytes())
+    served = runtime.predict(SENTENCES)
+    for session in (SingleGraphSession(entry.path, graph=entry), SingleGraphSession(copy)):
+        probabilities = softmax(session.logits(rows))
+        np.testing.assert_allclose(
+            probabilities, [row.probabilities for row in served.predictions], atol=1e-5
+        )
+
+
+def test_the_single_graph_session_refuses_a_file_that_is_not_the_declared_graph(bundle, runtime):
+    chain = runtime.manifest.graph_chain(bundle)
+    layer_file_as_full_graph = replace(chain.full, path=chain.layers[0].path)
+    with pytest.raises(BundleError, match="does not match the manifest"):
+        SingleGraphSession(layer_file_as_full_graph.path, graph=layer_file_as_full_graph)

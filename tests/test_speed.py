@@ -23,7 +23,7 @@ from pcee.calibration.cli import calibrate_main, eval_main  # noqa: E402
 from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
 from pcee.exporter.errors import ExportError  # noqa: E402
 from pcee.exporter.optimize import CONTRIB_DOMAIN  # noqa: E402
-from pcee.exporter.parity import FP32_TOLERANCE  # noqa: E402
+from pcee.exporter.options import FP32_TOLERANCE  # noqa: E402
 from pcee.exporter.quantize import AgreementError  # noqa: E402
 from pcee.runtime import MANIFEST_NAME, BundleError, EarlyExitRuntime, Manifest  # noqa: E402
 

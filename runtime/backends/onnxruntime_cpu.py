@@ -128,12 +128,16 @@ def open_checked_session(
 
 
 def feeds_for(spec: GraphSpec, batch: EncodedBatch) -> dict[str, np.ndarray]:
+    return token_feeds(spec.input_names, batch)
+
+
+def token_feeds(input_names, batch: EncodedBatch) -> dict[str, np.ndarray]:
     arrays = {
         graphs.INPUT_IDS: batch.input_ids,
         graphs.ATTENTION_MASK: batch.attention_mask,
         graphs.TOKEN_TYPE_IDS: batch.token_type_ids,
     }
-    return {name: arrays[name] for name in spec.input_names}
+    return {name: arrays[name] for name in input_names}
 
 
 def exit_record(outputs: dict[str, np.ndarray]) -> ExitRecord:

@@ -8,14 +8,41 @@ inside (normalized entropy, max probability) are computed here from the logits.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .. import graphs
 from ..errors import BackendError, BundleError
 from ..exits import ExitRecord, softmax
-from ..graphs import GraphChain
+from ..graphs import GraphChain, LocatedGraph
+from ..tokenization import EncodedBatch
 from .base import Backend
-from .onnxruntime_cpu import cpu_session_options, feeds_for, open_checked_session
+from .onnxruntime_cpu import check_session, cpu_session_options, open_session, token_feeds
+
+
+class SingleGraphSession:
+    """One whole-model graph in one onnxruntime CPU session: token ids in, the last exit's logits out.
+
+    The one runner of a single graph: the single-graph backend serves with it, the exporter's parity
+    check runs the bundle's through that backend, and pcee-bench times its reference graphs with it.
+    """
+
+    def __init__(
+        self, path: str | Path, intra_op_threads: int | None = None, graph: LocatedGraph | None = None
+    ):
+        """`graph`: the bundle entry the file must match (spec and recorded name); None for a graph outside a
+        bundle (a benchmark's optimized or quantized copy), whose own inputs are fed."""
+        self.session = open_session(
+            Path(path), cpu_session_options(intra_op_threads), ["CPUExecutionProvider"]
+        )
+        if graph is not None:
+            check_session(self.session, graph)
+        self.input_names = [tensor.name for tensor in self.session.get_inputs()]
+
+    def logits(self, batch: EncodedBatch) -> np.ndarray:
+        (logits,) = self.session.run([graphs.LOGITS], token_feeds(self.input_names, batch))
+        return logits
 
 
 class SingleGraphBackend(Backend):
@@ -31,18 +58,14 @@ class SingleGraphBackend(Backend):
                 f"backend {self.name!r} runs the whole-model graph, and this bundle has none; "
                 "re-export it with pcee-export --with-full-graph"
             )
-        self.spec = chain.full.spec
-        self.session = open_checked_session(
-            chain.full, cpu_session_options(intra_op_threads), ["CPUExecutionProvider"]
-        )
+        self.graph = SingleGraphSession(chain.full.path, intra_op_threads, chain.full)
 
     @property
     def device(self) -> str:
         return "cpu"
 
     def _begin_impl(self, batch):
-        (logits,) = self.session.run([graphs.LOGITS], feeds_for(self.spec, batch))
-        return last_exit_record(logits)
+        return last_exit_record(self.graph.logits(batch))
 
     def _run_layers_impl(self, record, first_layer, count):
         if first_layer != 0 or count != self.num_layers:
