@@ -12,10 +12,18 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.calibration.cli import data_options, open_labelled_data
+from pcee.calibration.cli import data_options, labelled_data, open_labelled_data
 from pcee.calibration.collect import record_all_exits
 from pcee.calibration.simulate import simulate
-from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, build_policy
+from pcee.runtime import (
+    FULL_POLICY,
+    PABEE_POLICY,
+    EarlyExitRuntime,
+    Manifest,
+    OperatingPoint,
+    PceeError,
+    build_policy,
+)
 
 from .bench import (
     ALL_LAYERS,
@@ -212,7 +220,7 @@ class Chain:
     pabee: OperatingPoint | None = None  # the first bundle also runs PABEE at a matched layer speed-up
 
     def contenders(self, batch_size: int) -> list[Contender]:
-        points = [(ALL_LAYERS, OperatingPoint("full")), *self.points]
+        points = [(ALL_LAYERS, OperatingPoint(FULL_POLICY)), *self.points]
         if self.pabee is not None:
             points.append(("runtime_pabee", self.pabee))
         return [
@@ -241,7 +249,7 @@ def check_plot_path(path: Path | None) -> None:
 
 def run_benchmark(bundle_dir: Path, options: dict) -> dict:
     """Bad input (data, labels, model dir, missing single graph, another model's bundle) fails before the first timing."""
-    manifest, dataset, _ = open_labelled_data(bundle_dir, options)
+    manifest, dataset, _ = open_labelled_data(bundle_dir, labelled_data({**options}))
     check_same_model(manifest, options["also_bundles"])
     with tempfile.TemporaryDirectory(
         prefix="pcee-bench-"
@@ -358,7 +366,7 @@ def require_torch(model_dir: Path) -> None:
 def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingPoint:
     """The PABEE patience whose simulated layer speed-up on these rows is closest to `target`."""
     layers = runtime.num_layers
-    candidates = [OperatingPoint("pabee", patience=p) for p in range(1, layers)]
+    candidates = [OperatingPoint(PABEE_POLICY, patience=p) for p in range(1, layers)]
     speedups = [simulate(build_policy(p, layers), exits).layer_speedup for p in candidates]
     return candidates[int(np.argmin([abs(s - target) for s in speedups]))]
 

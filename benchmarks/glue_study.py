@@ -11,7 +11,7 @@ Steps, run in order; each reads what the previous one wrote under --workdir:
 Protocol: the evaluation rows of a task are split once (--seed) into a search half and a report
 half. Every operating point is chosen on the search half and every number reported is measured
 on the report half, so no threshold is tuned on the rows it is scored on. Threshold methods take
-the calibration search (the most conservative point reaching the target); budgeted exit and
+the calibration search (the best metric within 0.02 above the target); budgeted exit and
 PABEE, whose single integer knob gives a few speed-ups only, take the value nearest the target.
 
 Example (from the repository root; data/glue holds the GLUE task directories SST-2/, CoLA/, QNLI/):
@@ -47,23 +47,19 @@ from pcee.calibration.search import Sweep, search_target, sweeps_for
 from pcee.calibration.simulate import CalibrationRows, Outcome, Simulator, exit_histogram
 from pcee.modeling.data import load_glue_split
 from pcee.modeling.metrics import task_metric
-from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint
+from pcee.runtime import (
+    DEFAULT_POLICY,
+    PABEE_POLICY,
+    POLICIES,
+    EarlyExitRuntime,
+    EncodedBatch,
+    OperatingPoint,
+    policy_spec,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 TARGETS = (0.25, 0.50, 0.75)
 CURVE_TARGETS = tuple(round(0.05 * step, 2) for step in range(1, 17))  # 0.05 .. 0.80
-METHODS = {  # policy -> label, in the order of the paper's Table 2
-    "budgeted": "Budgeted exit",
-    "branchynet": "BranchyNet",
-    "shallow-deep": "Shallow-Deep",
-    "pabee": "PABEE",
-    "pcee": "PCEE (entropy)",
-    "pcee-maxprob": "PCEE max-prob (v1)",
-    "pcee-learned": "PCEE learned score (v2)",
-}
-NEAREST_VALUE_METHODS = ("budgeted", "pabee")  # one integer knob: the value nearest the target is taken
-MATCHED_METHODS = ("pcee", "pcee-maxprob")  # compared with PABEE at PABEE's own speed-ups
-PATIENCE_METHODS = ("pabee", "pcee", "pcee-maxprob", "pcee-learned")  # methods whose chosen patience varies
 SINGLE_GRAPH = "single_graph_onnx"
 ALL_LAYERS = "runtime_all_layers"
 BOOTSTRAP_DRAWS = 2000
@@ -273,7 +269,8 @@ def export(study: Study) -> None:
         )
         parity = result.manifest.parity
         click.echo(
-            f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; parity passed: {parity['passed']} (tolerance {parity['tolerance']:g})"
+            f"{task.glue_name}: bundle {result.bundle_dir} in {result.seconds:.0f}s; "
+            f"parity passed: {parity.passed} (tolerance {parity.tolerance:g})"
         )
 
 
@@ -329,8 +326,44 @@ def open_task(study: Study, task: StudyTask, intra_op_threads: int | None = None
     return TaskRows(task, runtime, batch, rows, study.seed)
 
 
+def all_methods() -> list[str]:
+    """Every calibrated policy, in the order of the paper's Table 2."""
+    names = [name for name, spec in POLICIES.items() if spec.calibrated]
+    return sorted(names, key=lambda name: POLICIES[name].table_rank)
+
+
 def study_methods(rows: TaskRows) -> list[str]:
-    return [method for method in METHODS if method != "pcee-learned" or rows.search.has_learned_score]
+    return [
+        method
+        for method in all_methods()
+        if rows.search.has_learned_score or not POLICIES[method].needs_learned_score
+    ]
+
+
+def method_label(method: str) -> str:
+    return policy_spec(method).label
+
+
+def takes_nearest_value(method: str) -> bool:
+    """One integer knob gives a few speed-ups only: the value nearest the target is taken."""
+    return policy_spec(method).signal is None
+
+
+def matched_methods() -> list[str]:
+    """The PCEE variants compared with PABEE at PABEE's own speed-ups: threshold policies with patience
+    that every bundle can run."""
+    return [
+        method
+        for method in all_methods()
+        if POLICIES[method].signal is not None
+        and POLICIES[method].allows_patience
+        and not POLICIES[method].needs_learned_score
+    ]
+
+
+def patience_methods() -> list[str]:
+    """Methods whose chosen patience varies."""
+    return [method for method in all_methods() if POLICIES[method].allows_patience]
 
 
 def nearest_on_sweep(simulator: Simulator, sweep: Sweep, target: float) -> Outcome:
@@ -345,7 +378,7 @@ def nearest_on_sweep(simulator: Simulator, sweep: Sweep, target: float) -> Outco
 def choose(search: Simulator, method: str, target: float) -> Outcome:
     """The method's operating point for `target`, chosen on the search rows."""
     sweeps = sweeps_for(method, search.rows.exits)
-    if method in NEAREST_VALUE_METHODS:
+    if takes_nearest_value(method):
         return nearest_on_sweep(search, sweeps[0], target)
     return search_target(search, sweeps, target)
 
@@ -409,14 +442,14 @@ def wall_clock(
 
 def matched_pairs(rows: TaskRows) -> list[tuple[int, Outcome, dict[str, Outcome]]]:
     """Per PABEE patience: PABEE and each PCEE variant at PABEE's layer speed-up on the search rows, scored on the report rows."""
-    pabee_sweep = sweeps_for("pabee", rows.search.rows.exits)[0]
+    pabee_sweep = sweeps_for(PABEE_POLICY, rows.search.rows.exits)[0]
     pairs = []
     for index in range(len(pabee_sweep)):
         point = pabee_sweep.point(index)
         speedup = rows.search.run(point).layer_speedup
         matched = {
             method: search_target(rows.search, sweeps_for(method, rows.search.rows.exits), speedup).point
-            for method in MATCHED_METHODS
+            for method in matched_methods()
         }
         pairs.append(
             (
@@ -432,7 +465,7 @@ def matched_comparisons(rows: TaskRows) -> list[dict]:
     num_layers, labels = rows.search.num_layers, rows.report.rows.labels
     comparisons = []
     for patience, pabee, matched in matched_pairs(rows):
-        comparison = {"patience": patience, "pabee": outcome_summary(pabee, num_layers)}
+        comparison = {"patience": patience, PABEE_POLICY: outcome_summary(pabee, num_layers)}
         for method, shown in matched.items():
             comparison[method] = {
                 "point": shown.point.to_dict(),
@@ -627,7 +660,7 @@ def summary_table(document: dict) -> list[str]:
     cells = {(entry["method"], entry["target"]): entry for entry in document["entries"]}
     rows = []
     for method in dict.fromkeys(entry["method"] for entry in document["entries"]):
-        row = [METHODS[method]]
+        row = [method_label(method)]
         for target in TARGETS:
             entry = cells[method, target]
             row += [
@@ -661,7 +694,7 @@ def detail_table(document: dict) -> list[str]:
     rows = [
         [
             f"~{entry['target']:.0%}",
-            METHODS[entry["method"]],
+            method_label(entry["method"]),
             f"`{OperatingPoint.from_dict(entry['point']).describe()}`",
             percent(entry["search"]["layer_speedup"]),
             percent(entry["report"]["layer_speedup"]),
@@ -684,16 +717,16 @@ def difference_cell(comparison: dict) -> str:
 def matched_table(document: dict) -> list[str]:
     metric = document["metric_name"]
     header = ["PABEE patience", "PABEE layer sp.", f"PABEE {metric}"]
-    for method in MATCHED_METHODS:
-        header += [f"{METHODS[method]} layer sp.", metric, "minus PABEE [95% CI]"]
+    for method in matched_methods():
+        header += [f"{method_label(method)} layer sp.", metric, "minus PABEE [95% CI]"]
     rows = []
     for comparison in document["matched"]:
         row = [
             str(comparison["patience"]),
-            percent(comparison["pabee"]["layer_speedup"]),
-            percent(comparison["pabee"]["metric"]),
+            percent(comparison[PABEE_POLICY]["layer_speedup"]),
+            percent(comparison[PABEE_POLICY]["metric"]),
         ]
-        for method in MATCHED_METHODS:
+        for method in matched_methods():
             row += [
                 percent(comparison[method]["layer_speedup"]),
                 percent(comparison[method]["metric"]),
@@ -740,7 +773,7 @@ def render_splits(documents: list[dict]) -> str:
             f"~{target:.0%}: {name}" for target in TARGETS for name in (document["metric_name"], "layer sp.")
         ]
         rows = [
-            [METHODS[method]]
+            [method_label(method)]
             + [
                 spread_cell(cells[method, target][key])
                 for target in TARGETS
@@ -755,12 +788,12 @@ def render_splits(documents: list[dict]) -> str:
         ]
         header = ["method"] + [f"~{target:.0%}" for target in TARGETS]
         rows = [
-            [METHODS[method]]
+            [method_label(method)]
             + [
                 ", ".join(f"{p}: {n}" for p, n in cells[method, target]["chosen_patience"].items())
                 for target in TARGETS
             ]
-            for method in PATIENCE_METHODS
+            for method in patience_methods()
             if (method, TARGETS[0]) in cells
         ]
         lines += markdown_table(header, rows) + [""]
@@ -776,7 +809,7 @@ def render_splits(documents: list[dict]) -> str:
             [
                 str(item["patience"]),
                 spread_cell(item["pabee_layer_speedup"]),
-                METHODS[item["method"]],
+                method_label(item["method"]),
                 spread_cell(item["difference"]),
                 str(item["better"]),
                 str(item["worse"]),
@@ -795,7 +828,7 @@ def curves(rows: TaskRows) -> dict[str, list[dict]]:
     curves_by_method = {}
     for method in study_methods(rows):
         sweeps = sweeps_for(method, rows.search.rows.exits)
-        if method in NEAREST_VALUE_METHODS:
+        if takes_nearest_value(method):
             points = [sweeps[0].point(index) for index in range(len(sweeps[0]))]
         else:
             points = [search_target(rows.search, sweeps, target).point for target in CURVE_TARGETS]
@@ -822,7 +855,7 @@ def draw_curves(label: str, metric_name: str, curves_by_method: dict[str, list[d
     axes = figure.add_subplot()
     # Distinct markers keep coinciding curves visible (entropy and max probability rank rows alike on binary tasks).
     for (method, points), marker in zip(curves_by_method.items(), "sD^vox+"):
-        style = "--" if method in NEAREST_VALUE_METHODS else "-"
+        style = "--" if takes_nearest_value(method) else "-"
         axes.plot(
             [p["layer_speedup"] for p in points],
             [p["metric"] for p in points],
@@ -830,7 +863,7 @@ def draw_curves(label: str, metric_name: str, curves_by_method: dict[str, list[d
             marker=marker,
             markersize=5,
             fillstyle="none",
-            label=METHODS[method],
+            label=method_label(method),
         )
     axes.axhline(full_metric, color="grey", linestyle=":", label="full model")
     axes.set(
@@ -850,7 +883,7 @@ def draw_patience_coverage(rows: TaskRows):
         rows.all_rows,
         rows.metric_name,
         Objective(target_speedup=0.5),
-        "pcee",
+        DEFAULT_POLICY,
         0.5,
         rows.seed,
         rows.search.has_learned_score,

@@ -97,8 +97,8 @@ def make_pcee_importable() -> dict[str, str]:
 
 # -- what each stage needs, checked without running it ---------------------------------------------------
 def missing_cuda() -> list[str]:
+    from pcee.runtime import BackendUnavailableError
     from pcee.runtime.backends.cuda_memory import CudaRuntime
-    from pcee.runtime.errors import BackendUnavailableError
 
     try:
         CudaRuntime.load()
@@ -119,7 +119,7 @@ def missing_tensorrt() -> list[str]:
 
 
 def missing_cuda_provider() -> list[str]:
-    from pcee.runtime.backends.onnxruntime_cuda import cuda_provider_problems
+    from pcee.runtime import cuda_provider_problems
 
     return cuda_provider_problems()
 
@@ -198,7 +198,7 @@ STAGES = (
     ),
     Stage(
         "pytest_gpu",
-        "the gpu-marked tests of tests/test_gpu_backends.py",
+        "the gpu-marked tests of tests/test_runtime_gpu_backends.py",
         lambda arguments: ["--no-pytest"] if arguments.no_pytest else missing_cuda(),
     ),
 )
@@ -292,7 +292,7 @@ def package_versions() -> dict[str, str]:
 def environment() -> dict:
     import onnxruntime
 
-    from pcee.runtime.backends.onnxruntime_cuda import broken_gpu_wheel
+    from pcee.runtime import broken_gpu_wheel
 
     missing = missing_cuda()
     return {
@@ -434,7 +434,7 @@ def max_difference(actual: np.ndarray, expected: np.ndarray) -> float:
 
 def partial_exit_point(cpu, texts: list[str], batch_size: int):
     """PCEE (entropy) with tau in the widest gap of the middle rows: some rows leave at the patience, the rest are compacted."""
-    from pcee.runtime import OperatingPoint
+    from pcee.runtime import DEFAULT_POLICY, OperatingPoint
 
     patience = min(2, cpu.num_layers)
     exits = cpu.run_all_exits(cpu.tokenizer.encode_texts(texts), batch_size=batch_size)
@@ -442,7 +442,7 @@ def partial_exit_point(cpu, texts: list[str], batch_size: int):
     middle = range(len(deciding) // 4, max(len(deciding) // 4 + 1, 3 * len(deciding) // 4))
     widest = max(middle, key=lambda index: deciding[min(index + 1, len(deciding) - 1)] - deciding[index])
     tau = float((deciding[widest] + deciding[min(widest + 1, len(deciding) - 1)]) / 2)
-    return OperatingPoint(policy="pcee", tau=min(max(tau, 0.0), 1.0), patience=patience)
+    return OperatingPoint(policy=DEFAULT_POLICY, tau=min(max(tau, 0.0), 1.0), patience=patience)
 
 
 def all_exits_check(gpu, cpu, texts: list[str], batch_size: int) -> dict:
@@ -576,13 +576,13 @@ class SyncCounter:
 
 def sync_check(gpu, texts: list[str]) -> dict:
     """With a tau nothing is confident below, every request runs all layers in ceil(layers / patience) spans: one sync each."""
-    from pcee.runtime import OperatingPoint
+    from pcee.runtime import DEFAULT_POLICY, OperatingPoint
 
     counter = SyncCounter(gpu.backend.cuda)
     layers = gpu.num_layers
     per_patience = {}
     for patience in sorted({1, 2, layers}):
-        point = OperatingPoint(policy="pcee", tau=0.0, patience=patience)
+        point = OperatingPoint(policy=DEFAULT_POLICY, tau=0.0, patience=patience)
         counts = []
         for request in (texts[:1], texts[:2], texts[: min(8, gpu.backend.max_rows)]):
             before = counter.count
@@ -899,7 +899,7 @@ def pytest_stage(environment_variables: dict) -> dict:
         "-rs",
         "-p",
         "no:cacheprovider",
-        "tests/test_gpu_backends.py",
+        "tests/test_runtime_gpu_backends.py",
     ]
     completed = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env=environment_variables, timeout=300

@@ -15,7 +15,18 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pcee.runtime import EarlyExitRuntime, EncodedBatch, OperatingPoint, PceeError, graphs, open_cpu_session
+from pcee.runtime import (
+    ATTENTION_BIAS,
+    FULL_POLICY,
+    HIDDEN_STATES,
+    NEXT_HIDDEN_STATES,
+    EarlyExitRuntime,
+    EncodedBatch,
+    GraphChain,
+    OperatingPoint,
+    PceeError,
+    open_cpu_session,
+)
 
 from .bench import BenchmarkError, quantized_copy, single_graph_contender
 
@@ -120,7 +131,7 @@ def profile(
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
-        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint("full")),
+        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint(FULL_POLICY)),
         "runtime_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
             plain_session(chain.embeddings.path, threads),
@@ -160,16 +171,14 @@ def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[En
     return [batch.select(np.array([index])) for index in range(len(batch))]
 
 
-def layers_without_exit_heads(chain: graphs.GraphChain, workdir: Path) -> list[Path]:
+def layers_without_exit_heads(chain: GraphChain, workdir: Path) -> list[Path]:
     """Each layer graph cut down to what its next hidden state needs."""
     import onnx.utils
 
     paths = []
     for layer in chain.layers:
         path = workdir / layer.path.name
-        onnx.utils.extract_model(
-            str(layer.path), str(path), layer.spec.input_names, [graphs.NEXT_HIDDEN_STATES]
-        )
+        onnx.utils.extract_model(str(layer.path), str(path), layer.spec.input_names, [NEXT_HIDDEN_STATES])
         paths.append(path)
     return paths
 
@@ -187,13 +196,13 @@ def plain_session(path: Path, threads: int):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def chain_step(embeddings, layers: list, chain: graphs.GraphChain) -> Step:
+def chain_step(embeddings, layers: list, chain: GraphChain) -> Step:
     names = chain.embeddings.spec.input_names
 
     def run(row: EncodedBatch) -> None:
         hidden, bias = embeddings.run(None, {name: getattr(row, name) for name in names})
         for session in layers:
-            hidden = session.run(None, {graphs.HIDDEN_STATES: hidden, graphs.ATTENTION_BIAS: bias})[0]
+            hidden = session.run(None, {HIDDEN_STATES: hidden, ATTENTION_BIAS: bias})[0]
 
     return run
 

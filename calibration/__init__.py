@@ -7,15 +7,21 @@ No torch here: numpy, the runtime, and matplotlib (imported lazily, for plots on
 """
 
 from .calibrate import CalibrationResult, Objective, calibrate
-from .errors import CalibrationError
+from .errors import CalibrationError, OptionError
+from .options import CalibrationOptions, EvaluationOptions, LabelledData, RunSettings
 from .simulate import CalibrationRows, Outcome, Simulator, simulate
 
 __all__ = [
     "CalibrationError",
+    "CalibrationOptions",
     "CalibrationResult",
     "CalibrationRows",
+    "EvaluationOptions",
+    "LabelledData",
     "Objective",
+    "OptionError",
     "Outcome",
+    "RunSettings",
     "Simulator",
     "calibrate",
     "simulate",

@@ -26,26 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcee.runtime import OperatingPoint
+from pcee.runtime import FULL_POLICY, OperatingPoint
 
 from .errors import CalibrationError
+from .noise import binomial_cdf
 from .search import Sweep, grid_outcomes, pareto_frontier
 from .simulate import Outcome, Simulator
 
-FULL_MODEL = OperatingPoint("full")
-
-
-def binomial_cdf(successes: int, trials: int, probability: float) -> float:
-    """P(X <= successes) for X ~ Binomial(trials, probability), summed in log space."""
-    if probability <= 0.0 or successes >= trials:
-        return 1.0
-    if probability >= 1.0:
-        return 0.0
-    counts = np.arange(successes + 1)
-    log_choose = np.concatenate([[0.0], np.cumsum(np.log(trials - counts[:-1]) - np.log(counts[1:]))])
-    log_terms = log_choose + counts * math.log(probability) + (trials - counts) * math.log1p(-probability)
-    largest = log_terms.max()
-    return min(1.0, float(math.exp(largest) * np.exp(log_terms - largest).sum()))
+FULL_MODEL = OperatingPoint(FULL_POLICY)
 
 
 def drop_losses(

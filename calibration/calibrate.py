@@ -9,46 +9,71 @@ which certifies them (see `bound`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from numbers import Real
 
 import numpy as np
 
-from pcee.runtime import OperatingPoint
+from pcee.runtime import DEFAULT_POLICY, POLICIES, OperatingPoint
 
 from .bound import FULL_MODEL, Certification, certify_max_drop
-from .errors import CalibrationError
+from .errors import CalibrationError, OptionError
+from .noise import SIGNIFICANCE, SignTest, metric_interval
 from .search import (
-    CALIBRATION_POLICIES,
+    TARGET_BAND,
     SweepState,
+    TargetChoice,
     all_states,
+    choose_for_target,
     grid_outcomes,
     pareto_frontier,
-    run_best_reaching,
     sweeps_for,
 )
 from .simulate import CalibrationRows, Outcome, Simulator, exit_histogram
 
 PATIENCE_GRID_SIZE = 40  # tau values per patience on the patience plot
 PATH_GRID_SIZE = 200  # points per sweep on the quality-bound path
+SPEEDUP_MISS = 0.05  # a held-out speed-up further than this from the target is warned about
 POINT_SOURCE = "pcee-calibrate"
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What to calibrate for: exactly one of a target layer speed-up and a maximal accuracy drop."""
+    """What to calibrate for: exactly one of a target layer speed-up and a maximal accuracy drop.
+
+    A target S is met within [S, S + TARGET_BAND]; `at_least` (up to 1) or `max_speedup` lets the
+    search go faster where the gain beats the metric's noise (see `search.choose_for_target`).
+    """
 
     target_speedup: float | None = None
     max_drop: float | None = None
     confidence: float = 0.95
+    at_least: bool = False
+    max_speedup: float | None = None
 
     def __post_init__(self) -> None:
         if (self.target_speedup is None) == (self.max_drop is None):
-            raise CalibrationError("give exactly one objective: a target speed-up or a maximal drop")
-        for name in ("target_speedup", "max_drop", "confidence"):
+            raise OptionError("give exactly one objective: --target-speedup S or --max-drop D")
+        for name in ("target_speedup", "max_drop", "confidence", "max_speedup"):
             value = getattr(self, name)
-            if value is not None and not 0.0 < value < 1.0:
-                raise CalibrationError(
-                    f"{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}"
-                )
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0
+            ):
+                raise OptionError(not_a_fraction(f"--{name.replace('_', '-')}", value))
+        if not isinstance(self.at_least, bool):
+            raise OptionError(f"--at-least is a flag: True or False, got {self.at_least!r}")
+        if (self.at_least or self.max_speedup is not None) and self.target_speedup is None:
+            raise OptionError(
+                "--at-least and --max-speedup go with --target-speedup; drop them with --max-drop"
+            )
+        if self.max_speedup is not None and self.max_speedup <= self.target_speedup:
+            raise OptionError(
+                f"--max-speedup {self.max_speedup:g} must exceed --target-speedup {self.target_speedup:g}"
+            )
+
+    @property
+    def speedup_cap(self) -> float | None:
+        """How far above the target the search may go when the gain beats the noise; None: the band only."""
+        return self.max_speedup if self.max_speedup is not None else (1.0 if self.at_least else None)
 
     @property
     def mode(self) -> str:
@@ -61,7 +86,13 @@ class Objective:
 
     def to_dict(self) -> dict:
         if self.target_speedup is not None:
-            return {"mode": self.mode, "target_speedup": self.target_speedup}
+            return {
+                "mode": self.mode,
+                "target_speedup": self.target_speedup,
+                "band": [self.target_speedup, round(self.target_speedup + TARGET_BAND, 6)],
+                "at_least": self.at_least,
+                "max_speedup": self.max_speedup,
+            }
         return {"mode": self.mode, "max_drop": self.max_drop, "confidence": self.confidence}
 
 
@@ -79,20 +110,58 @@ class CalibrationResult:
     full_search: Outcome
     full_holdout: Outcome
     frontiers: dict[str, list[SweepState]]  # per policy, exact, on the search rows
-    patience_grid: list[Outcome]  # pcee over a tau grid at every patience, on the search rows
+    patience_grid: list[Outcome]  # the default policy over a tau grid at every patience, on the search rows
     certification: Certification | None
     seed: int
+    target: TargetChoice | None  # how the target was met (target-speedup mode)
+    intervals: dict[str, tuple[float, float]]  # 95% bootstrap intervals: calibration, holdout, full_model
+    full_versus_holdout: SignTest  # the full model against the chosen point on the held-out rows
 
     @property
     def point(self) -> OperatingPoint:
         return self.chosen.point
 
-    def summarize(self, outcome: Outcome) -> dict:
+    def summarize(self, outcome: Outcome, part: str) -> dict:
         return {
             "rows": len(outcome.exit_layers),
             "layer_speedup": round(outcome.layer_speedup, 6),
             "metric": round(outcome.metric, 6),
+            "metric_interval": rounded(self.intervals[part]),
             "exit_histogram": exit_histogram(outcome.exit_layers, self.num_layers),
+        }
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line each: a held-out metric below the full model's by more than noise, a missed target."""
+        lines = []
+        test = self.full_versus_holdout
+        if self.holdout.metric < self.full_holdout.metric and test.p_value <= SIGNIFICANCE:
+            lines.append(
+                f"held-out {self.metric_name} {self.holdout.metric:.4f} is below the full model's "
+                f"{self.full_holdout.metric:.4f} by more than noise (of the held-out rows where they disagree, the full "
+                f"model is right on {test.wins} and the point on {test.losses}; sign test p = {test.p_value:.3g}). "
+                "Ask for a lower speed-up, or calibrate on more data"
+            )
+        target = self.objective.target_speedup
+        if target is not None and abs(self.holdout.layer_speedup - target) > SPEEDUP_MISS:
+            lines.append(
+                f"held-out layer speed-up {self.holdout.layer_speedup:.4f} misses the requested {target:g} by more "
+                f"than {SPEEDUP_MISS:g}: speed-ups measured on {len(self.holdout.exit_layers)} held-out and "
+                f"{len(self.chosen.exit_layers)} search rows are noisy, or those rows differ. Calibrate on more data"
+            )
+        return lines
+
+    def target_summary(self) -> dict | None:
+        if self.target is None:
+            return None
+        further = self.target.further
+        return {
+            "requested": self.objective.target_speedup,
+            "calibration_speedup": round(self.chosen.layer_speedup, 6),
+            "holdout_speedup": round(self.holdout.layer_speedup, 6),
+            "band_point": self.target.band_choice.point.to_dict(),
+            "went_further": further is not None and further.accepted,
+            "further_candidate": None if further is None else further.to_dict(),
         }
 
     def to_dict(self) -> dict:
@@ -100,15 +169,23 @@ class CalibrationResult:
             "operating_point": self.point.to_dict(),
             "metric_name": self.metric_name,
             "objective": self.objective.to_dict(),
-            "calibration": self.summarize(self.chosen),
-            "holdout": self.summarize(self.holdout),
+            "target": self.target_summary(),
+            "calibration": self.summarize(self.chosen, "calibration"),
+            "holdout": self.summarize(self.holdout, "holdout"),
             "full_model": {
                 "metric": round(self.full_holdout.metric, 6),
+                "metric_interval": rounded(self.intervals["full_model"]),
                 "calibration_metric": round(self.full_search.metric, 6),
             },
+            "holdout_versus_full": self.full_versus_holdout.to_dict(),
+            "warnings": self.warnings,
             "guarantee": None if self.certification is None else self.certification.to_dict(),
             "seed": self.seed,
         }
+
+
+def rounded(interval: tuple[float, float]) -> list[float]:
+    return [round(bound, 6) for bound in interval]
 
 
 def split_rows(
@@ -131,14 +208,18 @@ def holdout_split(count: int, holdout_fraction: float, seed: int) -> tuple[np.nd
 
 
 def frontier_policies(has_learned_score: bool) -> list[str]:
-    return [policy for policy in CALIBRATION_POLICIES if has_learned_score or policy != "pcee-learned"]
+    return [
+        name
+        for name, spec in POLICIES.items()
+        if spec.calibrated and (has_learned_score or not spec.needs_learned_score)
+    ]
 
 
 def calibrate(
     rows: CalibrationRows,
     metric_name: str,
     objective: Objective,
-    policy: str = "pcee",
+    policy: str = DEFAULT_POLICY,
     holdout_fraction: float = 0.2,
     seed: int = 0,
     has_learned_score: bool = False,
@@ -156,27 +237,41 @@ def calibrate(
         each: all_states(search, sweeps_for(each, search.rows.exits))
         for each in dict.fromkeys([policy, *frontier_policies(has_learned_score)])
     }
-    certification = None
+    certification = target = None
     if objective.target_speedup is not None:
-        chosen = run_best_reaching(search, states[policy], objective.target_speedup)
+        target = choose_for_target(
+            search, states[policy], objective.target_speedup, max_speedup=objective.speedup_cap
+        )
+        chosen = target.outcome
     else:
         certification = certify(search, objective, policy, seed)
         chosen = search.run(certification.chosen.outcome.point)
     chosen = replace(
         chosen, point=replace(chosen.point, name=name or objective.default_name(), source=POINT_SOURCE)
     )
+    chosen_holdout, full_holdout = holdout.run(chosen.point), holdout.run(FULL_MODEL)
+    holdout_labels = holdout.rows.labels
     return CalibrationResult(
         objective=objective,
         metric_name=metric_name,
         num_layers=rows.num_layers,
         chosen=chosen,
-        holdout=holdout.run(chosen.point),
+        holdout=chosen_holdout,
         full_search=search.run(FULL_MODEL),
-        full_holdout=holdout.run(FULL_MODEL),
+        full_holdout=full_holdout,
         frontiers={each: pareto_frontier(states[each]) for each in frontier_policies(has_learned_score)},
-        patience_grid=grid_outcomes(search, sweeps_for("pcee", search.rows.exits), PATIENCE_GRID_SIZE),
+        patience_grid=grid_outcomes(
+            search, sweeps_for(DEFAULT_POLICY, search.rows.exits), PATIENCE_GRID_SIZE
+        ),
         certification=certification,
         seed=seed,
+        target=target,
+        intervals={
+            "calibration": metric_interval(metric_name, chosen.predictions, search.rows.labels, seed),
+            "holdout": metric_interval(metric_name, chosen_holdout.predictions, holdout_labels, seed),
+            "full_model": metric_interval(metric_name, full_holdout.predictions, holdout_labels, seed),
+        },
+        full_versus_holdout=SignTest.of(full_holdout.predictions, chosen_holdout.predictions, holdout_labels),
     )
 
 
@@ -189,3 +284,11 @@ def certify(search: Simulator, objective: Objective, policy: str, seed: int) -> 
     return certify_max_drop(
         ordering, testing, sweeps, objective.max_drop, objective.confidence, PATH_GRID_SIZE
     )
+
+
+def not_a_fraction(flag: str, value) -> str:
+    """The error for a value outside (0, 1); a percentage (50) gets the fraction to pass (0.5)."""
+    message = f"{flag} must lie strictly between 0 and 1, got {value!r}"
+    if isinstance(value, Real) and not isinstance(value, bool) and 1 < value < 100:
+        message += f": a fraction, not a percentage; pass {value / 100:g}"
+    return message

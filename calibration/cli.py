@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -15,55 +14,45 @@ import numpy as np
 from pcee.modeling.data import TextDataset
 from pcee.runtime import (
     BACKEND_NAMES,
+    DEFAULT_POLICY,
     MANIFEST_NAME,
-    POLICY_NAMES,
     REPORTS_DIR,
     EarlyExitRuntime,
     Manifest,
     OperatingPoint,
     PceeError,
+    policy_names,
     record_operating_point,
 )
 
 from .bundle import bundle_label_indices, load_labelled_data
 from .calibrate import CalibrationResult, Objective, calibrate
 from .collect import record_all_exits
+from .errors import OptionError
 from .evaluate import evaluate_bundle, held_out_rows, requested_point
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_HOLDOUT_FRACTION,
+    CalibrationOptions,
+    EvaluationOptions,
+    LabelledData,
+    RunSettings,
+)
 from .report import format_table, load_report, report_dir_for, write_report
-from .search import CALIBRATION_POLICIES
 from .simulate import CalibrationRows
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
-
-
-class OpenFraction(click.FloatRange):
-    """A fraction strictly between 0 and 1; a percentage (50) is refused with the fraction to pass (0.5)."""
-
-    def __init__(self) -> None:
-        super().__init__(0, 1, min_open=True, max_open=True)
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        if 1 < number < 100:
-            self.fail(
-                f"{number:g} is a percentage; this option takes a fraction between 0 and 1: "
-                f"pass {number / 100:g}",
-                param,
-                ctx,
-            )
-        return super().convert(number, param, ctx)
-
-
-OPEN_UNIT_INTERVAL = OpenFraction()
-POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # also the name of the point's report folder
 REPORTS_DEFAULT = f"[default: BUNDLE_DIR/{REPORTS_DIR}]"
 
 
 @contextmanager
 def friendly_errors():
-    """Our typed errors (PceeError and its subclasses) become one-line messages, never tracebacks."""
+    """Our typed errors (PceeError and its subclasses) become one-line messages, never tracebacks; a bad
+    option is a usage error (exit status 2), as click's own."""
     try:
         yield
+    except OptionError as error:
+        raise click.UsageError(str(error), click.get_current_context(silent=True)) from None
     except PceeError as error:
         raise click.ClickException(str(error)) from None
 
@@ -119,41 +108,48 @@ def run_options(command: Callable) -> Callable:
         [
             click.option(
                 "--backend",
-                type=click.Choice(BACKEND_NAMES),
+                metavar=choices_metavar(BACKEND_NAMES),
                 default="auto",
                 help="The backend the bundle will be deployed on.",
             ),
             click.option(
                 "--batch-size",
-                type=click.IntRange(min=1),
-                default=32,
-                help="Rows per batch through the runtime.",
+                type=int,
+                default=DEFAULT_BATCH_SIZE,
+                help="Rows per batch through the runtime (at least 1).",
             ),
         ],
     )
 
 
-def check_point_name(context: click.Context, parameter: click.Parameter, name: str | None) -> str | None:
-    if name is not None and not POINT_NAME.fullmatch(name):
-        raise click.BadParameter(
-            f"{name!r} cannot name a point and its report folder; use letters, digits, '.', '_' and '-'"
-        )
-    return name
+def choices_metavar(choices) -> str:
+    """The --help metavar of an option whose value the typed options check: its choices, as click.Choice shows them."""
+    return "[" + "|".join(choices) + "]"
 
 
-def open_labelled_data(bundle_dir: Path, options: dict) -> tuple[Manifest, TextDataset, np.ndarray]:
+def labelled_data(options: dict) -> LabelledData:
+    """--data and how to read it, taken out of click's values (the rest go to the command's own options)."""
+    return LabelledData(
+        options.pop("data"),
+        options.pop("task"),
+        options.pop("text_column"),
+        options.pop("text_pair_column"),
+        options.pop("label_column"),
+    )
+
+
+def run_settings(options: dict) -> RunSettings:
+    """--backend and --batch-size, taken out of click's values."""
+    return RunSettings(options.pop("backend"), options.pop("batch_size"))
+
+
+def open_labelled_data(bundle_dir: Path, data: LabelledData) -> tuple[Manifest, TextDataset, np.ndarray]:
     """Check the bundle's labels and the data before any model is loaded, so bad input fails fast."""
     manifest = Manifest.load(bundle_dir, verify_hashes=False)
-    bundle_labels = manifest.model.labels
     dataset = load_labelled_data(
-        options["data"],
-        manifest,
-        options["task"],
-        options["text_column"],
-        options["text_pair_column"],
-        options["label_column"],
+        data.path, manifest, data.task, data.text_column, data.text_pair_column, data.label_column
     )
-    return manifest, dataset, bundle_label_indices(dataset, bundle_labels)
+    return manifest, dataset, bundle_label_indices(dataset, manifest.model.labels)
 
 
 def emit(document: dict, as_json: bool, text: str) -> None:
@@ -169,31 +165,43 @@ def emit(document: dict, as_json: bool, text: str) -> None:
 @run_options
 @click.option(
     "--target-speedup",
-    type=OPEN_UNIT_INTERVAL,
-    help="Layer speed-up to reach (Eq. 4: 1 - layers run / (rows x layers)).",
+    type=float,
+    help="Layer speed-up to reach, in (0, 1) (Eq. 4: 1 - layers run / (rows x layers)).",
 )
 @click.option(
-    "--max-drop", type=OPEN_UNIT_INTERVAL, help="Largest accuracy drop against the full model to certify."
+    "--at-least",
+    is_flag=True,
+    help="With --target-speedup: go above the target's band where a faster point's gain beats the metric's noise.",
+)
+@click.option(
+    "--max-speedup",
+    type=float,
+    help="With --target-speedup: like --at-least, up to this layer speed-up.",
+)
+@click.option(
+    "--max-drop", type=float, help="Largest accuracy drop against the full model to certify, in (0, 1)."
 )
 @click.option(
     "--confidence",
-    type=OPEN_UNIT_INTERVAL,
+    type=float,
     default=0.95,
-    help="With --max-drop: probability that the drop bound holds.",
+    help="With --max-drop: probability that the drop bound holds, in (0, 1).",
 )
 @click.option(
-    "--policy", type=click.Choice(CALIBRATION_POLICIES), default="pcee", help="Exit policy to calibrate."
+    "--policy",
+    metavar=choices_metavar(policy_names(calibrated_only=True)),
+    default=DEFAULT_POLICY,
+    help="Exit policy to calibrate.",
 )
 @click.option(
     "--holdout-fraction",
-    type=OPEN_UNIT_INTERVAL,
-    default=0.2,
-    help="Share of the rows held out of the search; the chosen point is reported on them.",
+    type=float,
+    default=DEFAULT_HOLDOUT_FRACTION,
+    help="Share of the rows held out of the search, in (0, 1); the chosen point is reported on them.",
 )
 @click.option("--seed", type=int, default=0, help="Seed of the random hold-out split.")
 @click.option(
     "--name",
-    callback=check_point_name,
     help="Name of the new operating point and of its report folder. [default: speedup-S or max-drop-D]",
 )
 @click.option(
@@ -214,8 +222,11 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
     \b
     Two objectives:
       --target-speedup S   of every (tau, patience) whose layer speed-up on the search
-                           rows reaches S, the one with the best task metric (ties go
-                           to the higher speed-up, then the lower patience).
+                           rows lies in [S, S + 0.02], the one with the best task
+                           metric (ties go to the higher speed-up, then the lower
+                           patience). With --at-least (or --max-speedup M) a faster
+                           point replaces it only if it is right on significantly
+                           more rows (exact sign test on the rows where they differ).
       --max-drop D         the largest speed-up whose accuracy drop against the full
                            model is at most D with probability --confidence (exact
                            binomial test, fixed-sequence along the frontier; assumes
@@ -241,55 +252,66 @@ def calibrate_main(bundle_dir: Path, **options) -> None:
       pcee-calibrate runs/tickets-bundle --data tickets.jsonl --text-column text \\
                      --label-column label --target-speedup 0.4 --name peak-hours --json
     """
-    if (options["target_speedup"] is None) == (options["max_drop"] is None):
-        raise click.UsageError("give exactly one of --target-speedup and --max-drop")
+    as_json = options.pop("as_json")
     with friendly_errors():
-        run_calibration(bundle_dir, options)
+        run_calibration(bundle_dir, calibration_options(options), as_json)
 
 
-def run_calibration(bundle_dir: Path, options: dict) -> None:
-    objective = Objective(options["target_speedup"], options["max_drop"], options["confidence"])
-    manifest, dataset, labels = open_labelled_data(bundle_dir, options)
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options["backend"])
+def calibration_options(options: dict) -> CalibrationOptions:
+    """The typed options from click's values; they check themselves."""
+    data, run = labelled_data(options), run_settings(options)
+    objective = Objective(
+        options.pop("target_speedup"),
+        options.pop("max_drop"),
+        options.pop("confidence"),
+        options.pop("at_least"),
+        options.pop("max_speedup"),
+    )
+    return CalibrationOptions(data, objective, run=run, progress=not options.pop("no_progress"), **options)
+
+
+def run_calibration(bundle_dir: Path, options: CalibrationOptions, as_json: bool) -> None:
+    manifest, dataset, labels = open_labelled_data(bundle_dir, options.data)
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options.run.backend)
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
-    recording = record_all_exits(runtime, batch, options["batch_size"], progress=not options["no_progress"])
+    recording = record_all_exits(runtime, batch, options.run.batch_size, progress=options.progress)
     result = calibrate(
         CalibrationRows(recording.exits, labels),
         manifest.model.metric,
-        objective,
-        options["policy"],
-        options["holdout_fraction"],
-        options["seed"],
+        options.objective,
+        options.policy,
+        options.holdout_fraction,
+        options.seed,
         manifest.model.learned_confidence,
-        options["name"],
+        options.name,
     )
     context = {
         "bundle": str(bundle_dir),
         "data": {"source": dataset.source, "rows": len(dataset), "sha256": recording.data_sha256},
         "backend": runtime.backend_name,
-        "holdout_fraction": options["holdout_fraction"],
+        "holdout_fraction": options.holdout_fraction,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    report_dir = report_dir_for(reports_root(bundle_dir, options), result.point.name)
+    report_dir = report_dir_for(reports_root(bundle_dir, options.report_dir), result.point.name)
     with writing(report_dir):
         report = write_report(result, report_dir, context)
     for note in report.notes:
         click.echo(note, err=True)
-    if not options["dry_run"]:
+    if not options.dry_run:
         with writing(bundle_dir / MANIFEST_NAME):
             record_operating_point(bundle_dir, result.point, {**result.to_dict(), **context})
     document = {
         **result.to_dict(),
         **context,
-        "manifest_updated": not options["dry_run"],
+        "manifest_updated": not options.dry_run,
         "recording": {"cache_file": str(recording.cache_file), "from_cache": recording.from_cache},
         "report_files": [str(path) for path in report.files],
     }
-    emit(document, options["as_json"], closing_text(result, document))
+    emit(document, as_json, closing_text(result, document))
 
 
-def reports_root(bundle_dir: Path, options: dict) -> Path:
-    return options["report_dir"] or bundle_dir / REPORTS_DIR
+def reports_root(bundle_dir: Path, report_dir: Path | None) -> Path:
+    return report_dir or bundle_dir / REPORTS_DIR
 
 
 def closing_text(result: CalibrationResult, document: dict) -> str:
@@ -314,7 +336,6 @@ def closing_text(result: CalibrationResult, document: dict) -> str:
 @click.option(
     "--holdout-of",
     metavar="NAME",
-    callback=check_point_name,
     help="Evaluate only the rows that the calibration of point NAME held out of its search (give the same "
     "--data; the split is read from NAME's report), at point NAME unless --point or --policy is given.",
 )
@@ -327,13 +348,15 @@ def closing_text(result: CalibrationResult, document: dict) -> str:
     "--point", "point_name", help="A named operating point of the manifest (see pcee-calibrate --name)."
 )
 @click.option(
-    "--policy", type=click.Choice(POLICY_NAMES), help="Evaluate this policy instead of the bundle's point."
+    "--policy",
+    metavar=choices_metavar(policy_names()),
+    help="Evaluate this policy instead of the bundle's point.",
 )
 @click.option(
     "--tau", type=float, help="Threshold (entropy: confident below it; max-prob / learned: above it)."
 )
-@click.option("--patience", type=click.IntRange(min=1), help="Consecutive confident layers needed to exit.")
-@click.option("--layer", type=click.IntRange(min=1), help="Exit layer of the budgeted policy.")
+@click.option("--patience", type=int, help="Consecutive confident layers needed to exit (at least 1).")
+@click.option("--layer", type=int, help="Exit layer of the budgeted policy (at least 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_main(bundle_dir: Path, **options) -> None:
     """Run the bundle with early exit over labelled data and report what it achieves.
@@ -351,33 +374,34 @@ def eval_main(bundle_dir: Path, **options) -> None:
       pcee-eval runs/sst2-pcee --data data/glue/SST-2 --holdout-of speedup-0.50
       pcee-eval runs/sst2-pcee --data data/glue/SST-2/dev.tsv --task sst2 --policy pcee --tau 0.3 --patience 2 --json
     """
+    as_json = options.pop("as_json")
     with friendly_errors():
-        run_evaluation(bundle_dir, options)
+        data, run = labelled_data(options), run_settings(options)
+        run_evaluation(bundle_dir, EvaluationOptions(data, run, **options), as_json)
 
 
-def run_evaluation(bundle_dir: Path, options: dict) -> None:
-    _, dataset, labels = open_labelled_data(bundle_dir, options)
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options["backend"])
+def run_evaluation(bundle_dir: Path, options: EvaluationOptions, as_json: bool) -> None:
+    _, dataset, labels = open_labelled_data(bundle_dir, options.data)
+    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend=options.run.backend)
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
     default_point = runtime.operating_point
-    if options["holdout_of"] is not None:
-        report = load_report(
-            report_dir_for(reports_root(bundle_dir, options), options["holdout_of"]), options["holdout_of"]
-        )
+    if options.holdout_of is not None:
+        report_dir = report_dir_for(reports_root(bundle_dir, options.report_dir), options.holdout_of)
+        report = load_report(report_dir, options.holdout_of)
         rows = held_out_rows(report, batch)
         batch, labels = batch.select(rows), labels[rows]
         default_point = OperatingPoint.from_dict(report["operating_point"])
     point = requested_point(
         runtime,
         default_point,
-        options["point_name"],
-        options["policy"],
-        options["tau"],
-        options["patience"],
-        options["layer"],
+        options.point_name,
+        options.policy,
+        options.tau,
+        options.patience,
+        options.layer,
     )
-    evaluation = evaluate_bundle(runtime, batch, labels, point, options["batch_size"])
-    emit(evaluation, options["as_json"], evaluation_text(evaluation))
+    evaluation = evaluate_bundle(runtime, batch, labels, point, options.run.batch_size)
+    emit(evaluation, as_json, evaluation_text(evaluation))
 
 
 def evaluation_text(evaluation: dict) -> str:

@@ -12,11 +12,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcee.runtime import temporary_file_pattern, write_file_atomically, written_before_this_process
+from pcee.runtime import (
+    DEFAULT_POLICY,
+    temporary_file_pattern,
+    write_file_atomically,
+    written_before_this_process,
+)
 
 from .calibrate import CalibrationResult
 from .errors import CalibrationError
-from .search import best_reaching
+from .noise import SIGNIFICANCE, SMALL_DATA_ROWS
+from .search import TARGET_BAND, best_reaching
 
 REPORT_JSON = "calibration-report.json"
 FRONTIER_CSV = "calibration-frontier.csv"
@@ -187,12 +193,36 @@ def draw_patience_scatter(result: CalibrationResult):
     )
     figure.colorbar(dots, ax=axes, label="tau (normalized entropy)")
     axes.set(
-        xlabel="patience", ylabel="layer speed-up", title="Reachable layer speed-ups per patience (pcee)"
+        xlabel="patience",
+        ylabel="layer speed-up",
+        title=f"Reachable layer speed-ups per patience ({DEFAULT_POLICY})",
     )
     axes.set_xticks(range(1, result.num_layers + 1))
     axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def target_lines(result: CalibrationResult) -> list[str]:
+    """The requested target, the speed-ups reached, and what going further (--at-least) found."""
+    target = result.target
+    if target is None:
+        return []
+    requested = result.objective.target_speedup
+    lines = [
+        f"Requested layer speed-up {requested:g} (band {requested:g} to {requested + TARGET_BAND:g} on the search rows): "
+        f"{result.chosen.layer_speedup:.4f} on the search rows, {result.holdout.layer_speedup:.4f} on the held-out rows"
+    ]
+    further = target.further
+    if further is not None:
+        verdict = "taken" if further.accepted else "not taken: its gain is within noise"
+        lines.append(
+            f"Faster candidate {further.outcome.point.describe()} at {further.outcome.layer_speedup:.4f} "
+            f"({result.metric_name} {further.outcome.metric:.4f} against {target.band_choice.metric:.4f}): {verdict} "
+            f"(right on {further.test.wins} vs {further.test.losses} of the rows where they disagree, "
+            f"p = {further.test.p_value:.3g}, needed <= {SIGNIFICANCE / further.candidates:.3g})"
+        )
+    return lines
 
 
 def format_table(result: CalibrationResult) -> str:
@@ -202,20 +232,31 @@ def format_table(result: CalibrationResult) -> str:
         f"Chosen operating point: {result.point.describe()}"
         + (f"  (name {result.point.name})" if result.point.name else "")
     ]
-    lines.append(f"{'':<22}{'rows':>7}{'layer speed-up':>16}{metric:>12}")
-    for label, outcome in (
-        ("calibration", result.chosen),
-        ("held-out", result.holdout),
-        ("full model, held-out", result.full_holdout),
+    lines += target_lines(result)
+    small = len(result.chosen.exit_layers) < SMALL_DATA_ROWS
+    lines.append(
+        f"{'':<22}{'rows':>7}{'layer speed-up':>16}{metric:>12}" + ("   95% interval" if small else "")
+    )
+    for label, outcome, part in (
+        ("calibration", result.chosen, "calibration"),
+        ("held-out", result.holdout, "holdout"),
+        ("full model, held-out", result.full_holdout, "full_model"),
     ):
+        low, high = result.intervals[part]
         lines.append(
             f"{label:<22}{len(outcome.exit_layers):>7}{outcome.layer_speedup:>16.4f}{outcome.metric:>12.4f}"
+            + (f"   [{low:.3f}, {high:.3f}]" if small else "")
         )
-    histogram = result.summarize(result.holdout)["exit_histogram"]
+    if small:
+        lines.append(
+            f"Small data: {len(result.chosen.exit_layers)} search rows; the intervals are 95% bootstrap intervals over rows."
+        )
+    histogram = result.summarize(result.holdout, "holdout")["exit_histogram"]
     lines.append(
         "Held-out exits per layer: "
         + "  ".join(f"L{layer}:{count}" for layer, count in enumerate(histogram, start=1))
     )
+    lines += [f"Warning: {warning}" for warning in result.warnings]
     if result.certification is not None:
         guarantee = result.certification
         lines.append(

@@ -143,7 +143,7 @@ def main(
     """
     require_export_extras("pcee-export")
     from pcee.modeling.errors import ModelingError
-    from pcee.runtime.errors import PceeError
+    from pcee.runtime import PceeError
 
     from .bundle import export_bundle
     from .errors import ExportError

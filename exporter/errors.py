@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pcee.runtime.errors import PceeError
+from pcee.runtime import PceeError
 
 
 class ExportError(PceeError, ValueError):

@@ -10,8 +10,20 @@ import torch
 from tqdm.auto import tqdm
 
 from pcee.modeling.model import MultiExitClassifier
-from pcee.runtime import GRAPH_DIR, GraphFile, GraphSpec, ModelInfo, layer_graph_name, onnx_file, sha256_of
-from pcee.runtime.graphs import EMBEDDINGS_GRAPH, FULL_GRAPH, embeddings_spec, full_model_spec, layer_spec
+from pcee.runtime import (
+    EMBEDDINGS_GRAPH,
+    FULL_GRAPH,
+    GRAPH_DIR,
+    GraphFile,
+    GraphSpec,
+    ModelInfo,
+    embeddings_spec,
+    full_model_spec,
+    layer_graph_name,
+    layer_spec,
+    onnx_file,
+    sha256_of,
+)
 
 from .graphs import EmbeddingsGraph, FullModelGraph, LayerGraph, contrib_attention
 from .onnx_export import export_graph

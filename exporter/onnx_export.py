@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from pcee.runtime.graphs import GRAPH_NAME_KEY, GraphSpec
+from pcee.runtime import GRAPH_NAME_KEY, GraphSpec
 
 from .errors import ExportError
 from .graphs import writes_contrib_operators

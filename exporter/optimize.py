@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from pcee.runtime.graphs import NEXT_HIDDEN_STATES
+from pcee.runtime import NEXT_HIDDEN_STATES
 
 from .errors import ExportError
 

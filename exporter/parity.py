@@ -15,13 +15,16 @@ import torch
 
 from pcee.modeling.model import MultiExitClassifier
 from pcee.runtime import (
+    CONFIDENCE_SCORE,
+    ENTROPY,
+    LOGITS,
+    MAX_PROBABILITY,
     Backend,
     EncodedBatch,
     ParityResult,
     layer_graph_name,
     run_every_exit,
 )
-from pcee.runtime.graphs import CONFIDENCE_SCORE, ENTROPY, LOGITS, MAX_PROBABILITY
 
 from .errors import OutputMismatch, ParityError
 from .graphs import exit_signals

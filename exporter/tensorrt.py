@@ -21,17 +21,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pcee.runtime import (
+    BATCH,
     ENGINE_DIR,
+    SEQUENCE,
     TIMING_CACHE_NAME,
     FileEntry,
     GraphFile,
     GraphSpec,
     TensorRTEngines,
+    TensorSpec,
     engine_file,
     tensorrt_version_problem,
     write_file_atomically,
 )
-from pcee.runtime.graphs import BATCH, SEQUENCE, TensorSpec
 
 from .errors import EngineBuildError, TensorRTUnavailableError
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..runtime.atomic import replace_directory, staging_directory_for
-from ..runtime.errors import PceeError
+from pcee.runtime import PceeError, replace_directory, staging_directory_for
+
 from .config import PceeConfig, default_exit_pooling
 from .extras import require_export_extras
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcee.runtime.errors import PceeError
+from pcee.runtime import PceeError
 
 SPLITS = ("train", "validation")
 

@@ -1,6 +1,6 @@
 """User-facing errors of the modeling room: each says what was received, what was expected, what to do."""
 
-from pcee.runtime.errors import PceeError
+from pcee.runtime import PceeError
 
 
 class ModelingError(PceeError, ValueError):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import ArrayLike
 
-from pcee.runtime.errors import PceeError
+from pcee.runtime import PceeError
 
 
 class MetricError(PceeError, ValueError):

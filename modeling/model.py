@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from pcee.runtime.atomic import new_file_mode
+from pcee.runtime import new_file_mode
 
 from .adapters import ArchitectureAdapter, attention_bias, get_adapter
 from .backbones import load_pretrained_encoder

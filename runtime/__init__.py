@@ -10,6 +10,7 @@ benchmarks, serving) import from here, never from a backend module.
 
 from .atomic import (
     backup_directory_for,
+    new_file_mode,
     replace_directory,
     staging_directory_for,
     staging_directory_pattern,
@@ -20,12 +21,35 @@ from .atomic import (
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
 from .backends.onnxruntime_cpu import open_cpu_session
+from .backends.onnxruntime_cuda import broken_gpu_wheel, cuda_provider_problems
 from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
 from .extras import is_importable, require_extra
-from .graphs import EngineChain, GraphChain, GraphSpec, LocatedGraph, layer_graph_name
+from .graphs import (
+    ATTENTION_BIAS,
+    BATCH,
+    CONFIDENCE_SCORE,
+    EMBEDDINGS_GRAPH,
+    ENTROPY,
+    FULL_GRAPH,
+    GRAPH_NAME_KEY,
+    HIDDEN_STATES,
+    LOGITS,
+    MAX_PROBABILITY,
+    NEXT_HIDDEN_STATES,
+    SEQUENCE,
+    EngineChain,
+    GraphChain,
+    GraphSpec,
+    LocatedGraph,
+    TensorSpec,
+    embeddings_spec,
+    full_model_spec,
+    layer_graph_name,
+    layer_spec,
+)
 from .layout import (
     CACHE_DIR,
     ENGINE_DIR,
@@ -69,11 +93,27 @@ from .manifest import (
     sha256_of,
     write_json_atomically,
 )
-from .policies import POLICY_NAMES, SIGNALS, ExitPolicy, OperatingPoint, build_policy
+from .policies import (
+    CONFIDENCE_SIGNALS,
+    DEFAULT_POLICY,
+    FULL_POLICY,
+    PABEE_POLICY,
+    POLICIES,
+    ExitPolicy,
+    Knob,
+    OperatingPoint,
+    PolicySpec,
+    Signal,
+    build_policy,
+    policy_names,
+    policy_spec,
+    register_policy,
+)
 from .tokenization import BundleTokenizer, EncodedBatch
 
 __all__ = [
     "backup_directory_for",
+    "new_file_mode",
     "replace_directory",
     "staging_directory_for",
     "staging_directory_pattern",
@@ -85,6 +125,8 @@ __all__ = [
     "create_backend",
     "open_cpu_session",
     "SingleGraphSession",
+    "broken_gpu_wheel",
+    "cuda_provider_problems",
     "tensorrt_version_problem",
     "EarlyExitRuntime",
     "PredictionResult",
@@ -120,6 +162,22 @@ __all__ = [
     "is_bundle_entry",
     "report_folders",
     "tokenizer_file",
+    "ATTENTION_BIAS",
+    "BATCH",
+    "CONFIDENCE_SCORE",
+    "EMBEDDINGS_GRAPH",
+    "ENTROPY",
+    "FULL_GRAPH",
+    "GRAPH_NAME_KEY",
+    "HIDDEN_STATES",
+    "LOGITS",
+    "MAX_PROBABILITY",
+    "NEXT_HIDDEN_STATES",
+    "SEQUENCE",
+    "TensorSpec",
+    "embeddings_spec",
+    "full_model_spec",
+    "layer_spec",
     "DEFAULT_BATCH_SIZE",
     "length_sorted_chunks",
     "record_every_exit",
@@ -144,11 +202,20 @@ __all__ = [
     "record_operating_point",
     "sha256_of",
     "write_json_atomically",
-    "POLICY_NAMES",
-    "SIGNALS",
+    "CONFIDENCE_SIGNALS",
+    "DEFAULT_POLICY",
+    "FULL_POLICY",
+    "PABEE_POLICY",
+    "POLICIES",
     "ExitPolicy",
+    "Knob",
     "OperatingPoint",
+    "PolicySpec",
+    "Signal",
     "build_policy",
+    "policy_names",
+    "policy_spec",
+    "register_policy",
     "BundleTokenizer",
     "EncodedBatch",
 ]

@@ -12,7 +12,7 @@ import click
 from .atomic import write_file_atomically
 from .backends import BACKEND_NAMES
 from .errors import PceeError
-from .policies import POLICY_NAMES, OperatingPoint
+from .policies import OperatingPoint, policy_names
 
 
 def operating_point_from_options(
@@ -106,7 +106,7 @@ def write_output(output: str, lines: str) -> None:
     help="File of inputs: one text per line, or .jsonl with text / text_pair.",
 )
 @click.option(
-    "--policy", type=click.Choice(POLICY_NAMES), help="Exit rule; default: the bundle's operating point."
+    "--policy", type=click.Choice(policy_names()), help="Exit rule; default: the bundle's operating point."
 )
 @click.option(
     "--tau", type=float, help="Confidence threshold (pcee*: entropy below / probability or score above)."

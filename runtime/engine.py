@@ -16,11 +16,11 @@ from .errors import BundleError, InputError, PolicyError
 from .exits import AllExits, BatchOutcome, layer_speedup
 from .loop import DEFAULT_BATCH_SIZE, record_every_exit, run_in_chunks
 from .manifest import Manifest
-from .policies import ExitPolicy, OperatingPoint, build_policy
+from .policies import FULL_POLICY, ExitPolicy, OperatingPoint, build_policy
 from .tokenization import BundleTokenizer, EncodedBatch
 
 PointLike = OperatingPoint | dict | str
-FULL_POINT = OperatingPoint("full", name="full")  # what a backend with the last exit only serves
+FULL_POINT = OperatingPoint(FULL_POLICY, name=FULL_POLICY)  # what a backend with the last exit only serves
 POLICY_CACHE_SIZE = 64  # distinct points kept built; requests naming more are built each call
 
 
@@ -160,6 +160,8 @@ class EarlyExitRuntime:
             return OperatingPoint.from_dict(point)
         if isinstance(point, str):
             saved = self.manifest.saved_point(point)
+            if saved is None and point == FULL_POINT.name:  # every bundle can serve it, saved or not
+                return FULL_POINT
             if saved is None:
                 names = [saved.name for saved in self.manifest.operating_points]
                 raise PolicyError(

@@ -19,6 +19,7 @@ MODULE_OF = {
         name: "errors"
         for name in (
             "BadRequest",
+            "GatewayTimeout",
             "NotFound",
             "PayloadTooLarge",
             "RequestTimeout",

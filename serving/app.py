@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
+import math
 import time
+import uuid
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,20 +27,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcee.runtime import InputError, PceeError, PolicyError
 
-from .errors import BadRequest, ClientClosedRequest, PayloadTooLarge, RequestTimeout, ServingError
+from .batching import REQUEST_TIMEOUT, Deadline
+from .errors import BadRequest, ClientClosedRequest, NotFound, PayloadTooLarge, RequestTimeout, ServingError
 from .metrics import ServingMetrics
 from .protocol import (
+    MODEL_VERSION,
     classify_response,
     infer_response,
+    model_config,
     model_metadata,
     parse_classify,
     parse_infer,
     parse_json,
+    server_metadata,
 )
 from .service import InferenceService, RuntimeLoader
 from .settings import ServerSettings
 
 log = logging.getLogger("pcee.serving")
+access_log = logging.getLogger("pcee.serving.access")
+
+try:
+    PCEE_VERSION = package_version("pcee")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    PCEE_VERSION = "unknown"
 
 BINARY_EXTENSION_HEADER = "inference-header-content-length"
 
@@ -43,22 +59,29 @@ def create_app(
     settings: ServerSettings,
     load_runtime: RuntimeLoader,
     on_startup_failure: Callable[[BaseException], None] | None = None,
+    ready_before_serving: bool = False,
+    echo_request_id: bool = True,
 ) -> Starlette:
     """An app that loads its runtime at startup (in a thread) and closes it at shutdown.
 
-    `app.state.service` is the `InferenceService`; `begin_draining()` on it is what SIGTERM calls.
+    `app.state.service` is the `InferenceService`: `drain()` on it is what SIGTERM runs.
+    `ready_before_serving`: the lifespan startup returns only once the bundle is loaded and warm
+    (and raises if it failed), for hosts that route to an app as soon as its startup returns (Ray Serve).
+    `echo_request_id`: answer with X-Request-ID (off where a proxy in front already does, as Ray's does).
     """
     service = InferenceService(settings, load_runtime, on_startup_failure)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         service.begin_startup()
+        if ready_before_serving:
+            await service.started()
         yield
         await service.close()
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
+        middleware=[Middleware(RequestLog, metrics=service.metrics, echo_request_id=echo_request_id)],
         exception_handlers={
             kind: answer_error
             for kind in (ServingError, InputError, PolicyError, PceeError, HTTPException, Exception)
@@ -103,11 +126,46 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def refuse_binary_tensors(request: Request) -> None:
-    if BINARY_EXTENSION_HEADER in request.headers:
+def refuse_binary_tensors(request: Request, body: bytes) -> None:
+    """Triton's binary extension: its header gives the JSON part's length. Equal to the body (what
+    Triton's C++ clients send with JSON tensors): all JSON, fine; shorter: binary tensors follow, refused."""
+    declared = request.headers.get(BINARY_EXTENSION_HEADER)
+    if declared is not None and declared.strip() != str(len(body)):
         raise BadRequest(
-            "the binary tensor data extension is not supported; send tensor data as JSON (tritonclient: binary_data=False)"
+            "the binary tensor data extension is not supported; send tensor data as JSON "
+            "(tritonclient: binary_data=False; perf_analyzer: --input-tensor-format json --output-tensor-format json)"
         )
+
+
+# -- deadlines and departures ----------------------------------------------------------------------
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+
+def request_timeout(request: Request, timeout_ms: float | None = None) -> Deadline | None:
+    """The request's own deadline: the X-Request-Timeout-Ms header, or OIP's `timeout` parameter (the shorter)."""
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        given = header_milliseconds(header)
+        timeout_ms = given if timeout_ms is None or given is None else min(timeout_ms, given)
+    if timeout_ms is None:
+        return None
+    return Deadline(time.monotonic() + timeout_ms / 1000.0, REQUEST_TIMEOUT, timeout_ms)
+
+
+def header_milliseconds(header: str) -> float | None:
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a number of milliseconds >= 0, got {header[:40]!r}")
+    return value or None
+
+
+async def client_departed(request: Request) -> None:
+    """Returns when the client has closed its connection (the body has been read: only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -122,16 +180,43 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"ready": False, "reason": service.not_ready_reason()}, status_code=503)
 
 
-async def model_info(request: Request) -> Response:
+async def server_info(request: Request) -> Response:
+    return JSONResponse(server_metadata(PCEE_VERSION))
+
+
+def checked_model(request: Request) -> InferenceService:
+    """The service, once the path's model name (and version, where given) are the served model's."""
     service = service_of(request)
     service.check_model_name(request.path_params["name"])
+    version = request.path_params.get("version")
+    if version is not None and version != MODEL_VERSION:
+        raise NotFound(
+            f"model {service.settings.model_name!r} has version {MODEL_VERSION!r} only, not {version!r}"
+        )
+    return service
+
+
+async def model_info(request: Request) -> Response:
+    service = checked_model(request)
     runtime = service.serving_runtime()
     return JSONResponse(model_metadata(service.settings.model_name, runtime.takes_pairs, len(runtime.labels)))
 
 
+async def model_config_info(request: Request) -> Response:
+    service = checked_model(request)
+    runtime = service.serving_runtime()
+    return JSONResponse(
+        model_config(
+            service.settings.model_name,
+            runtime.takes_pairs,
+            len(runtime.labels),
+            service.settings.max_queue_wait_ms,
+        )
+    )
+
+
 async def model_ready(request: Request) -> Response:
-    service = service_of(request)
-    service.check_model_name(request.path_params["name"])
+    service = checked_model(request)
     return JSONResponse(
         {"name": service.settings.model_name, "ready": service.ready},
         status_code=200 if service.ready else 503,
@@ -139,12 +224,13 @@ async def model_ready(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
-    service = service_of(request)
-    service.check_model_name(request.path_params["name"])
+    service = checked_model(request)
     runtime = service.serving_runtime()
-    refuse_binary_tensors(request)
-    parsed = parse_infer(await read_body(request, service.settings), runtime.takes_pairs)
-    result = await service.classify(parsed.rows)
+    body = await read_body(request, service.settings)
+    refuse_binary_tensors(request, body)
+    parsed = parse_infer(body, runtime.takes_pairs)
+    timeout = request_timeout(request, parsed.timeout_ms)
+    result = await service.classify(parsed.rows, timeout, functools.partial(client_departed, request))
     return JSONResponse(infer_response(service.settings.model_name, parsed, result))
 
 
@@ -152,7 +238,10 @@ async def classify(request: Request) -> Response:
     service = service_of(request)
     runtime = service.serving_runtime()
     parsed = parse_classify(await read_body(request, service.settings), runtime.takes_pairs)
-    return JSONResponse(classify_response(await service.classify(parsed)))
+    result = await service.classify(
+        parsed, request_timeout(request), functools.partial(client_departed, request)
+    )
+    return JSONResponse(classify_response(result))
 
 
 async def set_operating_point(request: Request) -> Response:
@@ -173,12 +262,22 @@ async def metrics(request: Request) -> Response:
     return Response(registry.exposition(), media_type=ServingMetrics.CONTENT_TYPE)
 
 
+def model_routes(prefix: str) -> list[Route]:
+    """OIP's per-model routes, under /v2/models/{name} and again under .../versions/{version}."""
+    return [
+        Route(prefix, model_info),
+        Route(prefix + "/ready", model_ready),
+        Route(prefix + "/config", model_config_info),
+        Route(prefix + "/infer", infer, methods=["POST"]),
+    ]
+
+
 ROUTES = [
+    Route("/v2", server_info),
     Route("/v2/health/live", live),
     Route("/v2/health/ready", ready),
-    Route("/v2/models/{name}", model_info),
-    Route("/v2/models/{name}/ready", model_ready),
-    Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+    *model_routes("/v2/models/{name}"),
+    *model_routes("/v2/models/{name}/versions/{version}"),
     Route("/v1/classify", classify, methods=["POST"]),
     Route("/v1/operating-point", set_operating_point, methods=["PUT"]),
     Route("/metrics", metrics),
@@ -186,12 +285,19 @@ ROUTES = [
 
 
 # -- errors ----------------------------------------------------------------------------------------
+class ErrorResponse(JSONResponse):
+    """`{"error": message}`, ASCII-escaped: a message quoting a client's broken string still encodes."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return ErrorResponse({"error": message}, status_code=status, headers=headers)
 
 
 def error_answer(error: Exception, request: Request) -> JSONResponse:
-    """The JSON answer to an error raised while handling `request` (the Ray deployment answers the same way)."""
+    """The JSON answer to an error raised while handling `request`."""
     if isinstance(error, ServingError):
         return error_response(str(error), error.status, error.headers())
     if isinstance(error, (InputError, PolicyError)):
@@ -210,29 +316,74 @@ async def answer_error(request: Request, error: Exception) -> Response:
     return error_answer(error, request)
 
 
-class RequestMetrics:
-    """Counts every answer by route and status, and times it (ASGI middleware, so 404s and 500s count too)."""
+# -- every request: its id, its metrics, its access-log line -----------------------------------------
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics):
+
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-ID when it is printable ASCII of sane length, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and all(0x21 <= byte <= 0x7E for byte in value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestLog:
+    """ASGI middleware: echoes X-Request-ID (made when absent), counts and times every answer by route
+    and status (404s and 500s too), and writes one access-log line per request when that log is on.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, echo_request_id: bool = True):
         self.app = app
         self.metrics = metrics
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
 
-        async def send_and_record(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.echo_request_id:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.observe_request(route_label(scope), status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(route_label(scope), status, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s %d %.1f ms request_id=%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    seconds * 1000,
+                    request_id,
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "client": client_address(scope),
+                    },
+                )
+
+
+def client_address(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def route_label(scope: Scope) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -13,31 +15,55 @@ from types import FrameType
 import click
 import uvicorn
 from click.core import ParameterSource
-from uvicorn.logging import DefaultFormatter
 
 from pcee.runtime import BACKEND_NAMES, EarlyExitRuntime, PceeError
 
 from .app import create_app
+from .connections import ConnectionLimits, uvicorn_options
 from .controller import ControllerSettings
+from .logs import LOG_FORMATS, logging_config
 from .service import InferenceService
 from .settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
+
+log = logging.getLogger("pcee.serving")
 
 ADMIN_TOKEN_VARIABLE = "PCEE_ADMIN_TOKEN"
 STARTUP_FAILED = 1
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, plus: on SIGTERM/SIGINT the service stops being ready and refuses new rows first."""
+    """uvicorn, plus a drain on the first SIGTERM/SIGINT: the server keeps listening, answers new
+    requests 503 (readiness too), answers the admitted ones, then shuts uvicorn down; all within
+    --drain-timeout-s. A second signal is uvicorn's own: stop now.
+    """
 
     def __init__(self, config: uvicorn.Config, service: InferenceService):
         super().__init__(config)
         self.service = service
         self.exit_code = 0
+        self.draining: asyncio.Task | None = None
         service.on_startup_failure = self.fail_startup
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.service.begin_draining()
-        super().handle_exit(sig, frame)
+        if self.draining is not None or self.should_exit or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        # a signal handler interrupts the loop's own code: only hand the loop a callback, thread-safely
+        asyncio.get_event_loop().call_soon_threadsafe(self.start_draining)
+
+    def start_draining(self) -> None:
+        if self.draining is None:
+            log.info(
+                "draining: answering admitted requests within %g s", self.service.settings.drain_timeout_s
+            )
+            self.draining = asyncio.get_running_loop().create_task(self.drain(), name="pcee-drain")
+
+    async def drain(self) -> None:
+        try:
+            await self.service.drain()
+        finally:
+            self.should_exit = True
 
     def fail_startup(self, error: BaseException) -> None:
         self.exit_code = STARTUP_FAILED
@@ -64,15 +90,6 @@ def controller_settings(
         return ControllerSettings(slo_p99_ms, points, dwell_s=dwell_s, window_s=window_s)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--adaptive-points") from None
-
-
-def show_service_log(level: str) -> None:
-    """The service's own log lines, formatted like uvicorn's."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
-    service_log = logging.getLogger("pcee.serving")
-    service_log.addHandler(handler)
-    service_log.setLevel(level.upper())
 
 
 def serve_on_ray(
@@ -102,6 +119,30 @@ def serve_on_ray(
         raise click.ClickException(str(error)) from None
     except RuntimeError as error:  # serve.run's; the replica's own error is in Ray's log lines above
         raise click.ClickException(f"{error} (the replicas' errors are in the log above)") from None
+
+
+def server_config(
+    app,
+    settings: ServerSettings,
+    limits: ConnectionLimits,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    log_format: str = "text",
+    access_log: bool = False,
+) -> uvicorn.Config:
+    """uvicorn as pcee-serve runs it: the guarded HTTP protocol, the server's log format, the drain's exit margin."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        **uvicorn_options(limits),
+        log_config=logging_config(log_level, log_format, access_log),
+        access_log=False,
+        lifespan="on",
+        # what is left of --drain-timeout-s once the drain has answered everything: time to write the answers
+        timeout_graceful_shutdown=max(0.1, settings.drain_timeout_s - settings.drain_seconds),
+    )
 
 
 def refuse_ray_only_options(*names: str) -> None:
@@ -180,10 +221,42 @@ option = functools.partial(click.option, show_envvar=True)
     help="A body that has not fully arrived by then gets 408 (slow or stalled clients).",
 )
 @option(
+    "--max-queue-wait-ms",
+    default=5000.0,
+    type=click.FloatRange(min=0),
+    help="A request not started within this time of its admission gets 503 with Retry-After and never runs (0: no limit). "
+    "A request may ask for less: header X-Request-Timeout-Ms, or OIP's parameters.timeout in microseconds (then 504).",
+)
+@option(
     "--drain-timeout-s",
     default=30.0,
-    type=click.FloatRange(min=0),
-    help="On SIGTERM, how long admitted requests may take before they are cancelled.",
+    type=click.FloatRange(min=0, min_open=True),
+    help="On SIGTERM, the process is gone within this time: admitted requests run until shortly before it, "
+    "and those still waiting then get 503.",
+)
+@option(
+    "--max-header-bytes",
+    default=ConnectionLimits.max_header_bytes,
+    type=click.IntRange(min=1),
+    help="A request line plus headers larger than this gets 431 and the connection is closed.",
+)
+@option(
+    "--header-timeout-s",
+    default=ConnectionLimits.header_timeout_s,
+    type=click.FloatRange(min=0, min_open=True),
+    help="A connection that has not sent a whole request head this long after connecting (or starting its next request) is closed (408 if part came).",
+)
+@option(
+    "--keep-alive-timeout-s",
+    default=ConnectionLimits.keep_alive_timeout_s,
+    type=click.FloatRange(min=0, min_open=True),
+    help="An idle keep-alive connection is closed after this long.",
+)
+@option(
+    "--max-connections",
+    default=ConnectionLimits.max_connections,
+    type=click.IntRange(min=1),
+    help="Past this many open connections, a new one gets 503 and is closed (keep it under the process's open-file limit).",
 )
 @option(
     "--slo-p99-ms",
@@ -192,7 +265,7 @@ option = functools.partial(click.option, show_envvar=True)
 )
 @option(
     "--adaptive-points",
-    help="Adaptive: saved point names, most accurate first (e.g. quality,speedup-0.50,speedup-0.75). The server starts at the first.",
+    help="Adaptive: saved point names (and `full`, which every bundle serves), most accurate first (e.g. full,speedup-0.50,speedup-0.75); the order is checked against their layer speed-ups at load. The server starts at the first.",
 )
 @option(
     "--dwell-s",
@@ -237,7 +310,17 @@ option = functools.partial(click.option, show_envvar=True)
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="Server log level.",
 )
-@option("--access-log/--no-access-log", default=False, help="Log one line per request (costs throughput).")
+@option(
+    "--log-format",
+    default="text",
+    type=click.Choice(LOG_FORMATS),
+    help="text: timestamped lines; json: one JSON object per line (time, level, logger, message, request fields).",
+)
+@option(
+    "--access-log/--no-access-log",
+    default=False,
+    help="Log one line per request with its X-Request-ID (costs throughput).",
+)
 def main(
     bundle_dir: Path,
     host: str,
@@ -251,7 +334,12 @@ def main(
     max_queue: int,
     max_body_bytes: int,
     body_timeout_s: float,
+    max_queue_wait_ms: float,
     drain_timeout_s: float,
+    max_header_bytes: int,
+    header_timeout_s: float,
+    keep_alive_timeout_s: float,
+    max_connections: int,
     slo_p99_ms: float | None,
     adaptive_points: str | None,
     dwell_s: float,
@@ -261,6 +349,7 @@ def main(
     replicas: int,
     replica_cpus: float,
     log_level: str,
+    log_format: str,
     access_log: bool,
 ) -> None:
     """Serve an exported bundle over HTTP, batching rows across concurrent requests.
@@ -269,7 +358,8 @@ def main(
     Routes:
       POST /v2/models/{name}/infer   Open Inference Protocol v2 (KServe, Triton, Seldon clients)
       POST /v1/classify              {"texts": [...], "text_pairs": [...]?, "operating_point": "name"?}
-      GET  /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
+      GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready,
+           /v2/models/{name}/config (Triton's shape); every model route also under .../versions/1/
       GET  /metrics                  Prometheus metrics (pcee_*)
       PUT  /v1/operating-point       switch live; needs Authorization: Bearer $PCEE_ADMIN_TOKEN
                                      (the route is off, 404, when PCEE_ADMIN_TOKEN is unset)
@@ -288,19 +378,20 @@ def main(
     steps to the next faster saved point when the rolling p99 or the queue wait passes 0.9 x the
     target, and back when both are under 0.5 x the target, at most once per --dwell-s.
 
-    SIGTERM drains: readiness turns off, new requests get 503, admitted
-    ones are answered, and the process exits 0. Ready (200 on /v2/health/ready) comes after the
-    bundle has loaded and one warm-up batch has run.
+    SIGTERM drains: readiness turns off and new requests get 503 with Retry-After while the server
+    still listens; admitted requests are answered until shortly before --drain-timeout-s, those
+    still queued then get 503, and the process exits 0 within the timeout. Ready (200 on
+    /v2/health/ready) comes after the bundle has loaded and one warm-up batch has run.
 
     \b
     Scale-out on Ray Serve (pip install "pcee[ray]"):
       pcee-serve runs/sst2-pcee --ray --replicas 2                     # a local Ray cluster
       RAY_ADDRESS=ray://head:10001 pcee-serve /shared/sst2-pcee --ray --replicas 8
-    Each replica loads the bundle once and batches with @serve.batch; the routes are
-    /v1/classify, /v2/models/{name}/infer and /v2/health/*. The bundle path must exist on
-    every node. Adaptive points, the shadow run, admin and /metrics are single-process only.
+    Each replica serves this same app (every route, limit and answer), loading the bundle once.
+    The bundle path must exist on every node. The adaptive controller and the admin route are
+    single-process only; /metrics and the shadow run are per replica.
     """
-    show_service_log(log_level)
+    logging.config.dictConfig(logging_config(log_level, log_format, access_log))
     settings = ServerSettings(
         model_name=model_name or bundle_dir.resolve().name,
         max_batch_size=max_batch_size,
@@ -308,6 +399,8 @@ def main(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         body_timeout_s=body_timeout_s,
+        max_queue_wait_ms=max_queue_wait_ms,
+        drain_timeout_s=drain_timeout_s,
         operating_point=operating_point,
         admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         shadow_fraction=shadow_fraction,
@@ -323,18 +416,16 @@ def main(
         EarlyExitRuntime.from_bundle, bundle_dir, backend=backend, intra_op_threads=intra_op_threads
     )
     app = create_app(settings, load)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        lifespan="on",
-        timeout_graceful_shutdown=drain_timeout_s,
-    )
+    limits = ConnectionLimits(max_header_bytes, header_timeout_s, keep_alive_timeout_s, max_connections)
+    config = server_config(app, settings, limits, host, port, log_level, log_format, access_log)
     server = DrainingServer(config, app.state.service)
     # uvicorn re-raises the signal it drained on once it is done; a completed drain is a clean exit here.
     for drained in (signal.SIGTERM, signal.SIGINT):
         signal.signal(drained, lambda *_: None)
     server.run()
-    sys.exit(server.exit_code)
+    # The runtime and every thread are closed by now. The interpreter's own teardown (unloading
+    # onnxruntime and numpy) can take a second on a busy machine, past the drain timeout: skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(server.exit_code)

@@ -11,14 +11,22 @@ on its own latencies only, so one slow spell moves it one step, not down the who
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from pcee.runtime import EarlyExitRuntime, PolicyError
+
 from .metrics import ServingMetrics
+
+log = logging.getLogger("pcee.serving")
+CALIBRATION_REPORT = Path("reports") / "{name}" / "calibration-report.json"  # pcee-calibrate writes it
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,38 @@ class AdaptiveController:
         while True:
             await asyncio.sleep(self.settings.tick_s)
             self.step()
+
+
+# -- the ladder's order ------------------------------------------------------------------------------
+def expected_speedup(runtime: EarlyExitRuntime, name: str) -> float | None:
+    """A point's layer speed-up: exact for a point whose policy exits every row at one layer (`full`,
+    budgeted), else the one its calibration report measured (None when the bundle holds no report for it)."""
+    exit_layer = runtime.build_checked_policy(runtime.resolve_operating_point(name)).fixed_exit_layer()
+    if exit_layer is not None:
+        return 1.0 - exit_layer / runtime.num_layers
+    report = runtime.bundle_dir / str(CALIBRATION_REPORT).format(name=name)
+    try:
+        return float(json.loads(report.read_text())["calibration"]["layer_speedup"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_ladder_order(runtime: EarlyExitRuntime, names: tuple[str, ...]) -> None:
+    """Refuse a ladder whose known speed-ups do not rise from the first point to the last."""
+    speedups = {name: expected_speedup(runtime, name) for name in names}
+    unknown = [name for name, speedup in speedups.items() if speedup is None]
+    if unknown:
+        log.warning(
+            "the adaptive ladder's order cannot be checked for %s: no calibration report under %s",
+            unknown,
+            runtime.bundle_dir / "reports",
+        )
+    known = [(name, speedup) for name, speedup in speedups.items() if speedup is not None]
+    for (before, slower), (after, faster) in zip(known, known[1:]):
+        if faster < slower:
+            ordered = ",".join(name for name, _ in sorted(known, key=lambda item: item[1]))
+            raise PolicyError(
+                f"--adaptive-points runs from the most accurate point to the fastest, but {after!r} "
+                f"(layer speed-up {faster:.3f}) comes after {before!r} ({slower:.3f}); "
+                f"by their speed-ups the order is --adaptive-points {ordered}"
+            )

@@ -54,13 +54,26 @@ class ClientClosedRequest(ServingError):
 
 
 class Unavailable(ServingError):
-    """Overloaded, loading, or shutting down: worth retrying after `retry_after_seconds`."""
+    """Overloaded, loading, or shutting down: worth retrying after `retry_after_seconds`.
+
+    `close`: also end the connection (a draining server sends clients to another replica).
+    """
 
     status = 503
 
-    def __init__(self, message: str, retry_after_seconds: int = 1):
+    def __init__(self, message: str, retry_after_seconds: int = 1, close: bool = False):
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.close = close
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_seconds)}
+        headers = {"Retry-After": str(self.retry_after_seconds)}
+        if self.close:
+            headers["Connection"] = "close"
+        return headers
+
+
+class GatewayTimeout(ServingError):
+    """The request's own deadline passed before its rows could run (nothing ran for it)."""
+
+    status = 504

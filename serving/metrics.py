@@ -82,6 +82,13 @@ class ServingMetrics:
             "Layers the full model would have run (rows x layers); 1 - run/possible is the layer speed-up.",
             registry=registry,
         )
+        self.requests_dropped = Counter(
+            "pcee_requests_dropped",
+            "Admitted requests taken out of the queue before running, by reason: queue_wait (--max-queue-wait-ms), "
+            "request_timeout (the request's own timeout), client_disconnected, shutdown (past the drain timeout).",
+            ["reason"],
+            registry=registry,
+        )
         self.queue_rows = Gauge(
             "pcee_queue_rows", "Rows admitted and waiting for a batch.", registry=registry
         )

@@ -7,6 +7,7 @@ Parsing checks everything a request can get wrong that the runtime does not chec
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from pcee.runtime import OperatingPoint, PredictionResult
@@ -16,6 +17,8 @@ from .errors import BadRequest
 TEXT_INPUT, PAIR_INPUT = "text", "text_pair"
 OUTPUT_DATATYPES = {"label": "BYTES", "probabilities": "FP32", "exit_layer": "INT32"}
 POINT_PARAMETER = "operating_point"
+TIMEOUT_PARAMETER = "timeout"  # Triton's: the request's queue timeout, in microseconds
+MODEL_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class InferRequest:
     rows: ClassifyRequest
     request_id: str | None
     outputs: tuple[str, ...]
+    timeout_ms: float | None = None
 
 
 def parse_json(body: bytes) -> object:
@@ -51,6 +55,31 @@ def parse_json(body: bytes) -> object:
         raise BadRequest(f"the request body is not valid JSON ({error})") from None
     except RecursionError:
         raise BadRequest("the request body nests JSON too deeply") from None
+    except ValueError as error:  # e.g. an integer past Python's digit limit
+        raise BadRequest(f"the request body holds a value this server cannot read ({error})") from None
+
+
+def encodable(value: str, where: str) -> str:
+    """A string that can be written back as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+def positive_milliseconds(value: object, where: str, per_millisecond: float = 1.0) -> float | None:
+    """A timeout given as a number of units (`per_millisecond` of them make 1 ms); 0 or absent: none."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise BadRequest(f"{where} must be a number >= 0, got {json_type(value)} {str(value)[:40]}")
+    return value / per_millisecond or None
 
 
 def require_object(value: object, where: str) -> dict:
@@ -87,7 +116,7 @@ def point_name(value: object, where: str) -> str | None:
         raise BadRequest(
             f"{where} must be the name of a saved operating point (a string), got {json_type(value)}"
         )
-    return value
+    return value if value is None else encodable(value, where)
 
 
 def check_same_length(texts: list[str], pairs: list[str] | None, what: str) -> None:
@@ -158,8 +187,11 @@ def parse_infer(body: bytes, takes_pairs: bool) -> InferRequest:
         ClassifyRequest(
             texts, pairs, point_name(parameters.get(POINT_PARAMETER), f'parameters["{POINT_PARAMETER}"]')
         ),
-        request_id,
+        None if request_id is None else encodable(request_id, '"id"'),
         requested_outputs(data.get("outputs")),
+        positive_milliseconds(
+            parameters.get(TIMEOUT_PARAMETER), f'parameters["{TIMEOUT_PARAMETER}"] (microseconds)', 1000.0
+        ),
     )
 
 
@@ -218,6 +250,43 @@ def point_label(point: OperatingPoint) -> str:
     return point.name or point.describe()
 
 
+PLATFORM = "pcee-early-exit"
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
+
+
+def server_metadata(version: str) -> dict:
+    """`GET /v2`: OIP server metadata (no protocol extensions are spoken)."""
+    return {"name": "pcee-serve", "version": version, "extensions": []}
+
+
+def model_config(model_name: str, takes_pairs: bool, num_labels: int, max_queue_wait_ms: float) -> dict:
+    """`GET /v2/models/{name}/config` in the shape Triton answers it (what perf_analyzer reads).
+
+    `max_batch_size` 0: in Triton's terms the inputs carry no batch dimension; each is a 1-D tensor
+    of N texts, batched across requests by the server itself.
+    """
+    metadata = model_metadata(model_name, takes_pairs, num_labels)
+
+    def tensors(kind: str) -> list[dict]:
+        return [
+            {"name": t["name"], "data_type": TRITON_TYPES[t["datatype"]], "dims": t["shape"]}
+            for t in metadata[kind]
+        ]
+
+    return {
+        "name": model_name,
+        "platform": PLATFORM,
+        "backend": "pcee",
+        "max_batch_size": 0,
+        "input": tensors("inputs"),
+        "output": tensors("outputs"),
+        "dynamic_batching": {
+            "default_queue_policy": {"default_timeout_microseconds": int(max_queue_wait_ms * 1000)}
+        },
+        "version_policy": {"specific": {"versions": [int(MODEL_VERSION)]}},
+    }
+
+
 def infer_response(model_name: str, request: InferRequest, result: PredictionResult) -> dict:
     rows = result.predictions
     tensors = {
@@ -230,6 +299,7 @@ def infer_response(model_name: str, request: InferRequest, result: PredictionRes
     }
     response = {
         "model_name": model_name,
+        "model_version": MODEL_VERSION,
         "parameters": {POINT_PARAMETER: point_label(result.operating_point), "layers_run": result.layers_run},
         "outputs": [
             {
@@ -249,7 +319,8 @@ def infer_response(model_name: str, request: InferRequest, result: PredictionRes
 def model_metadata(model_name: str, takes_pairs: bool, num_labels: int) -> dict:
     return {
         "name": model_name,
-        "platform": "pcee-early-exit",
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORM,
         "inputs": [{"name": name, "datatype": "BYTES", "shape": [-1]} for name in input_names(takes_pairs)],
         "outputs": [
             {"name": "label", "datatype": "BYTES", "shape": [-1]},

@@ -1,49 +1,46 @@
-"""Ray Serve scale-out: the bundle behind a Ray Serve deployment, one bundle load per replica.
+"""Ray Serve scale-out: each replica serves pcee-serve's own ASGI app, one bundle load per replica.
 
     pcee-serve runs/sst2-pcee --ray --replicas 2            # a local Ray cluster on this machine
     RAY_ADDRESS=ray://head:10001 pcee-serve /shared/sst2-pcee --ray --replicas 8
 
-Each replica answers `/v1/classify` and OIP v2 inference exactly as `pcee-serve` does (the same
-parsing, checks, responses and error answers); `@serve.batch` gathers rows across the requests
-a replica holds into one runtime call. Ray's proxy spreads requests over replicas and answers
-503 once `--max-queue` requests wait for one. The adaptive controller, the shadow run, the admin
-route and the Prometheus route are single-process features: Ray Serve exports its own metrics.
+One data plane: the deployment is `serve.ingress` around the app `create_app` builds (late-bound,
+`__serve_build_asgi_app__`, so the bundle path and settings travel as constructor arguments), so
+every route, check, error answer, metric, deadline and the batcher are the single-process server's.
+Ray Serve runs the app's lifespan: startup when a replica starts (the app waits there until the
+bundle is loaded and warm, so Ray routes nothing to a loading replica), shutdown when it stops.
+Ray's proxy spreads requests over replicas.
+
+Drain: on SIGTERM the driver redeploys the same application with `user_config={"draining": true}`.
+Serve applies a user_config change in place: each replica's `reconfigure` runs the app's drain
+(readiness 503, new requests 503 with Retry-After, admitted ones answered within the drain time),
+and `serve.run` returns once every replica has drained. Only then is the application removed.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 from ray import serve
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.applications import Starlette
 
-from pcee.runtime import EarlyExitRuntime, Manifest, OperatingPoint, PceeError, PolicyError, PredictionResult
+from pcee.runtime import EarlyExitRuntime, Manifest, PolicyError
 
-from .app import error_answer, read_body, refuse_binary_tensors
-from .batching import Outcome, predict_each
-from .errors import NotFound, PayloadTooLarge
-from .protocol import ClassifyRequest, classify_response, infer_response, parse_classify, parse_infer
-from .service import warm_up
+from .app import create_app
 from .settings import ServerSettings
 
 log = logging.getLogger("pcee.serving")
 
-INFER_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
-# Single-row requests: `max_batch_size` of them fill a batch; twice that lets the next batch gather while one runs.
-ONGOING_REQUESTS_PER_BATCH = 2
 CONSTRUCTOR_RETRIES = (
     3  # a transient node problem is retried; a broken bundle fails the deploy in seconds, not minutes
 )
+DRAINING = "draining"
 
 
 @dataclass(frozen=True)
@@ -70,122 +67,53 @@ class ReplicaOptions:
         return self.intra_op_threads or max(1, int(self.replica_cpus))
 
 
-@serve.deployment
-class EarlyExitDeployment:
-    """One replica: one runtime, with the serving room's parsing, batching split and error answers."""
+@serve.ingress()
+class EarlyExitReplica:
+    """One replica: pcee-serve's app over one runtime; `reconfigure` drains it."""
 
     def __init__(self, settings: ServerSettings, options: ReplicaOptions):
         self.settings = settings
-        self.runtime = EarlyExitRuntime.from_bundle(
-            options.bundle_dir, backend=options.backend, intra_op_threads=options.threads
+        self.options = options
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        load = functools.partial(
+            EarlyExitRuntime.from_bundle,
+            self.options.bundle_dir,
+            backend=self.options.backend,
+            intra_op_threads=self.options.threads,
         )
-        if settings.operating_point is not None:
-            self.runtime.set_operating_point(settings.operating_point)
-        warm_up(self.runtime, settings.max_batch_size)
-        self.predict_batch.set_max_batch_size(settings.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(settings.max_wait_seconds)
+        # Ray's proxy echoes X-Request-ID itself (and makes one when absent); the app logs the same id
+        return create_app(self.settings, load, ready_before_serving=True, echo_request_id=False)
 
-    async def __call__(self, request: Request) -> Response:
-        try:
-            return await self.route(request)
-        except Exception as error:
-            if not isinstance(error, (PceeError, HTTPException)):
-                log.exception("unexpected error on %s", request.url.path)
-            return error_answer(error, request)
-
-    async def route(self, request: Request) -> Response:
-        path = request.url.path
-        if path in ("/v2/health/live", "/v2/health/ready"):
-            return JSONResponse(
-                {path.rsplit("/", 1)[1]: True}
-            )  # a replica takes requests only once loaded and warm
-        if path == "/v1/classify":
-            require_post(request)
-            parsed = parse_classify(await read_body(request, self.settings), self.runtime.takes_pairs)
-            return JSONResponse(classify_response(await self.classify(parsed)))
-        if path.startswith(INFER_PREFIX) and path.endswith(INFER_SUFFIX):
-            require_post(request)
-            self.check_model_name(path[len(INFER_PREFIX) : -len(INFER_SUFFIX)])
-            refuse_binary_tensors(request)
-            parsed = parse_infer(await read_body(request, self.settings), self.runtime.takes_pairs)
-            return JSONResponse(
-                infer_response(self.settings.model_name, parsed, await self.classify(parsed.rows))
-            )
-        raise NotFound(
-            f"no route {path}; this Ray deployment serves /v1/classify, {INFER_PREFIX}{{name}}{INFER_SUFFIX} and /v2/health/*"
-        )
-
-    def check_model_name(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise NotFound(f"no model named {name!r}; this deployment serves {self.settings.model_name!r}")
-
-    async def classify(self, request: ClassifyRequest) -> PredictionResult:
-        if request.rows > self.settings.max_queue:
-            raise PayloadTooLarge(
-                f"the request has {request.rows} rows; this deployment takes at most {self.settings.max_queue} per request (--max-queue)"
-            )
-        point = (
-            self.runtime.operating_point
-            if request.point_name is None
-            else self.runtime.resolve_operating_point(request.point_name)
-        )
-        if request.rows > self.settings.max_batch_size:  # it fills batches of its own
-            outcome = (await asyncio.to_thread(self.predict_group, [(request, point)]))[0]
-        else:
-            outcome = await self.predict_batch((request, point))
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    @serve.batch(batch_size_fn=lambda jobs: sum(request.rows for request, _ in jobs))
-    async def predict_batch(self, jobs: list[tuple[ClassifyRequest, OperatingPoint]]) -> list[Outcome]:
-        """The rows of every request the replica holds, one runtime call per (point, pairing) group, off the event loop."""
-        outcomes: dict[int, Outcome] = {}
-        for indices in groups(jobs).values():
-            group_outcomes = await asyncio.to_thread(self.predict_group, [jobs[index] for index in indices])
-            outcomes.update(zip(indices, group_outcomes))
-        return [outcomes[index] for index in range(len(jobs))]
-
-    def predict_group(self, jobs: list[tuple[ClassifyRequest, OperatingPoint]]) -> list[Outcome]:
-        """Requests of one (point, pairing) group; a backend failure becomes every request's outcome (a 500)."""
-        requests, point = [request for request, _ in jobs], jobs[0][1]
-        try:
-            return predict_each(self.predict, requests, point, observe=lambda result: None)
-        except Exception as error:
-            return [error] * len(jobs)
-
-    def predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
-        return self.runtime.predict(
-            texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size
-        )
+    async def reconfigure(self, config: dict) -> None:
+        """`{"draining": true}`: drain this replica's app (Serve calls this on every replica)."""
+        app = getattr(self, "_asgi_app", None)  # absent on the first call, before the app is built
+        if config.get(DRAINING) and app is not None:
+            await app.state.service.drain()
 
 
-def require_post(request: Request) -> None:
-    if request.method != "POST":
-        raise HTTPException(405, f"use POST, not {request.method}")
+EarlyExitDeployment = serve.deployment(EarlyExitReplica)
 
 
-def groups(
-    jobs: list[tuple[ClassifyRequest, OperatingPoint]],
-) -> dict[tuple[OperatingPoint, bool], list[int]]:
-    """Job indices by what lets them share a runtime call: the same point and the same pairing."""
-    grouped: dict[tuple[OperatingPoint, bool], list[int]] = {}
-    for index, (request, point) in enumerate(jobs):
-        grouped.setdefault((point, request.text_pairs is not None), []).append(index)
-    return grouped
-
-
-def application(settings: ServerSettings, options: ReplicaOptions) -> Application:
+def application(settings: ServerSettings, options: ReplicaOptions, draining: bool = False) -> Application:
     """The bound Ray Serve application: `serve.run(application(...))` deploys it on the connected cluster."""
     return EarlyExitDeployment.options(
         name=settings.model_name,
+        user_config={DRAINING: draining},
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus},
-        max_ongoing_requests=ONGOING_REQUESTS_PER_BATCH * settings.max_batch_size,
+        # the app queues and batches rows itself (bounded by --max-queue rows): let its requests in
+        max_ongoing_requests=settings.max_queue + settings.max_batch_size,
         max_queued_requests=settings.max_queue,
         backpressure_config={"retry_after_s": 1},  # 503 with Retry-After: 1, as pcee-serve answers
         max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+        graceful_shutdown_timeout_s=settings.drain_timeout_s,
     ).bind(settings, options)
+
+
+def replica_settings(settings: ServerSettings) -> ServerSettings:
+    """The admin route would switch one replica of many: it is off under Ray."""
+    return replace(settings, admin_token=None)
 
 
 def check_bundle(settings: ServerSettings, options: ReplicaOptions) -> None:
@@ -205,13 +133,19 @@ def connect(settings: ServerSettings, options: ReplicaOptions) -> None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING, **local_cluster_options())
 
 
-def deploy(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> DeploymentHandle:
+def deploy(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> None:
     """Serve's HTTP proxy on host:port and the application behind it, once every replica is ready (after `connect`).
 
     A replica that cannot start makes `serve.run` raise RuntimeError (after Ray's constructor retries).
     """
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(application(settings, options), name=settings.model_name, route_prefix="/")
+    serve.run(application(settings, options), name=settings.model_name, route_prefix="/")
+
+
+def drain(settings: ServerSettings, options: ReplicaOptions) -> None:
+    """Every replica drains in place (see the module's docstring); returns once all have."""
+    log.info("draining %d replica(s) (at most %g s)", options.replicas, settings.drain_timeout_s)
+    serve.run(application(settings, options, draining=True), name=settings.model_name, route_prefix="/")
 
 
 def local_cluster_options() -> dict:
@@ -220,8 +154,16 @@ def local_cluster_options() -> dict:
 
 
 def serve_until_signalled(settings: ServerSettings, options: ReplicaOptions, host: str, port: int) -> None:
-    """Deploy, serve until SIGTERM or SIGINT, then delete the application (a local cluster goes with it)."""
+    """Deploy, serve until SIGTERM or SIGINT, drain, then remove the application (a local cluster goes with it).
+
+    A local cluster is shut down whole after the drain, proxy included, so late clients find no
+    listener rather than a proxy answering 404 for a removed application; on a joined cluster the
+    application is deleted (its routes then answer 404 there: readiness has been 503 since the drain began).
+    """
+    settings = replica_settings(settings)
     stop = threading.Event()
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    deployed = False
     try:
         connect(settings, options)
         for handled in (
@@ -230,6 +172,7 @@ def serve_until_signalled(settings: ServerSettings, options: ReplicaOptions, hos
         ):  # after ray.init, which installs its own (sys.exit on SIGTERM)
             signal.signal(handled, lambda *_: stop.set())
         deploy(settings, options, host, port)
+        deployed = True
         log.info(
             "pcee-serve on Ray Serve: %d replica(s) of %s at http://%s:%d",
             options.replicas,
@@ -238,7 +181,9 @@ def serve_until_signalled(settings: ServerSettings, options: ReplicaOptions, hos
             port,
         )
         stop.wait()
+        drain(settings, options)
     finally:
         if ray.is_initialized():
-            serve.delete(settings.model_name)
+            if joined and deployed:
+                serve.delete(settings.model_name)
             ray.shutdown()

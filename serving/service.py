@@ -12,12 +12,13 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
-from pcee.runtime import EarlyExitRuntime, OperatingPoint, PredictionResult
+from pcee.runtime import FULL_POLICY, EarlyExitRuntime, EncodedBatch, OperatingPoint, PredictionResult
 
-from .batching import Batcher
-from .controller import AdaptiveController
+from .batching import QUEUE_WAIT, Batcher, Deadline, earliest
+from .controller import AdaptiveController, check_ladder_order
 from .errors import Conflict, NotFound, Unauthorized, Unavailable
 from .metrics import ServingMetrics
 from .protocol import ClassifyRequest, point_label
@@ -27,7 +28,10 @@ from .shadow import ShadowWatch
 log = logging.getLogger("pcee.serving")
 
 WARM_UP_TEXT = "warm-up"
-FULL_MODEL = OperatingPoint("full")
+# Requests with at most this many characters are tokenized on the event loop (a thread hop costs
+# more); larger ones in the tokenizer's own thread, beside the batch running in the batcher's.
+INLINE_TOKENIZE_CHARS = 512
+FULL_MODEL = OperatingPoint(FULL_POLICY)
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 
 
@@ -63,6 +67,7 @@ class InferenceService:
         self.shadow: ShadowWatch | None = None
         self._startup: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcee-tokenize")
         self.metrics.ready.set_function(
             lambda: float(self.ready)
         )  # read at scrape time: no writes from a signal handler
@@ -71,6 +76,12 @@ class InferenceService:
     def begin_startup(self) -> None:
         """Load in the background, so /v2/health/live answers while the bundle loads."""
         self._startup = asyncio.get_running_loop().create_task(self._start(), name="pcee-startup")
+
+    async def started(self) -> None:
+        """Wait for the load and warm-up; raise if they failed (a host that must not route to a loading app)."""
+        await self._startup
+        if self.phase is Phase.FAILED:
+            raise Unavailable(self.not_ready_reason())
 
     async def _start(self) -> None:
         try:
@@ -95,6 +106,7 @@ class InferenceService:
         settings, loop = self.settings, asyncio.get_running_loop()
         self.batcher = Batcher(
             self._predict,
+            self.runtime.tokenizer.pad_id,
             self.metrics,
             settings.max_batch_size,
             settings.max_wait_seconds,
@@ -118,7 +130,10 @@ class InferenceService:
         try:
             if self.settings.controller is not None:
                 for name in self.settings.controller.points:
-                    runtime.resolve_operating_point(name)  # an unknown name fails the start, not a later step
+                    runtime.make_policy(
+                        name
+                    )  # an unknown or unservable point fails the start, not a later step
+                check_ladder_order(runtime, self.settings.controller.points)
             if self.settings.starting_point is not None:
                 runtime.set_operating_point(self.settings.starting_point)
             warm_up(runtime, self.settings.max_batch_size)
@@ -127,10 +142,8 @@ class InferenceService:
             raise
         return runtime
 
-    def _predict(self, texts: list[str], pairs: list[str] | None, point: OperatingPoint) -> PredictionResult:
-        return self.runtime.predict(
-            texts, pairs, operating_point=point, batch_size=self.settings.max_batch_size
-        )
+    def _predict(self, rows: EncodedBatch, point: OperatingPoint) -> PredictionResult:
+        return self.runtime.predict_encoded(rows, point, batch_size=self.settings.max_batch_size)
 
     def _full_model_labels(self, texts: list[str], pairs: list[str] | None) -> list[int]:
         result = self.runtime.predict(
@@ -145,6 +158,12 @@ class InferenceService:
         if self.batcher is not None:
             self.batcher.stop_accepting()
 
+    async def drain(self) -> None:
+        """Readiness off, new requests refused; the admitted ones answered within the drain time, or given 503."""
+        self.begin_draining()
+        if self.batcher is not None:
+            await self.batcher.drain(self.settings.drain_seconds)
+
     async def close(self) -> None:
         self.begin_draining()
         if self._startup is not None:
@@ -157,6 +176,7 @@ class InferenceService:
                 await task
         if self.shadow is not None:
             await asyncio.to_thread(self.shadow.close)
+        self._tokenizer_thread.shutdown(wait=True)
         if self.runtime is not None:
             self.runtime.close()
 
@@ -181,20 +201,46 @@ class InferenceService:
         if name != self.settings.model_name:
             raise NotFound(f"no model named {name!r}; this server serves {self.settings.model_name!r}")
 
-    async def classify(self, request: ClassifyRequest) -> PredictionResult:
+    async def classify(
+        self,
+        request: ClassifyRequest,
+        timeout: Deadline | None = None,
+        departed: Callable[[], Awaitable[None]] | None = None,
+    ) -> PredictionResult:
+        """Admit (point resolved, texts validated and tokenized, room checked), queue, and wait for the rows.
+
+        `timeout`: the request's own deadline; `departed()`: completes when the client goes away.
+        """
         runtime = self.serving_runtime()
         point = (
             runtime.operating_point
             if request.point_name is None
-            else runtime.resolve_operating_point(request.point_name)
+            else runtime.make_policy(request.point_name).point
         )
         started = time.perf_counter()
-        result = await self.batcher.submit(request, point)
+        self.batcher.check_room(request.rows)
+        deadline = earliest(self._queue_deadline(), timeout)
+        rows = await self._encode(runtime, request)
+        result = await self.batcher.submit(rows, point, request.text_pairs is not None, deadline, departed)
         if self.controller is not None and request.point_name is None:  # it judges the live point only
             self.controller.observe(time.perf_counter() - started)
         if self.shadow is not None:
             self.shadow.offer(request, [row.label_index for row in result.predictions])
         return result
+
+    def _queue_deadline(self) -> Deadline | None:
+        limit_ms = self.settings.max_queue_wait_ms
+        if not limit_ms:
+            return None
+        return Deadline(time.monotonic() + limit_ms / 1000.0, QUEUE_WAIT, limit_ms)
+
+    async def _encode(self, runtime: EarlyExitRuntime, request: ClassifyRequest) -> EncodedBatch:
+        """The request's rows validated and tokenized, once, before they may share a batch (a bad text is a 400 here)."""
+        encode = functools.partial(runtime.tokenizer.encode_texts, request.texts, request.text_pairs)
+        size = sum(map(len, request.texts)) + sum(map(len, request.text_pairs or ()))
+        if size <= INLINE_TOKENIZE_CHARS:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
 
     # -- admin ------------------------------------------------------------------------------------
     def check_admin(self, authorization: str | None) -> None:

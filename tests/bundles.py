@@ -1,12 +1,10 @@
-"""Exported tiny bundles shared by the runtime, calibration and CLI tests."""
+"""Texts and helpers shared by the tests of tiny bundles (the bundles themselves: conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import make_tiny_model_dir
-
-from pcee.exporter.bundle import ExportOptions, export_bundle
+import numpy as np
 
 SENTENCES = [
     "the movie was good",
@@ -24,9 +22,16 @@ SENTENCES = [
 ]
 
 
-def export_tiny_bundle(tmp_path: Path, **model_options) -> Path:
-    model_dir = make_tiny_model_dir(tmp_path, **model_options)
-    return export_bundle(model_dir, tmp_path / (model_dir.name + "-pcee"), ExportOptions()).bundle_dir
+WORDS = "the a movie film story good bad great awful fun dull love hate plot actors very not really".split()
+
+
+def write_labelled_csv(path: Path, count: int, labels=("0", "1"), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = ["text,label"]
+    for _ in range(count):
+        lines.append(" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) + "," + str(rng.choice(labels)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def entropy_quantile_point(runtime, texts, quantile: float, patience: int = 1):

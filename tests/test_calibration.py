@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import WORDS, write_labelled_csv
 from click.testing import CliRunner
 
 from pcee.calibration.bound import FULL_MODEL, binomial_cdf, certify_max_drop, drop_losses
@@ -37,8 +37,6 @@ from pcee.runtime import (
     softmax,
 )
 
-WORDS = "the a movie film story good bad great awful fun dull love hate plot actors very not really".split()
-
 
 def synthetic_rows(seed: int, count: int, num_layers: int = 4, num_labels: int = 2) -> CalibrationRows:
     """Exits that grow more accurate and more confident with depth; rows differ in difficulty."""
@@ -54,35 +52,7 @@ def synthetic_rows(seed: int, count: int, num_layers: int = 4, num_labels: int =
     return CalibrationRows(AllExits(logits, entropy.astype(np.float32), probabilities.max(axis=-1)), labels)
 
 
-def write_labelled_csv(path: Path, count: int, labels=("0", "1"), seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    lines = ["text,label"]
-    for _ in range(count):
-        lines.append(" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) + "," + str(rng.choice(labels)))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # ------------------------------------------------------------------ a tiny exported bundle
-
-
-@pytest.fixture(scope="module")
-def exported_bundle(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from bundles import export_tiny_bundle
-
-    return export_tiny_bundle(tmp_path_factory.mktemp("tiny"), task="sst2")
-
-
-@pytest.fixture
-def bundle(exported_bundle: Path, tmp_path: Path) -> Path:
-    """A private copy: tests below write manifests and caches."""
-    return Path(shutil.copytree(exported_bundle, tmp_path / "bundle"))
-
-
-@pytest.fixture
-def data_csv(tmp_path: Path) -> Path:
-    return write_labelled_csv(tmp_path / "reviews.csv", 120)
 
 
 def calibrate_cli(*arguments: str):

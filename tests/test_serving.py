@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +23,12 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from bundles import SENTENCES, export_tiny_bundle
+from bundles import SENTENCES
 from prometheus_client.parser import text_string_to_metric_families
 
 from pcee.runtime import BackendError, EarlyExitRuntime, Manifest, OperatingPoint
 from pcee.serving import ServerSettings, create_app
+from pcee.serving.connections import ConnectionLimits, uvicorn_options
 from pcee.serving.controller import AdaptiveController, ControllerSettings
 from pcee.serving.metrics import ServingMetrics
 
@@ -48,11 +50,13 @@ def free_socket() -> socket.socket:
 class LiveServer:
     """uvicorn serving `app` in a thread of this process, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits: ConnectionLimits | None = None):
         self.app = app
         self.listener = free_socket()
-        self.url = f"http://{HOST}:{self.listener.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
+        options = {} if limits is None else uvicorn_options(limits)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True
         )
@@ -76,13 +80,15 @@ class LiveServer:
 
 
 @contextmanager
-def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
+def serving(
+    bundle: Path, wait_ready: bool = True, load=None, limits: ConnectionLimits | None = None, **settings
+):
     settings.setdefault("max_wait_ms", 5.0)
     settings.setdefault("shadow_fraction", 0.0)
     app = create_app(
         ServerSettings(model_name=MODEL, **settings), load or (lambda: EarlyExitRuntime.from_bundle(bundle))
     )
-    server = LiveServer(app).start(wait_ready)
+    server = LiveServer(app, limits).start(wait_ready)
     try:
         yield server
     finally:
@@ -90,9 +96,9 @@ def serving(bundle: Path, wait_ready: bool = True, load=None, **settings):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(four_layer_bundle, tmp_path_factory):
     """A 4-layer bundle with two extra saved points: "fast" (every row exits at layer 1) and "quality"."""
-    bundle_dir = export_tiny_bundle(tmp_path_factory.mktemp("serve"), num_layers=4)
+    bundle_dir = shutil.copytree(four_layer_bundle, tmp_path_factory.mktemp("serve") / "bundle")
     manifest = Manifest.load(bundle_dir)
     manifest.operating_points += [
         OperatingPoint("budgeted", layer=1, name="fast"),
@@ -100,11 +106,6 @@ def bundle(tmp_path_factory):
     ]
     manifest.save(bundle_dir)
     return bundle_dir
-
-
-@pytest.fixture(scope="module")
-def pair_bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("serve-pairs"), task="qnli", num_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +384,22 @@ BAD_REQUESTS = {
         json.dumps(infer_body(["a"], outputs=[{"name": "logits"}])).encode(),
         "logits",
     ),
+    "oip id lone surrogate": (
+        f"/v2/models/{MODEL}/infer",
+        b'{"id": "r\\ud800", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+        "surrogate",
+    ),
+    "point lone surrogate": (
+        "/v1/classify",
+        b'{"texts": ["good"], "operating_point": "\\udfff"}',
+        "surrogate",
+    ),
+    "a 5000-digit integer": ("/v1/classify", b'{"texts": ["good"], "n": ' + b"7" * 5000 + b"}", "digits"),
+    "oip timeout a string": (
+        f"/v2/models/{MODEL}/infer",
+        json.dumps(infer_body(["a"], parameters={"timeout": "soon"})).encode(),
+        "microseconds",
+    ),
     "oip point a number": (
         f"/v2/models/{MODEL}/infer",
         json.dumps(infer_body(["a"], parameters={"operating_point": 3})).encode(),
@@ -414,29 +431,36 @@ def test_binary_tensor_extension_is_refused_with_a_hint(server):
         headers={"Inference-Header-Content-Length": "60"},
     )
     assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+    body = json.dumps(infer_body(["good"])).encode()
+    all_json = post(
+        server, f"/v2/models/{MODEL}/infer", body, headers={"Inference-Header-Content-Length": str(len(body))}
+    )
+    assert all_json.status_code == 200, (
+        "the header's length is the whole body: no binary part (Triton's C++ clients)"
+    )
 
 
 def failing_runtime(bundle: Path) -> EarlyExitRuntime:
-    """A runtime whose backend fails on the text "backend down", and which has a bug on "bug"."""
+    """A runtime whose backend fails on a batch of 3 rows, and which has a bug on a batch of 5 (after warm-up)."""
     runtime = EarlyExitRuntime.from_bundle(bundle)
-    predict = runtime.predict
+    predict_encoded = runtime.predict_encoded
 
-    def failing_predict(texts, *args, **options):
-        if "backend down" in texts:
+    def failing_predict(rows, *args, **options):
+        if len(rows) == 3:
             raise BackendError("cudaMemcpyAsync failed: device lost")
-        if "bug" in texts:
+        if len(rows) == 5:
             raise RuntimeError("a bug")
-        return predict(texts, *args, **options)
+        return predict_encoded(rows, *args, **options)
 
-    runtime.predict = failing_predict
+    runtime.predict_encoded = failing_predict
     return runtime
 
 
 def test_failures_inside_the_server_answer_500_json(bundle):
     with serving(bundle, load=lambda: failing_runtime(bundle)) as live:
-        backend = post(live, "/v1/classify", {"texts": ["backend down"]})
+        backend = post(live, "/v1/classify", {"texts": SENTENCES[:3]})
         assert backend.status_code == 500 and "device lost" in backend.json()["error"]
-        bug = post(live, "/v1/classify", {"texts": ["bug"]})
+        bug = post(live, "/v1/classify", {"texts": SENTENCES[:5]})
         assert bug.status_code == 500 and "server log" in bug.json()["error"]
         assert post(live, "/v1/classify", {"texts": ["good"]}).status_code == 200
 
@@ -542,14 +566,14 @@ class HeldRuntime:
 
     def __call__(self) -> EarlyExitRuntime:
         runtime = EarlyExitRuntime.from_bundle(self.bundle)
-        predict = runtime.predict
+        predict_encoded = runtime.predict_encoded
 
         def held_predict(*args, **kwargs):
             self.entered.set()
             assert self.gate.wait(timeout=20), "the test never released the runtime"
-            return predict(*args, **kwargs)
+            return predict_encoded(*args, **kwargs)
 
-        runtime.predict = held_predict
+        runtime.predict_encoded = held_predict
         return runtime
 
     def hold(self) -> None:
@@ -676,14 +700,14 @@ class PointCost:
 
     def __call__(self) -> EarlyExitRuntime:
         runtime = EarlyExitRuntime.from_bundle(self.bundle)
-        predict = runtime.predict
+        predict_encoded = runtime.predict_encoded
 
-        def costly_predict(texts, text_pairs=None, operating_point=None, **options):
+        def costly_predict(rows, operating_point=None, *args, **options):
             if getattr(operating_point, "name", None) == self.slow_point:
                 time.sleep(self.seconds)
-            return predict(texts, text_pairs, operating_point=operating_point, **options)
+            return predict_encoded(rows, operating_point, *args, **options)
 
-        runtime.predict = costly_predict
+        runtime.predict_encoded = costly_predict
         return runtime
 
 
@@ -792,3 +816,347 @@ def test_cli_exits_1_when_the_bundle_cannot_be_served(bundle):
     process = start_cli(bundle, free_port(), "--operating-point", "turbo")
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and b"turbo" in stderr
+
+
+# -- faults: a deep queue at SIGTERM, deadlines, departed clients ------------------------------------
+SLOW_SERVER = """
+import time
+from pcee.runtime import EarlyExitRuntime
+from pcee.serving.cli import main
+
+predict_encoded = EarlyExitRuntime.predict_encoded
+
+def slow_predict_encoded(self, rows, *args, **options):
+    time.sleep({seconds})
+    return predict_encoded(self, rows, *args, **options)
+
+EarlyExitRuntime.predict_encoded = slow_predict_encoded
+main(prog_name="pcee-serve")
+"""
+
+
+def start_slow_cli(bundle: Path, port: int, seconds_per_batch: float, *options: str) -> subprocess.Popen:
+    """pcee-serve itself, in a process whose runtime takes `seconds_per_batch` longer per batch: a deep queue on demand."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_SERVER.format(seconds=seconds_per_batch),
+            str(bundle),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--shadow-fraction",
+            "0",
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def send_all(url: str, bodies: list[dict], on_sent=None) -> list[str]:
+    """Every body at once, each on its own connection; each outcome as 'STATUS' (JSON answers) or the transport error."""
+    import asyncio
+
+    async def send(client, body) -> str:
+        try:
+            reply = await client.post(url + "/v1/classify", json=body, timeout=60)
+        except httpx.TransportError as error:
+            return type(error).__name__
+        try:
+            reply.json()
+        except ValueError:
+            return f"{reply.status_code} not JSON"
+        return str(reply.status_code)
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(bodies) + 8)) as client:
+        tasks = [asyncio.create_task(send(client, body)) for body in bodies]
+        if on_sent is not None:
+            await on_sent(client)
+        return list(await asyncio.gather(*tasks))
+
+
+def test_sigterm_with_a_deep_queue_answers_everyone_and_exits_within_the_drain_timeout(bundle):
+    """Hundreds of queued rows, a 2 s drain: every admitted request gets 200 or a JSON 503, new ones get
+    503 + Retry-After while the drain runs, and the process exits 0 within the timeout (issue 17, defect 1)."""
+    import asyncio
+
+    port, drain_timeout = free_port(), 2.0
+    url = f"http://{HOST}:{port}"
+    process = start_slow_cli(
+        bundle,
+        port,
+        0.02,
+        "--max-batch-size",
+        "4",
+        "--max-wait-ms",
+        "0",
+        "--drain-timeout-s",
+        str(drain_timeout),
+    )
+    late = {}
+
+    async def signal_when_deep(client: httpx.AsyncClient) -> None:
+        deadline = time.monotonic() + 60
+        while "pcee_queue_rows" not in late:
+            metrics = (await client.get(url + "/metrics")).text
+            rows = next(
+                float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pcee_queue_rows ")
+            )
+            if rows >= 400:
+                late["pcee_queue_rows"] = rows
+            assert time.monotonic() < deadline, "the queue never got deep"
+            await asyncio.sleep(0.02)
+        late["signalled"] = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        late["refused"] = await client.post(url + "/v1/classify", json={"texts": ["late"]})
+        late["ready"] = await client.get(url + "/v2/health/ready")
+
+    try:
+        wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
+        assert process.poll() is None, process.stderr.read().decode()
+        outcomes = asyncio.run(send_all(url, [{"texts": SENTENCES[:2]}] * 300, signal_when_deep))
+        exit_code = process.wait(timeout=30)
+        took = time.monotonic() - late["signalled"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert set(outcomes) <= {"200", "503"}, sorted(set(outcomes))
+    assert outcomes.count("200") > 0 and outcomes.count("503") > 0, "the drain should have had to refuse some"
+    refused = late["refused"]
+    assert (
+        refused.status_code == 503
+        and refused.headers["retry-after"]
+        and "shutting down" in refused.json()["error"]
+    )
+    assert (
+        late["ready"].status_code == 503 and late["ready"].json()["reason"] == "the server is shutting down"
+    )
+    assert exit_code == 0
+    assert took < drain_timeout + 0.5, (
+        f"exited {took:.2f} s after SIGTERM; the drain timeout is {drain_timeout} s"
+    )
+
+
+def dropped(live: LiveServer, reason: str) -> float:
+    return metric_samples(live).get(("pcee_requests_dropped_total", (("reason", reason),)), 0.0)
+
+
+def rows_classified(live: LiveServer) -> float:
+    return sum(value for (name, _), value in metric_samples(live).items() if name == "pcee_rows_total")
+
+
+def test_queue_and_request_deadlines_answer_without_running(bundle):
+    """Behind a held batch: past --max-queue-wait-ms 503, past the request's own timeout (header or OIP
+    `timeout` in microseconds) 504, none of them run, each counted by reason (issue 17, defect 2)."""
+    held = HeldRuntime(bundle)
+    with serving(bundle, load=held, max_queue_wait_ms=300) as live, ThreadPoolExecutor(4) as pool:
+        held.hold()
+        running = pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[:1]})
+        assert held.entered.wait(10)
+        started = time.monotonic()
+        queued = post(live, "/v1/classify", {"texts": ["waits too long"]})
+        assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
+        assert "--max-queue-wait-ms" in queued.json()["error"] and 0.25 < time.monotonic() - started < 3
+        by_header = post(
+            live, "/v1/classify", {"texts": ["in a hurry"]}, headers={"X-Request-Timeout-Ms": "50"}
+        )
+        assert by_header.status_code == 504 and "50 ms" in by_header.json()["error"]
+        by_parameter = post(
+            live, f"/v2/models/{MODEL}/infer", infer_body(["in a hurry"], parameters={"timeout": 50_000})
+        )
+        assert by_parameter.status_code == 504 and "nothing ran" in by_parameter.json()["error"]
+        for bad in ("soon", "-1", "nan"):
+            refused = post(live, "/v1/classify", {"texts": ["x"]}, headers={"X-Request-Timeout-Ms": bad})
+            assert refused.status_code == 400 and "X-Request-Timeout-Ms" in refused.json()["error"]
+        held.gate.set()
+        assert running.result().status_code == 200
+        assert dropped(live, "queue_wait") == 1 and dropped(live, "request_timeout") == 2
+        assert rows_classified(live) == 1, "only the held request's row ran"
+        assert live.service.batcher.queued_rows == 0
+
+
+def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
+    held = HeldRuntime(bundle)
+    port = None
+    with serving(bundle, load=held) as live, ThreadPoolExecutor(2) as pool:
+        port = int(live.url.rsplit(":", 1)[1])
+        held.hold()
+        running = pool.submit(post, live, "/v1/classify", {"texts": SENTENCES[:1]})
+        assert held.entered.wait(10)
+        body = json.dumps({"texts": SENTENCES[:3]}).encode()
+        with socket.create_connection((HOST, port), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_for(lambda: live.service.batcher.queued_rows == 3)
+        wait_for(lambda: dropped(live, "client_disconnected") == 1)
+        assert live.service.batcher.queued_rows == 0
+        held.gate.set()
+        assert running.result().status_code == 200
+        assert rows_classified(live) == 1, "the departed client's 3 rows never ran"
+
+
+# -- the connection layer: head size, head and idle timeouts, connection limit, protocol errors ----
+GUARDED = ConnectionLimits(
+    max_header_bytes=8192, header_timeout_s=0.5, keep_alive_timeout_s=0.5, max_connections=50
+)
+
+
+@pytest.fixture(scope="module")
+def guarded(bundle):
+    with serving(bundle, limits=GUARDED) as live:
+        yield live
+
+
+def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send `request` on a fresh connection and read until the server closes it (a reset reads as the end)."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=timeout) as client:
+        try:
+            client.sendall(request)
+        except OSError:  # the server closed mid-send: what it wrote before is still readable
+            pass
+        try:
+            while chunk := client.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    return reply
+
+
+def json_error(reply: bytes) -> str:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), reply[:300]
+    return json.loads(body)["error"]
+
+
+def test_a_huge_header_gets_431_or_a_closed_connection_never_200(guarded):
+    """One 1 MB header (issue 17, defect 4): refused once the head passes --max-header-bytes."""
+    reply = exchange(
+        guarded.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
+    )
+    assert not reply.startswith(b"HTTP/1.1 200")
+    if reply:
+        assert reply.startswith(b"HTTP/1.1 431") and "--max-header-bytes" in json_error(reply)
+    huge_line = exchange(guarded.port, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert huge_line.startswith(b"HTTP/1.1 431")
+    assert get(guarded, "/v2/health/live").status_code == 200  # a small head still passes
+
+
+def test_silent_and_trickling_connections_are_closed(guarded):
+    """Nothing sent, half a request line, an idle keep-alive: each is closed (issue 17, defect 5)."""
+    started = time.monotonic()
+    assert exchange(guarded.port, b"") == b""
+    half = exchange(guarded.port, b"GET /v2/hea")
+    assert half.startswith(b"HTTP/1.1 408") and "--header-timeout-s" in json_error(half)
+    kept_alive = exchange(guarded.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept_alive.startswith(b"HTTP/1.1 200") and kept_alive.endswith(b'{"live":true}')
+    assert time.monotonic() - started < 8, "each connection was closed within its timeout"
+
+
+def test_protocol_errors_are_answered_as_json(guarded):
+    requests = {
+        "two lengths": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "length and chunked": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "not http": b"\x16\x03\x01 hello\r\n\r\n",
+    }
+    for name, request in requests.items():
+        reply = exchange(guarded.port, request)
+        assert reply.startswith(b"HTTP/1.1 400"), (name, reply[:200])
+        assert json_error(reply).startswith("invalid HTTP request"), name
+
+
+def test_past_max_connections_a_new_connection_gets_503_json(bundle):
+    limits = ConnectionLimits(max_connections=3, header_timeout_s=30)
+    with serving(bundle, limits=limits) as live:
+        held = [socket.create_connection((HOST, live.port), timeout=10) for _ in range(3)]
+        try:
+            wait_for(lambda: len(live.server.server_state.connections) == 3)
+            refused = exchange(live.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503") and "--max-connections" in json_error(refused)
+        finally:
+            for connection in held:
+                connection.close()
+        wait_for(lambda: len(live.server.server_state.connections) == 0)
+        assert get(live, "/v2/health/live").status_code == 200
+
+
+# -- the adaptive ladder: `full` is a point of every bundle, and the order is checked -------------------
+def test_full_is_on_every_ladder_and_a_ladder_out_of_order_is_refused(bundle):
+    """`--adaptive-points full,...` needs no saved "full" point (issue 17, defect 8); fast-before-accurate fails the start."""
+    ladder = ControllerSettings(slo_p99_ms=1000, points=("full", "fast"), dwell_s=60)
+    with serving(bundle, controller=ladder) as live:
+        assert live.service.runtime.operating_point.policy == "full"
+        assert post(live, "/v1/classify", {"texts": ["good"]}).json()["predictions"][0]["exit_layer"] == 4
+    backwards = ControllerSettings(slo_p99_ms=1000, points=("fast", "quality"), dwell_s=60)
+    with serving(bundle, controller=backwards, wait_ready=False) as live:
+        wait_for(lambda: live.service.failure is not None)
+        failure = live.service.failure
+    assert "'quality' (layer speed-up 0.000) comes after 'fast' (0.750)" in failure
+    assert "--adaptive-points quality,fast" in failure
+
+
+# -- OIP completeness and operations -------------------------------------------------------------------
+def test_server_metadata_versioned_routes_and_triton_model_config(server):
+    """GET /v2, .../versions/1/..., and .../config in Triton's shape were 404 (issue 17, defect 7)."""
+    assert get(server, "/v2").json() == {
+        "name": "pcee-serve",
+        "version": get(server, "/v2").json()["version"],
+        "extensions": [],
+    }
+    versioned = f"/v2/models/{MODEL}/versions/1"
+    assert get(server, versioned).json()["versions"] == ["1"]
+    assert get(server, versioned + "/ready").json() == {"name": MODEL, "ready": True}
+    reply = post(server, versioned + "/infer", infer_body(SENTENCES[:2])).json()
+    assert reply["model_version"] == "1" and reply["outputs"][0]["shape"] == [2]
+    assert get(server, f"/v2/models/{MODEL}/versions/2/ready").status_code == 404
+    config = get(server, f"/v2/models/{MODEL}/config").json()
+    assert config["max_batch_size"] == 0
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert [output["data_type"] for output in config["output"]] == ["TYPE_STRING", "TYPE_FP32", "TYPE_INT32"]
+    assert get(server, versioned + "/config").json() == config
+    triton = pytest.importorskip(
+        "tritonclient.http", reason="tritonclient[http] reads the config as Triton's client"
+    )
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.get_model_config(MODEL)["input"][0]["name"] == "text"
+    assert client.get_server_metadata()["name"] == "pcee-serve"
+    client.close()
+
+
+def test_request_ids_are_echoed_or_made(server):
+    given = post(server, "/v1/classify", {"texts": ["good"]}, headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = get(server, "/v2/health/live").headers["x-request-id"]
+    assert len(made) == 32 and made != get(server, "/v2/health/live").headers["x-request-id"]
+    unprintable = get(server, "/nowhere")
+    assert unprintable.status_code == 404 and len(unprintable.headers["x-request-id"]) == 32
+
+
+def test_json_logs_have_timestamps_and_the_access_log_has_the_request_id(bundle):
+    """Every log line is timestamped; --log-format json writes one object a line (issue 17, defect 8)."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    process = start_cli(bundle, port, "--log-level", "info", "--log-format", "json", "--access-log")
+    try:
+        wait_for(lambda: probe_ready(url) or process.poll() is not None, timeout=60)
+        httpx.post(url + "/v1/classify", json={"texts": ["good"]}, headers={"X-Request-ID": "trace-7"})
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    entries = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
+    assert entries and all(entry["time"].endswith("Z") and entry["level"] for entry in entries)
+    access = [entry for entry in entries if entry["logger"] == "pcee.serving.access"]
+    classify = next(entry for entry in access if entry["path"] == "/v1/classify")
+    assert classify["request_id"] == "trace-7" and classify["status"] == 200 and classify["duration_ms"] > 0
+    assert any("draining" in entry["message"] for entry in entries)

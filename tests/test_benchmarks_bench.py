@@ -18,12 +18,11 @@ from click.testing import CliRunner, Result
 torch = pytest.importorskip("torch")
 
 from bundles import SENTENCES  # noqa: E402
-from tiny_models import make_tiny_model_dir  # noqa: E402
 
 from pcee.benchmarks import bench  # noqa: E402
 from pcee.benchmarks.cli import main as bench_cli  # noqa: E402
 from pcee.benchmarks.glue_study import TASKS, Study  # noqa: E402
-from pcee.exporter.bundle import ExportOptions, export_bundle  # noqa: E402
+from pcee.benchmarks.glue_study import main as study_cli  # noqa: E402
 from pcee.modeling.model import MultiExitClassifier  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -31,27 +30,21 @@ QUICK = ["--repeats", "1", "--batch-sizes", "1,4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("bench"), task="sst2")
+def model_dir(sst2_model_dir: Path) -> Path:
+    return sst2_model_dir
 
 
 @pytest.fixture(scope="module")
-def exported_bundle(model_dir: Path) -> Path:
-    """Exported as pcee-export does by default: MODEL_DIR-pcee, no single graph inside."""
-    return export_bundle(model_dir).bundle_dir
-
-
-@pytest.fixture(scope="module")
-def bundle_with_single_graph(model_dir: Path) -> Path:
-    return export_bundle(
-        model_dir, model_dir.with_name("with-single-graph-pcee"), ExportOptions(with_full_graph=True)
-    ).bundle_dir
+def bundle_with_single_graph(sst2_single_graph_bundle: Path, tmp_path_factory) -> Path:
+    """A copy for this module: pcee-bench caches its exit recording in the bundle."""
+    target = tmp_path_factory.mktemp("bench") / "with-single-graph-pcee"
+    return Path(shutil.copytree(sst2_single_graph_bundle, target))
 
 
 @pytest.fixture
-def bundle(exported_bundle: Path, tmp_path: Path) -> Path:
-    """A private copy: pcee-bench caches its exit recording in the bundle."""
-    return Path(shutil.copytree(exported_bundle, tmp_path / "bundle-pcee"))
+def bundle(sst2_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the bundle pcee-export writes by default: pcee-bench caches its exit recording in it."""
+    return Path(shutil.copytree(sst2_bundle, tmp_path / "bundle-pcee"))
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +219,22 @@ def test_the_glue_study_names_bundles_as_pcee_export_does(tmp_path):
     for task in study.tasks:
         model_dir = study.model_dir(task)
         assert study.bundle_dir(task) == model_dir.with_name(model_dir.name + "-pcee")
+
+
+def test_the_glue_study_exports_a_task_and_reports_its_parity(sst2_model_dir, tmp_path):
+    study = Study(tmp_path / "glue", tmp_path / "study", [TASKS["sst2"]], seed=0)
+    shutil.copytree(sst2_model_dir, study.model_dir(TASKS["sst2"]))
+    arguments = [
+        "--glue-dir",
+        str(tmp_path / "glue"),
+        "--workdir",
+        str(tmp_path / "study"),
+        "--tasks",
+        "sst2",
+    ]
+    result = CliRunner().invoke(study_cli, [*arguments, "export"])
+    assert result.exit_code == 0, result.output
+    assert "parity passed: True" in result.output
 
 
 # ------------------------------------------------------------------ 6. one-line errors

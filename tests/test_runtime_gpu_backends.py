@@ -91,14 +91,8 @@ def install_software_gpu(
 
 # -- bundles -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def onnx_bundle(tmp_path_factory) -> Path:
-    pytest.importorskip("torch", reason="building a tiny bundle needs the export extras (torch)")
-    from tiny_models import make_tiny_model_dir
-
-    from pcee.exporter.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("gpu-backends")
-    return export_bundle(make_tiny_model_dir(root, num_layers=NUM_LAYERS), root / "bundle").bundle_dir
+def onnx_bundle(tiny_bundles) -> Path:
+    return tiny_bundles.bundle(num_layers=NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from bundles import export_tiny_bundle
 from click.testing import CliRunner
 
 from pcee.benchmarks.serve_load import arrival_times, main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("load"), num_layers=4)
+def bundle(four_layer_bundle):
+    return four_layer_bundle
 
 
 def run(*arguments: str) -> dict:

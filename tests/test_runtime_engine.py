@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from bundles import SENTENCES, entropy_quantile_point, export_tiny_bundle
+from bundles import SENTENCES, entropy_quantile_point
 from click.testing import CliRunner
 
 from pcee.modeling.model import MultiExitClassifier
@@ -27,10 +27,8 @@ from pcee.runtime.cli import main as predict_cli
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_tiny_bundle(
-        tmp_path_factory.mktemp("bundle"), exit_pooling="mean", learned_confidence=True, num_layers=4
-    )
+def bundle(tiny_bundles):
+    return tiny_bundles.bundle(exit_pooling="mean", learned_confidence=True, num_layers=4)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +37,8 @@ def runtime(bundle):
 
 
 @pytest.fixture(scope="module")
-def pair_runtime(tmp_path_factory):
-    return EarlyExitRuntime.from_bundle(
-        export_tiny_bundle(tmp_path_factory.mktemp("pairs"), task="qnli", num_layers=2)
-    )
+def pair_runtime(pair_bundle):
+    return EarlyExitRuntime.from_bundle(pair_bundle)
 
 
 @pytest.fixture(scope="module")

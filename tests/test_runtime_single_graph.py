@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from bundles import SENTENCES
 from click.testing import CliRunner
-from tiny_models import make_tiny_model_dir
 
 from pcee.exporter.bundle import ExportOptions, export_bundle
 from pcee.runtime import (
@@ -27,15 +26,13 @@ BACKEND = "onnxruntime-single-graph"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("single-graph"))
+def model_dir(sst2_model_dir: Path) -> Path:
+    return sst2_model_dir
 
 
 @pytest.fixture(scope="module")
-def bundle(model_dir: Path) -> Path:
-    return export_bundle(
-        model_dir, model_dir.with_name("with-full-graph-pcee"), ExportOptions(with_full_graph=True)
-    ).bundle_dir
+def bundle(sst2_single_graph_bundle: Path) -> Path:
+    return sst2_single_graph_bundle
 
 
 @pytest.fixture(scope="module")

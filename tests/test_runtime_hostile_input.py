@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-from bundles import export_tiny_bundle
 from click.testing import CliRunner
 
 from pcee.runtime import (
@@ -24,13 +23,8 @@ from pcee.runtime.cli import main as predict_cli
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("bundle"), num_layers=3)
-
-
-@pytest.fixture(scope="module")
-def pair_bundle(tmp_path_factory):
-    return export_tiny_bundle(tmp_path_factory.mktemp("pairs"), task="qnli", num_layers=2)
+def bundle(sst2_bundle):
+    return sst2_bundle
 
 
 @pytest.fixture(scope="module")

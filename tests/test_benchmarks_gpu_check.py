@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py where no GPU is: its dry run, and a verdict that is ok only when a GPU backend stage ran.
 
-The stages themselves need a GPU; their checks run here on the software GPU in test_gpu_backends.py.
+The stages themselves need a GPU; their checks run here on the software GPU in test_runtime_gpu_backends.py.
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ def test_dry_run_lists_every_stage_and_why_it_would_be_skipped():
     assert report["seconds"] < 60  # nothing was built or run
 
 
-def test_a_run_where_no_gpu_backend_ran_is_not_ok(tmp_path):
+def test_a_run_where_no_gpu_backend_ran_is_not_ok(tmp_path, four_layer_bundle):
     """Every stage is reported; with every GPU backend stage skipped the script says so and exits 1."""
     pytest.importorskip("torch", reason="building the bundle needs the export extras")
     if not gpu_check.missing_cuda():
         pytest.skip("this machine has a GPU: the GPU stages would run")
-    from bundles import export_tiny_bundle
-
-    bundle = export_tiny_bundle(tmp_path, num_layers=2)
+    bundle = four_layer_bundle
     returncode, report = run_script(
         "--bundle", str(bundle), "--work-dir", str(tmp_path / "work"), "--no-pytest", "--texts", "8"
     )
