@@ -102,14 +102,17 @@ def snippets_to_run() -> list[tuple[str, int]]:
 
 
 @pytest.mark.parametrize(("doc", "index"), snippets_to_run())
-def test_python_snippets_run_as_written(doc, index, demo_layout, monkeypatch):
+def test_python_snippets_run_as_written(doc, index, demo_layout):
     snippet = python_snippets(doc_text(doc))[index]
     if "from ray" in snippet:
         pytest.skip("needs a Ray cluster and a shared file system")
     if "tritonclient" in snippet:
         pytest.skip("talks to a running server: test_served_examples_answer runs it")
-    monkeypatch.chdir(demo_layout[0])
-    exec(compile(snippet, f"{doc} python block {index + 1}", "exec"), {})
+    # In its own process: a snippet may register a policy or set globals that later tests must not see.
+    completed = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=demo_layout[0], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, f"{doc} python block {index + 1}:\n{completed.stderr}"
 
 
 # -- the server's examples ---------------------------------------------------------------------------
