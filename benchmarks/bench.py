@@ -139,8 +139,11 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time
+
+
 def measure(
-    contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None
+    contenders: list[Contender], chunks: list[EncodedBatch], repeats: int, progress=None, clock: str = "wall"
 ) -> dict[str, Timing]:
     """Repeat r runs every contender over all chunks before repeat r+1 starts, so drift hits all alike."""
     timings = {contender.name: Timing([], 0) for contender in contenders}
@@ -150,7 +153,7 @@ def measure(
     for _ in range(repeats):
         for contender in contenders:
             with contender.settings():
-                seconds, layers = timed_pass(contender, chunks)
+                seconds, layers = timed_pass(contender, chunks, CLOCKS[clock])
             timings[contender.name].chunk_seconds.append(seconds)
             timings[contender.name].layers_run = layers
             if progress is not None:
@@ -158,13 +161,15 @@ def measure(
     return timings
 
 
-def timed_pass(contender: Contender, chunks: list[EncodedBatch]) -> tuple[list[float], int]:
-    """Seconds per chunk and the layers run over one pass of `contender` over every chunk."""
+def timed_pass(
+    contender: Contender, chunks: list[EncodedBatch], now: Callable[[], float] = time.perf_counter
+) -> tuple[list[float], int]:
+    """Seconds per chunk (by the clock `now`) and the layers run over one pass of `contender` over every chunk."""
     seconds, layers = [], 0
     for chunk in chunks:
-        started = time.perf_counter()
+        started = now()
         layers += contender.run(chunk)
-        seconds.append(time.perf_counter() - started)
+        seconds.append(now() - started)
     return seconds, layers
 
 
@@ -272,9 +277,15 @@ def single_graph_for(
     return cached_single_graph(model_dir, cache_dir or default_cache_dir())
 
 
-def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) -> SingleGraph:
-    """Exported once per model (and fusion) into `cache_dir`/single-graph/<model hash>[-fused]/, never into the bundle."""
-    entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + ("-fused" if fuse else ""))
+def cached_single_graph(
+    model_dir: Path, cache_dir: Path, fuse: bool = False, num_layers: int | None = None
+) -> SingleGraph:
+    """Exported once per model (fusion, truncation) into `cache_dir`/single-graph/<model hash>[-fused][-Nlayers]/.
+
+    Never into the bundle. `num_layers` cuts the model to its first layers and their exit.
+    """
+    suffix = ("-fused" if fuse else "") + (f"-{num_layers}layers" if num_layers else "")
+    entry = cache_dir / "single-graph" / (model_dir_sha256(model_dir)[:16] + suffix)
     if (entry / SINGLE_GRAPH_FILE).is_file():
         return SingleGraph(entry / SINGLE_GRAPH_FILE, "cache")
     from pcee.exporter.graph_export import export_full_graph
@@ -286,7 +297,7 @@ def cached_single_graph(model_dir: Path, cache_dir: Path, fuse: bool = False) ->
             f"cannot write the single-graph cache under {cache_dir} ({error}); pass --cache-dir a writable directory"
         ) from None
     try:
-        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse)
+        export_full_graph(model_dir, staging / SINGLE_GRAPH_FILE, fuse=fuse, num_layers=num_layers)
         replace_directory(staging, entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

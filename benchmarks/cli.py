@@ -44,6 +44,8 @@ from .bench import (
     torch_contender,
 )
 from .figure import MATPLOTLIB_MISSING, write_throughput_plot
+from .machine import cpu_description, describe_cpu
+from .truncation import add_limit_ratios, plan_limits, truncation_contenders
 
 QUANTIZATIONS = ("int8",)
 
@@ -134,6 +136,13 @@ class BatchSizes(click.ParamType):
     "busy cores slow PyTorch far more than onnxruntime and skew the comparison.",
 )
 @click.option(
+    "--clock",
+    type=click.Choice(["wall", "cpu"]),
+    default="wall",
+    help="wall: elapsed time. cpu: the measuring thread's CPU time, which leaves out waits for a core on a "
+    "machine other jobs load; needs --intra-op-threads 1 (every library then computes in that thread).",
+)
+@click.option(
     "--also-bundle",
     "also_bundles",
     multiple=True,
@@ -179,15 +188,23 @@ def main(bundle_dir: Path, **options) -> None:
       runtime_pabee             PABEE at the patience closest in layer speed-up
                                 to the first point's
       ...@NAME                  the chain of each --also-bundle
+      truncated_N_layers[_int8] the model cut to N = round(L x (1 - S)) layers for
+                                a point's layer speed-up S, exported as the bundle
+                                was (with --model-dir): the limit of that saving
+    A batch of one row runs through the bundle's compiled single-row graph
+    (one onnxruntime call, exits decided inside it), as the runtime serves it.
     Every onnxruntime session has the same settings.
 
     \b
     Figures per batch size: p50/p99 latency (batch 1), rows/s, versus_plain (rows/s
     as a multiple of single_graph_onnx's), layer speed-up, wall_speedup (1 - time /
     reference), efficiency (wall speed-up / layer speed-up), and per chain
-    chain_overhead (all layers / reference) and throughput_vs_single_graph. The
+    chain_overhead (all layers / reference) and throughput_vs_single_graph; per point
+    limit_ratio (its rows/s / its truncation's: 1.0 is the limit). The
     reference of a contender is the FASTEST single graph of its precision measured in
-    this run (fp32, or int8 with --quantize int8).
+    this run (fp32, or int8 with --quantize int8). The header and JSON name the CPU
+    and its flags that matter (avx2, avx512f, avx512_vnni, amx): int8 figures depend
+    on them.
 
     The plain single graph is the bundle's own (pcee-export --with-full-graph);
     otherwise --model-dir is required and the graph is exported from it once, into
@@ -201,6 +218,10 @@ def main(bundle_dir: Path, **options) -> None:
           --points speedup-0.5,speedup-0.75 --json
     """
     try:
+        if options["clock"] == "cpu" and options["intra_op_threads"] != 1:
+            raise BenchmarkError(
+                "--clock cpu counts one thread's CPU time: pass --intra-op-threads 1 with it"
+            )
         check_plot_path(options["plot"])
         report = run_benchmark(bundle_dir, options)
         if options["plot"]:
@@ -268,6 +289,15 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
         build_policy(first_point, first.num_layers, manifest.model.learned_confidence), exits
     ).layer_speedup
     chains[0].pabee = closest_pabee(first, exits, expected_speedup)
+    limits = plan_limits(chains, exits, manifest.model.learned_confidence, options["quantize"])
+    if options["model_dir"] is not None:
+        references += truncation_contenders(
+            options["model_dir"],
+            options["cache_dir"] or default_cache_dir(),
+            bool(manifest.layers[0].fused_operators),
+            limits,
+            options["intra_op_threads"],
+        )
     results = {}
     for batch_size in options["batch_sizes"]:
         contenders = references + [
@@ -276,13 +306,16 @@ def run_benchmark(bundle_dir: Path, options: dict) -> dict:
         results[str(batch_size)] = measure_batch_size(
             contenders, batch, batch_size, first.num_layers, options
         )
+        add_limit_ratios(results[str(batch_size)], limits)
     return {
         "bundle": str(bundle_dir),
+        "cpu": cpu_description(),
         "rows": len(batch),
         "repeats": options["repeats"],
         "backend": first.backend_name,
         "device": first.device,
         "intra_op_threads": options["intra_op_threads"],
+        "clock": options["clock"],
         "single_graph": {"file": str(single_graph.path), "origin": single_graph.origin},
         "pabee_point": chains[0].pabee.to_dict(),
         "chains": {chain.suffix or "first": chain.describe() for chain in chains},
@@ -380,14 +413,15 @@ def measure_batch_size(
         unit="pass",  # one contender over every row
         disable=options["no_progress"],
     ) as bar:
-        timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar)
+        timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar, options["clock"])
     return summarize(timings, contenders, len(batch), batch_size, num_layers)
 
 
 def format_report(report: dict) -> str:
     threads = report["intra_op_threads"] or "default"
     lines = [
-        f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads; "
+        f"CPU: {describe_cpu(report['cpu'])}",
+        f"{report['rows']} rows, {report['repeats']} repeats, {report['backend']} on {report['device']}, {threads} threads, {report['clock']} clock; "
         f"PABEE patience {report['pabee_point']['patience']}",
         *(
             f"{name}: {OperatingPoint.from_dict(point).describe()}"
@@ -404,6 +438,7 @@ def format_report(report: dict) -> str:
         ("layer_speedup", "layers saved", 14),  # fractions, as the --json fields; "x plain" is the multiple
         ("wall_speedup", "time saved", 12),
         ("efficiency", "effic.", 8),
+        ("limit_ratio", "x limit", 9),
         ("reference", "  reference", 0),
     )
     for batch_size, figures in report["results"].items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,20 +27,27 @@ from pcee.runtime import (
     open_cpu_session,
 )
 
-from .bench import BenchmarkError, quantized_copy, single_graph_contender
+from .bench import CLOCKS, BenchmarkError, quantized_copy, single_graph_contender
 
 Step = Callable[[EncodedBatch], object]
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
+def bundle_and_sentences(command):
+    """The BUNDLE_DIR argument and --data option of the tools that feed a bundle one sentence per call."""
+    command = click.option(
+        "--data",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
+    )(command)
+    return click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))(
+        command
+    )
+
+
 @click.command(context_settings=CONTEXT)
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A TSV file with a header line whose first column holds the sentences, e.g. data/glue/SST-2/dev.tsv.",
-)
+@bundle_and_sentences
 @click.option("--rows", default=300, type=click.IntRange(min=1), help="How many sentences, one per call.")
 @click.option(
     "--repeats",
@@ -61,7 +67,20 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
     help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).",
 )
 @click.option(
+    "--truncated",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A truncated single graph to time as well (quantized too with --quantize), e.g. the one pcee-bench "
+    "--model-dir keeps in single-graph/HASH-fused-3layers/full_model.onnx under its --cache-dir.",
+)
+@click.option(
     "--intra-op-threads", default=1, type=click.IntRange(min=1), help="Threads per onnxruntime session."
+)
+@click.option(
+    "--clock",
+    type=click.Choice(sorted(CLOCKS)),
+    default="wall",
+    help="wall: elapsed time. cpu: this thread's CPU time (with --intra-op-threads 1), which leaves out time "
+    "spent waiting for a core on a machine other jobs load.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(
@@ -71,7 +90,9 @@ def main(
     repeats: int,
     single_graph: Path | None,
     quantize: str | None,
+    truncated: Path | None,
     intra_op_threads: int,
+    clock: str,
     as_json: bool,
 ) -> None:
     """Take the batch-1 cost of the early-exit chain apart, next to the single graph.
@@ -84,8 +105,13 @@ def main(
                                 each layer graph cut down to its next hidden state
       sessions                  the same with the exit heads: what the graphs cost
       backend                   the runtime's backend over the same graphs
-      runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point
+      runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point,
+                                through the chain of sessions
       runtime_operating_point   the same at the bundle's default point
+      compiled_all_layers       predict_encoded at the full point as it serves one
+                                row: the compiled single-row graph, one call
+      compiled_operating_point  the same at the bundle's default point
+      truncated                 with --truncated: the model cut to fewer layers
       sessions_onnxruntime_defaults
                                 `sessions` on onnxruntime's own settings, not the
                                 runtime's (per-session arenas, every fusion)
@@ -98,7 +124,9 @@ def main(
           --single-graph ~/.cache/pcee/single-graph/HASH-fused/full_model.onnx
     """
     try:
-        report = profile(bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads)
+        report = profile(
+            bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated, clock
+        )
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -112,6 +140,8 @@ def profile(
     single_graph: Path | None,
     quantize: str | None,
     threads: int,
+    truncated: Path | None = None,
+    clock: str = "wall",
 ) -> dict:
     runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
     reference = single_graph or own_single_graph(bundle_dir, runtime)
@@ -126,20 +156,27 @@ def profile(
         ]
         graph = quantized_copy(reference, Path(workdir) / "single_graph.int8.onnx") if quantize else reference
         single = single_graph_contender(graph, threads)
+        if truncated is not None and quantize:
+            truncated = quantized_copy(truncated, Path(workdir) / "truncated.int8.onnx")
+        cut = None if truncated is None else single_graph_contender(truncated, threads)
     steps = {
         "single_graph": single.run,
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
-        "runtime_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint(FULL_POLICY)),
-        "runtime_operating_point": lambda row: runtime.predict_encoded(row),
+        "runtime_all_layers": through_chain(runtime, OperatingPoint(FULL_POLICY)),
+        "runtime_operating_point": through_chain(runtime, runtime.operating_point),
+        "compiled_all_layers": lambda row: runtime.predict_encoded(row, OperatingPoint(FULL_POLICY)),
+        "compiled_operating_point": lambda row: runtime.predict_encoded(row),
         "sessions_onnxruntime_defaults": chain_step(
             plain_session(chain.embeddings.path, threads),
             [plain_session(g.path, threads) for g in chain.layers],
             chain,
         ),
     }
-    milliseconds = time_steps(steps, singles, repeats)
+    if cut is not None:
+        steps["truncated"] = cut.run
+    milliseconds = time_steps(steps, singles, repeats, clock)
     base = milliseconds["single_graph"]
     return {
         "bundle": str(bundle_dir),
@@ -147,6 +184,7 @@ def profile(
         "rows": len(singles),
         "repeats": repeats,
         "intra_op_threads": threads,
+        "clock": clock,
         "operating_point": runtime.operating_point.to_dict(),
         "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
@@ -163,12 +201,17 @@ def own_single_graph(bundle_dir: Path, runtime: EarlyExitRuntime) -> Path:
 
 
 def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:
+    batch = encoded_sentences(runtime, data, rows)
+    return [batch.select(np.array([index])) for index in range(len(batch))]
+
+
+def encoded_sentences(runtime: EarlyExitRuntime, data: Path, rows: int) -> EncodedBatch:
+    """The first `rows` sentences of a TSV file (first column, below its header line), encoded."""
     lines = data.read_text(encoding="utf-8").splitlines()[1 : rows + 1]
     texts = [line.split("\t")[0] for line in lines if line.strip()]
     if not texts:
         raise BenchmarkError(f"{data} holds no sentences below its header line")
-    batch = runtime.tokenizer.encode_texts(texts)
-    return [batch.select(np.array([index])) for index in range(len(batch))]
+    return runtime.tokenizer.encode_texts(texts)
 
 
 def layers_without_exit_heads(chain: GraphChain, workdir: Path) -> list[Path]:
@@ -207,6 +250,19 @@ def chain_step(embeddings, layers: list, chain: GraphChain) -> Step:
     return run
 
 
+def through_chain(runtime: EarlyExitRuntime, point: OperatingPoint) -> Step:
+    """predict_encoded with the chain's sessions, not the compiled single-row graph."""
+
+    def run(row: EncodedBatch) -> None:
+        runtime.backend.use_single_row_graph = False
+        try:
+            runtime.predict_encoded(row, point)
+        finally:
+            runtime.backend.use_single_row_graph = True
+
+    return run
+
+
 def backend_step(backend) -> Step:
     def run(row: EncodedBatch) -> None:
         state = backend.begin(row)
@@ -218,17 +274,24 @@ def backend_step(backend) -> Step:
     return run
 
 
-def time_steps(steps: dict[str, Step], rows: list[EncodedBatch], repeats: int) -> dict[str, float]:
-    """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike."""
+def time_steps(
+    steps: dict[str, Step], rows: list[EncodedBatch], repeats: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike.
+
+    clock "cpu" counts the calling thread's CPU time only (onnxruntime on one intra-op thread runs
+    in it): on a machine other jobs load, time spent waiting for a core is left out.
+    """
+    now = CLOCKS[clock]
     for step in steps.values():
         step(rows[0])
     passes: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            started = time.perf_counter()
+            started = now()
             for row in rows:
                 step(row)
-            passes[name].append((time.perf_counter() - started) / len(rows) * 1000)
+            passes[name].append((now() - started) / len(rows) * 1000)
     return {name: statistics.median(values) for name, values in passes.items()}
 
 
@@ -238,6 +301,9 @@ COMPARED_WITH = {  # the step each row's "added" column is measured against
     "backend": "sessions",
     "runtime_all_layers": "backend",
     "sessions_onnxruntime_defaults": "sessions",
+    "compiled_all_layers": "runtime_all_layers",
+    "compiled_operating_point": "runtime_operating_point",
+    "truncated": "compiled_operating_point",
 }
 
 

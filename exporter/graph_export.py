@@ -131,7 +131,13 @@ def export_graphs(
         if options.with_full_graph:
             full_inputs = token_tensors(specs.full, trace_batch)
             full = write_graph(
-                bundle_dir, FULL_GRAPH, FullModelGraph(model), full_inputs, specs.full, options.opset, fusion
+                bundle_dir,
+                FULL_GRAPH,
+                FullModelGraph(model),
+                full_inputs,
+                specs.full,
+                options.opset,
+                fusion,
             )
             progress.update()
     return embeddings, layers, full
@@ -147,11 +153,13 @@ def export_full_graph(
     path: str | Path,
     opset: int = DEFAULT_OPSET,
     fuse: bool = False,
+    num_layers: int | None = None,
 ) -> Path:
     """The whole model as one ONNX graph (last exit's logits), for benchmarks; traced on a dummy batch.
 
     A model passed in is switched to eval mode and eager attention (the same arithmetic as sdpa).
     With `fuse`, it gets the fusions a fused bundle's layer graphs get, fused attention included.
+    With `num_layers`, the model cut to that many layers and their exit (a truncation).
     """
     check_opset(opset)
     if isinstance(model_dir_or_model, MultiExitClassifier):
@@ -171,7 +179,7 @@ def export_full_graph(
     fusion = Fusion.of(model) if fuse else None
     with fused_modules(model, fusion):
         export_graph(
-            FullModelGraph(model),
+            FullModelGraph(model, num_layers),
             tuple(dummy[name] for name in spec.input_names),
             spec,
             path,

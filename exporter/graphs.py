@@ -76,18 +76,23 @@ class LayerGraph(nn.Module):
 
 
 class FullModelGraph(nn.Module):
-    """Token inputs -> the last exit's float32 logits: the single-graph model benchmarks compare with."""
+    """Token inputs -> the last exit's float32 logits: the single-graph model benchmarks compare with.
 
-    def __init__(self, model: MultiExitClassifier):
+    With `num_layers`, the model cut to its first layers and their exit: the truncation a user would
+    deploy instead of early exit.
+    """
+
+    def __init__(self, model: MultiExitClassifier, num_layers: int | None = None):
         super().__init__()
         self.embeddings = EmbeddingsGraph(model)
         self.model = model
+        self.num_layers = num_layers or model.num_layers
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         hidden, bias = to_model_dtype(self.model, *self.embeddings(input_ids, attention_mask, token_type_ids))
-        for index in range(self.model.num_layers):
+        for index in range(self.num_layers):
             hidden = self.model.run_layer(index, hidden, bias)
-        logits, _ = self.model.exit_head(self.model.num_layers - 1, hidden, mask_from_bias(bias))
+        logits, _ = self.model.exit_head(self.num_layers - 1, hidden, mask_from_bias(bias))
         return logits.float()
 
 

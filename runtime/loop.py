@@ -42,7 +42,16 @@ def run_in_chunks(
 def run_early_exit(
     backend: Backend, policy: ExitPolicy, batch: EncodedBatch, num_labels: int
 ) -> BatchOutcome:
-    """One batch through the chain: rows exit independently and leave the batch (compaction)."""
+    """One batch through the chain: rows exit independently and leave the batch (compaction).
+
+    A single row goes through the backend's compiled single-row graph where it has one: one call,
+    the same exit (runtime/single_row.py).
+    """
+    if len(batch) == 1:
+        compiled = backend.single_row_graph()
+        outcome = None if compiled is None else compiled.outcome(policy, batch, num_labels)
+        if outcome is not None:
+            return outcome
     outcome = BatchOutcome.empty(len(batch), num_labels)
     policy_state = policy.start(len(batch), num_labels)
     active = np.arange(len(batch))

@@ -315,6 +315,8 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         "backend",
         "runtime_all_layers",
         "runtime_operating_point",
+        "compiled_all_layers",
+        "compiled_operating_point",
         "sessions_onnxruntime_defaults",
     ]
     assert (

@@ -97,5 +97,5 @@ def test_the_bench_progress_bar_counts_labelled_passes(monkeypatch):
     monkeypatch.setattr(cli, "chunks_of", lambda batch, size: [])
     monkeypatch.setattr(cli, "measure", lambda *arguments: {})
     monkeypatch.setattr(cli, "summarize", lambda *arguments, **options: {})
-    cli.measure_batch_size([], [], 1, 6, {"repeats": 3, "no_progress": False})
+    cli.measure_batch_size([], [], 1, 6, {"repeats": 3, "no_progress": False, "clock": "wall"})
     assert bar_options["unit"] == "pass"

@@ -20,6 +20,7 @@ from ..tokenization import EncodedBatch
 class Backend(ABC):
     name: str = "abstract"
     only_full_point: bool = False  # it has the last exit only (the single graph): no early exit
+    use_single_row_graph: bool = True  # False: single rows run through the chain too (to compare the two)
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -58,6 +59,10 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free what this backend created."""
+
+    def single_row_graph(self):
+        """The compiled single-row early-exit graphs (runtime/single_row.py) if this backend has them, else None."""
+        return None
 
     def _finish_impl(self, state: object) -> None:
         """Nothing to give back by default: the state is plain memory."""

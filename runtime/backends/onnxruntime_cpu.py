@@ -13,6 +13,7 @@ from .. import graphs
 from ..errors import BundleError
 from ..exits import ExitRecord
 from ..graphs import GraphChain, GraphSpec, LocatedGraph, TensorSpec
+from ..single_row import SingleRowGraphs
 from ..tokenization import EncodedBatch
 from .base import Backend
 
@@ -75,15 +76,20 @@ def share_process_arena(options: ort.SessionOptions) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def open_session(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+def open_session(path: Path | bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """A session over a graph file (or a serialized model held in memory)."""
     disabled = CPU_DISABLED_OPTIMIZERS if providers == ["CPUExecutionProvider"] else None
     try:
         return ort.InferenceSession(
-            str(path), sess_options=options, providers=providers, disabled_optimizers=disabled
+            path if isinstance(path, bytes) else str(path),
+            sess_options=options,
+            providers=providers,
+            disabled_optimizers=disabled,
         )
     except Exception as error:  # onnxruntime raises its own exception types for bad graphs
+        where = "the composed single-row graph" if isinstance(path, bytes) else path
         raise BundleError(
-            f"{path} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle"
+            f"{where} cannot be loaded by onnxruntime ({type(error).__name__}: {error}); re-export the bundle"
         ) from None
 
 
@@ -166,6 +172,12 @@ class OnnxRuntimeCpuBackend(Backend):
         self.layers = [
             (open_checked_session(layer, options, providers), layer.spec) for layer in chain.layers
         ]
+        self.single_row = SingleRowGraphs(
+            chain, lambda model: open_session(model, options, providers), compose_single_row_graph
+        )
+
+    def single_row_graph(self) -> SingleRowGraphs | None:
+        return self.single_row if self.use_single_row_graph else None
 
     @property
     def device(self) -> str:
@@ -200,3 +212,10 @@ def longest_unmasked(bias: np.ndarray) -> int:
     """Length of the longest remaining row: padding columns past it can be dropped (they are masked anyway)."""
     attended = bias[:, 0, 0, :] == 0
     return int(attended.shape[1] - np.argmax(attended[:, ::-1].any(axis=0)))
+
+
+def compose_single_row_graph(chain, rule):
+    """Imported on first use: composing needs the `onnx` package, which a runtime-only install lacks."""
+    from ..single_row_compose import compose_single_row_graph as compose
+
+    return compose(chain, rule)

@@ -1,0 +1,275 @@
+"""Composing the single-row early-exit graph out of a bundle's graph files (needs the `onnx` package).
+
+Every name of graph i is prefixed, so the graphs live side by side in one model; the layer-to-layer
+tensors (hidden state, attention bias) are wired by name. Layer l+1's nodes and weights go into the
+`else` branch of the `If` on layer l's decision, so a row that exits never touches them.
+
+Every layer graph derives the same small tensors from the attention bias (the exit head's pooling
+mask and its row length, the attention's mask index); composed, they are computed once, by the
+first layer, and the other layers read them (`SharedNodes`). The exit rule is fixed per composed
+graph (a handful of operators per layer); its thresholds are inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import graphs
+from .graphs import GraphChain
+from .single_row import EXIT_LAYER, LAYER_TEST, PATIENCE, SATISFIED, STREAK, TAU, ExitRule
+
+SIGNAL_OUTPUTS = {"max_probability": graphs.MAX_PROBABILITY, "confidence_score": graphs.CONFIDENCE_SCORE}
+SHAREABLE_WEIGHT_ELEMENTS = 1024  # a node reading a larger weight is never shared (it is a layer's own)
+
+
+def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelProto:
+    """The chain as one graph that exits under `rule` (its tau and patience are the inputs exit_tau, exit_patience)."""
+    embeddings = onnx.load(str(chain.embeddings.path))
+    layers = [onnx.load(str(layer.path)) for layer in chain.layers]
+    learned = graphs.CONFIDENCE_SCORE in graph_output_names(layers[0].graph)
+    num_labels = layers[0].graph.output[1].type.tensor_type.shape.dim[1].dim_value
+    names = output_names(learned)
+    types = output_types(num_labels, learned)
+
+    threshold_inputs = [
+        helper.make_tensor_value_info(TAU, TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info(PATIENCE, TensorProto.INT64, [1]),
+    ]
+    main = helper.make_graph(
+        [], "pcee_single_row", [*embeddings.graph.input, *threshold_inputs], value_infos(names, names, types)
+    )
+    shared = SharedNodes()
+    shared.inline(embeddings.graph, main, "emb/", {})
+    main.node.extend(start_state_nodes(num_labels))
+    hidden, bias = "emb/" + graphs.HIDDEN_STATES, "emb/" + graphs.ATTENTION_BIAS
+    state = ("start/counter", "start/argmax", "start/streak")
+    scope, scope_outputs = main, names
+    for index, layer in enumerate(layers, start=1):
+        prefix = f"l{index}/"
+        shared.inline(layer.graph, scope, prefix, {graphs.HIDDEN_STATES: hidden, graphs.ATTENTION_BIAS: bias})
+        hidden = prefix + graphs.NEXT_HIDDEN_STATES
+        exits = exit_values(prefix, learned)
+        scope.node.extend(decision_nodes(rule, index, exits, state))
+        state = (f"d{index}/counter", f"d{index}/argmax", f"d{index}/streak")
+        result = result_values(index, exits, state[2] if rule.ensemble else "start/streak", learned)
+        if index == len(layers):
+            scope.node.extend(copies(result, names, scope_outputs))
+            break
+        then_outputs = [f"then{index}/{name}" for name in names]
+        else_outputs = [f"else{index}/{name}" for name in names]
+        then_branch = helper.make_graph(
+            copies(result, names, then_outputs),
+            f"exit_after_{index}",
+            [],
+            value_infos(names, then_outputs, types),
+        )
+        else_branch = helper.make_graph(
+            [], f"continue_after_{index}", [], value_infos(names, else_outputs, types)
+        )
+        scope.node.append(
+            helper.make_node(
+                "If",
+                [f"d{index}/exit"],
+                scope_outputs,
+                name=f"if{index}",
+                then_branch=then_branch,
+                else_branch=else_branch,
+            )
+        )
+        # make_node copied the branch: the next layer goes into the copy the node holds.
+        scope = next(attribute.g for attribute in scope.node[-1].attribute if attribute.name == "else_branch")
+        scope_outputs = else_outputs
+    model = helper.make_model(main, opset_imports=merged_opsets([embeddings, *layers]))
+    model.ir_version = max(graph_model.ir_version for graph_model in [embeddings, *layers])
+    return model
+
+
+class SharedNodes:
+    """Inlines graphs; a node that computes from the attention bias and small constants alone, the same
+    way as a node inlined before, is dropped and its outputs read the earlier node's."""
+
+    def __init__(self):
+        self.computed: dict[tuple, list[str]] = {}  # node key -> its outputs' names in the composed graph
+        self.keys: dict[
+            str, tuple
+        ] = {}  # composed tensor name -> what it holds, for tensors that can be shared
+
+    def inline(
+        self, source: onnx.GraphProto, target: onnx.GraphProto, prefix: str, wired: dict[str, str]
+    ) -> None:
+        """Copy `source`'s nodes and weights into `target`, every name prefixed; inputs named in `wired` read those tensors."""
+        inputs = {graph_input.name for graph_input in source.input}
+        renames: dict[str, str] = {}
+
+        def renamed(name: str) -> str:
+            if not name:
+                return name
+            if name in renames:
+                return renames[name]
+            if name in inputs:
+                return wired.get(name, name)  # a token input of the embeddings graph keeps its name
+            return prefix + name
+
+        if graphs.ATTENTION_BIAS in wired:
+            self.keys.setdefault(wired[graphs.ATTENTION_BIAS], ("input", graphs.ATTENTION_BIAS))
+        for initializer in source.initializer:
+            copy = target.initializer.add()
+            copy.CopyFrom(initializer)
+            copy.name = prefix + initializer.name
+            if np.prod(initializer.dims) <= SHAREABLE_WEIGHT_ELEMENTS:
+                self.keys[copy.name] = ("weight", tensor_digest(initializer))
+        for node in source.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise ValueError(
+                    f"graph node {node.name} holds a subgraph; the composer does not inline those"
+                )
+            node_inputs = [renamed(name) for name in node.input]
+            key = self.node_key(node, node_inputs)
+            if key is not None and key in self.computed:
+                renames.update(zip(node.output, self.computed[key]))
+                continue
+            copy = target.node.add()
+            copy.CopyFrom(node)
+            copy.name = prefix + node.name
+            copy.input[:] = node_inputs
+            copy.output[:] = [renamed(name) for name in node.output]
+            if key is not None:
+                self.computed[key] = list(copy.output)
+                for position, output in enumerate(copy.output):
+                    self.keys[output] = ("output", key, position)
+
+    def node_key(self, node: onnx.NodeProto, inputs: list[str]) -> tuple | None:
+        """What the node computes, when all it reads can be shared; None otherwise."""
+        if any(name and name not in self.keys for name in inputs):
+            return None
+        attributes = tuple(
+            (attribute.name, tensor_digest(attribute.t))
+            if attribute.type == onnx.AttributeProto.TENSOR  # its value, not the tensor's name
+            else attribute.SerializeToString()
+            for attribute in node.attribute
+        )
+        return (node.domain, node.op_type, attributes, tuple(self.keys.get(name) for name in inputs))
+
+
+def tensor_digest(tensor: onnx.TensorProto) -> str:
+    array = numpy_helper.to_array(tensor)
+    return f"{array.dtype}{array.shape}" + hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def output_names(learned: bool) -> list[str]:
+    names = [EXIT_LAYER, graphs.LOGITS, graphs.ENTROPY, graphs.MAX_PROBABILITY]
+    return names + ([graphs.CONFIDENCE_SCORE] if learned else []) + [STREAK, SATISFIED]
+
+
+def value_infos(names: list[str], targets: list[str], types: dict[str, tuple]) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(target, *types[name]) for name, target in zip(names, targets)]
+
+
+def output_types(num_labels: int, learned: bool) -> dict[str, tuple]:
+    types = {
+        EXIT_LAYER: (TensorProto.INT64, [1]),
+        graphs.LOGITS: (TensorProto.FLOAT, [1, num_labels]),
+        graphs.ENTROPY: (TensorProto.FLOAT, [1]),
+        graphs.MAX_PROBABILITY: (TensorProto.FLOAT, [1]),
+        STREAK: (TensorProto.FLOAT, [1, num_labels]),
+        SATISFIED: (TensorProto.BOOL, [1]),
+    }
+    if learned:
+        types[graphs.CONFIDENCE_SCORE] = (TensorProto.FLOAT, [1])
+    return types
+
+
+def graph_output_names(graph: onnx.GraphProto) -> list[str]:
+    return [output.name for output in graph.output]
+
+
+def exit_values(prefix: str, learned: bool) -> dict[str, str]:
+    names = [graphs.LOGITS, graphs.ENTROPY, graphs.MAX_PROBABILITY]
+    return {name: prefix + name for name in names + ([graphs.CONFIDENCE_SCORE] if learned else [])}
+
+
+def start_state_nodes(num_labels: int) -> list[onnx.NodeProto]:
+    """Before layer 1: no confident layer yet, no previous argmax (-1: never equal), an empty streak."""
+    return [
+        constant("start/counter", TensorProto.INT64, [1], [0]),
+        constant("start/argmax", TensorProto.INT64, [1], [-1]),
+        constant("start/streak", TensorProto.FLOAT, [1, num_labels], [0.0] * num_labels),
+        constant("start/one", TensorProto.INT64, [1], [1]),
+        constant("start/no_streak", TensorProto.FLOAT, [1], [0.0]),
+    ]
+
+
+def constant(name: str, dtype: int, shape: list[int], values: list) -> onnx.NodeProto:
+    return helper.make_node(
+        "Constant", [], [name], name=name, value=helper.make_tensor(name + "/value", dtype, shape, values)
+    )
+
+
+def decision_nodes(
+    rule: ExitRule, layer: int, exits: dict[str, str], state: tuple[str, str, str]
+) -> list[onnx.NodeProto]:
+    """After `layer`: is it confident under `rule`, the counter of confident layers in a row, exit or not."""
+    counter, argmax, streak = state
+    p = f"d{layer}/"
+    if rule.test == LAYER_TEST:  # budgeted exit: leave at layer `patience`
+        return [
+            constant(p + "layer", TensorProto.INT64, [1], [layer]),
+            helper.make_node("GreaterOrEqual", [p + "layer", PATIENCE], [p + "exit"]),
+        ]
+    nodes = confident_nodes(rule.test, p, exits, argmax)
+    nodes += [
+        helper.make_node("Add", [counter, "start/one"], [p + "counter_plus_one"]),
+        helper.make_node(
+            "Where", [p + "confident", p + "counter_plus_one", "start/counter"], [p + "counter"]
+        ),
+        helper.make_node("GreaterOrEqual", [p + "counter", PATIENCE], [p + "exit"]),
+    ]
+    if rule.ensemble:  # the streak's summed probabilities, averaged at the exit
+        nodes += [
+            helper.make_node("Softmax", [exits[graphs.LOGITS]], [p + "probabilities"], axis=-1),
+            helper.make_node("Add", [streak, p + "probabilities"], [p + "streak_sum"]),
+            helper.make_node("Where", [p + "confident", p + "streak_sum", "start/no_streak"], [p + "streak"]),
+        ]
+    return nodes
+
+
+def confident_nodes(test: str, p: str, exits: dict[str, str], previous_argmax: str) -> list[onnx.NodeProto]:
+    if test == "entropy":
+        return [helper.make_node("Less", [exits[graphs.ENTROPY], TAU], [p + "confident"])]
+    if test in SIGNAL_OUTPUTS:
+        return [helper.make_node("Greater", [exits[SIGNAL_OUTPUTS[test]], TAU], [p + "confident"])]
+    return [  # pabee: the same argmax as the layer before
+        helper.make_node("ArgMax", [exits[graphs.LOGITS]], [p + "argmax"], axis=-1, keepdims=0),
+        helper.make_node("Equal", [p + "argmax", previous_argmax], [p + "confident"]),
+    ]
+
+
+def result_values(layer: int, exits: dict[str, str], streak: str, learned: bool) -> dict[str, str | int]:
+    """The tensors a row that leaves after `layer` reports, by output name (exit_layer is a number)."""
+    values: dict[str, str | int] = {name: exits[name] for name in exits}
+    values.update({STREAK: streak, SATISFIED: f"d{layer}/exit", EXIT_LAYER: layer})
+    return values
+
+
+def copies(result: dict, names: list[str], targets: list[str]) -> list[onnx.NodeProto]:
+    """Nodes that write `result`'s tensors (or its exit layer number) under the names `targets`."""
+    nodes = []
+    for name, target in zip(names, targets):
+        source = result[name]
+        if isinstance(source, int):
+            nodes.append(constant(target, TensorProto.INT64, [1], [source]))
+        else:
+            nodes.append(helper.make_node("Identity", [source], [target]))
+    return nodes
+
+
+def merged_opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for model in models:
+        for opset in model.opset_import:
+            versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
