@@ -410,6 +410,7 @@ def measure_batch_size(
     with tqdm(
         total=options["repeats"] * len(contenders),
         desc=f"batch size {batch_size}",
+        unit="pass",  # one contender over every row
         disable=options["no_progress"],
     ) as bar:
         timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar, options["clock"])
@@ -434,8 +435,8 @@ def format_report(report: dict) -> str:
         ("versus_plain", "x plain", 9),
         ("p50_ms", "p50 ms", 9),
         ("p99_ms", "p99 ms", 9),
-        ("layer_speedup", "layer sp", 10),
-        ("wall_speedup", "wall sp", 9),
+        ("layer_speedup", "layers saved", 14),  # fractions, as the --json fields; "x plain" is the multiple
+        ("wall_speedup", "time saved", 12),
         ("efficiency", "effic.", 8),
         ("limit_ratio", "x limit", 9),
         ("reference", "  reference", 0),

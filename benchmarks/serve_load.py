@@ -34,11 +34,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
-import httpx
 import numpy as np
 
 from pcee.modeling.data import load_glue_file
-from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
+from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError, require_extra
+
+try:
+    import httpx
+except ImportError:  # the load test's client, not part of pcee[serve]: `main` says what to install
+    httpx = None
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 READY_TIMEOUT_S = 180.0
@@ -428,6 +432,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 @click.group(context_settings=CONTEXT)
 def main() -> None:
     """Open-loop load tests of pcee-serve (`run`) and their p99-against-load figure (`plot`)."""
+    require_extra("python -m pcee.benchmarks.serve_load", ("httpx",), "'pcee[serve]' httpx")
 
 
 @main.command(context_settings=CONTEXT)

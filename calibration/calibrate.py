@@ -58,9 +58,7 @@ class Objective:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0
             ):
-                raise OptionError(
-                    f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {value!r}"
-                )
+                raise OptionError(not_a_fraction(f"--{name.replace('_', '-')}", value))
         if not isinstance(self.at_least, bool):
             raise OptionError(f"--at-least is a flag: True or False, got {self.at_least!r}")
         if (self.at_least or self.max_speedup is not None) and self.target_speedup is None:
@@ -286,3 +284,11 @@ def certify(search: Simulator, objective: Objective, policy: str, seed: int) -> 
     return certify_max_drop(
         ordering, testing, sweeps, objective.max_drop, objective.confidence, PATH_GRID_SIZE
     )
+
+
+def not_a_fraction(flag: str, value) -> str:
+    """The error for a value outside (0, 1); a percentage (50) gets the fraction to pass (0.5)."""
+    message = f"{flag} must lie strictly between 0 and 1, got {value!r}"
+    if isinstance(value, Real) and not isinstance(value, bool) and 1 < value < 100:
+        message += f": a fraction, not a percentage; pass {value / 100:g}"
+    return message

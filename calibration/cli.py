@@ -409,11 +409,17 @@ def evaluation_text(evaluation: dict) -> str:
     histogram = "  ".join(
         f"L{layer}:{count}" for layer, count in enumerate(evaluation["exit_histogram"], start=1)
     )
-    wall = "n/a" if evaluation["wall_speedup"] is None else f"{evaluation['wall_speedup']:.4f}"
+    full_seconds, seconds = evaluation["full_model"]["wall_time_s"], evaluation["wall_time_s"]
+    wall = (
+        f"{full_seconds / seconds:.2f}x the full model's speed"
+        if full_seconds and seconds
+        else "not measured"
+    )
     return "\n".join(
         [
             f"{OperatingPoint.from_dict(evaluation['operating_point']).describe()} on {evaluation['rows']} rows ({evaluation['backend']})",
-            f"layer speed-up {evaluation['layer_speedup']:.4f}   wall-clock speed-up {wall}",
+            f"layers saved {evaluation['layer_speedup']:.1%} (layer speed-up {evaluation['layer_speedup']:.4f})   "
+            f"wall clock {wall}",
             f"{metric} {evaluation['metric']:.4f}   (full model {evaluation['full_model']['metric']:.4f})",
             f"wall time {evaluation['wall_time_s']:.3f} s   (full model {evaluation['full_model']['wall_time_s']:.3f} s)",
             f"exits per layer: {histogram}",

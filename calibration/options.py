@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pcee.runtime import BACKEND_NAMES, DEFAULT_POLICY, policy_names
 
-from .calibrate import Objective
+from .calibrate import Objective, not_a_fraction
 from .errors import OptionError
 
 POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # also the name of the point's report folder
@@ -35,7 +35,7 @@ def require_integer(name: str, value, smallest: int | None = None) -> int:
 
 def require_open_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
-        raise OptionError(f"{flag(name)} must lie strictly between 0 and 1, got {value!r}")
+        raise OptionError(not_a_fraction(flag(name), value))
     return float(value)
 
 

@@ -122,15 +122,21 @@ def remove_stale_temporaries(report_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def frontier_labels(result: CalibrationResult) -> dict[str, str]:
-    """Each policy's legend label; a frontier identical to an earlier one says so, e.g. 'shallow-deep (= branchynet)'."""
-    labels: dict[str, str] = {}
-    first_with: dict[tuple, str] = {}
+def frontier_lines(result: CalibrationResult) -> list[tuple[list[str], list]]:
+    """The frontiers to draw, one per distinct curve: policies whose frontiers are identical share one line,
+    the calibrated policy first in its group (on two-class tasks the entropy and max-prob rules decide alike)."""
+    groups: dict[tuple, tuple[list[str], list]] = {}
     for policy, states in result.frontiers.items():
         curve = tuple((state.layer_speedup, state.metric) for state in states)
-        labels[policy] = policy if curve not in first_with else f"{policy} (= {first_with[curve]})"
-        first_with.setdefault(curve, policy)
-    return labels
+        groups.setdefault(curve, ([], states))[0].append(policy)
+    for policies, _ in groups.values():
+        policies.sort(key=lambda policy: policy != result.point.policy)
+    return list(groups.values())
+
+
+def line_label(policies: list[str]) -> str:
+    """'pcee', or 'pcee (= pcee-maxprob, branchynet)' for one line standing for several policies."""
+    return policies[0] if len(policies) == 1 else f"{policies[0]} (= {', '.join(policies[1:])})"
 
 
 def draw_frontiers(result: CalibrationResult):
@@ -139,15 +145,14 @@ def draw_frontiers(result: CalibrationResult):
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
-    labels = frontier_labels(result)
-    for policy, states in result.frontiers.items():
-        style = MAIN_POLICY_STYLE if policy == result.point.policy else BASELINE_STYLE
+    for policies, states in frontier_lines(result):
+        style = MAIN_POLICY_STYLE if result.point.policy in policies else BASELINE_STYLE
         axes.plot(
             [s.layer_speedup for s in states],
             [s.metric for s in states],
             marker="o",
             markersize=3,
-            label=labels[policy],
+            label=line_label(policies),
             **style,
         )
     axes.axhline(result.full_search.metric, color="grey", linestyle="--", linewidth=1.0, label="full model")

@@ -205,6 +205,9 @@ def run_training(options: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
     seed_everything(config.seed)  # the exit heads are initialised here, before training seeds again
     model = MultiExitClassifier.from_backbone(backbone_dir, pcee_config)
+    model.backbone_config.name_or_path = options[
+        "backbone"
+    ]  # config.json's _name_or_path: as given, not resolved
     click.echo(
         f"Training {model.num_layers}-exit {model.backbone_config.model_type} on {len(train_set)} rows "
         f"({pcee_config.num_labels} labels, exit pooling {pcee_config.exit_pooling}, loss {pcee_config.loss_weighting})"

@@ -26,6 +26,7 @@ from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
 from .errors import BackendError, BackendUnavailableError, BundleError, InputError, PceeError, PolicyError
 from .exits import AllExits, BatchOutcome, ExitRecord, layer_speedup, softmax
+from .extras import is_importable, require_extra
 from .graphs import (
     ATTENTION_BIAS,
     BATCH,
@@ -136,6 +137,8 @@ __all__ = [
     "InputError",
     "PceeError",
     "PolicyError",
+    "is_importable",
+    "require_extra",
     "AllExits",
     "BatchOutcome",
     "ExitRecord",

@@ -151,11 +151,13 @@ def main(
 
     \b
     Examples:
-      pcee-predict runs/sst2-pcee --text "a gripping, funny film"
-      pcee-predict runs/sst2-pcee --input reviews.txt --policy pcee --tau 0.2 --patience 2
+      pcee-predict runs/demo/sst2-pcee --text "a gripping, funny film"
+      pcee-predict runs/demo/sst2-pcee --text "a dull story" --point full
+      pcee-predict runs/demo/sst2-pcee --input runs/demo/reviews.txt --policy pcee --tau 0.2 --patience 2
       pcee-predict runs/qnli-pcee --text "Who wrote it?" --text-pair "It was written by Ann."
 
-    Each output line: label, label_index, probabilities, exit_layer, confidence, truncated.
+    Each output line: label, label_index, probabilities, exit_layer, exit_signal (the value the policy
+    judged at the exit: for pcee the normalized entropy, lower = more confident), exit_signal_name, truncated.
     Output line N answers input line N: a blank input line gets {"line": N, "error": ...}.
     A summary (layers run, layer speed-up, elapsed time) goes to stderr.
     """

@@ -30,7 +30,8 @@ class RowPrediction:
     label_index: int
     probabilities: np.ndarray
     exit_layer: int
-    confidence: float
+    exit_signal: float  # what the policy judged at the exit layer, named by exit_signal_name
+    exit_signal_name: str  # normalized_entropy (lower = more confident), max_probability or learned_score
     truncated: bool
 
     def to_dict(self) -> dict:
@@ -39,7 +40,8 @@ class RowPrediction:
             "label_index": self.label_index,
             "probabilities": [round(float(p), 6) for p in self.probabilities],
             "exit_layer": self.exit_layer,
-            "confidence": round(self.confidence, 6),
+            "exit_signal": round(self.exit_signal, 6),
+            "exit_signal_name": self.exit_signal_name,
             "truncated": self.truncated,
         }
 
@@ -250,14 +252,14 @@ class EarlyExitRuntime:
         )
         elapsed = time.perf_counter() - started
         return PredictionResult(
-            predictions=self.rows(outcome, batch.truncated),
+            predictions=self.rows(outcome, batch.truncated, policy.exit_signal_name),
             layers_run=int(outcome.exit_layer.sum()),
             num_layers=self.num_layers,
             elapsed_seconds=elapsed,
             operating_point=policy.point,
         )
 
-    def rows(self, outcome: BatchOutcome, truncated: np.ndarray) -> list[RowPrediction]:
+    def rows(self, outcome: BatchOutcome, truncated: np.ndarray, signal_name: str) -> list[RowPrediction]:
         labels = self.labels
         predictions = []
         for row, probabilities in enumerate(outcome.probabilities):
@@ -269,6 +271,7 @@ class EarlyExitRuntime:
                     probabilities,
                     int(outcome.exit_layer[row]),
                     float(outcome.confidence[row]),
+                    signal_name,
                     bool(truncated[row]),
                 )
             )

@@ -373,9 +373,7 @@ class Manifest:
         bundle_dir = Path(bundle_dir)
         path = bundle_dir / MANIFEST_NAME
         if not path.is_file():
-            raise BundleError(
-                f"{bundle_dir} is not a pcee bundle: no {MANIFEST_NAME}; create one with pcee-export MODEL_DIR"
-            )
+            raise BundleError(not_a_bundle(bundle_dir))
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -494,6 +492,19 @@ def require_file(bundle_dir: Path, relative) -> Path:
     if path.stat().st_size == 0:
         raise BundleError(f"bundle {bundle_dir}: {relative} is empty; {REEXPORT}")
     return path
+
+
+def not_a_bundle(bundle_dir: Path) -> str:
+    """Why `bundle_dir` holds no manifest, and what to pass instead: the bundle exported next to a model
+    directory (pcee-export's default output, MODEL_DIR-pcee) when there is one."""
+    if not bundle_dir.exists():
+        return f"{bundle_dir} does not exist; pass a bundle directory (pcee-export MODEL_DIR writes one to MODEL_DIR-pcee)"
+    if (bundle_dir / "config.json").is_file():
+        exported = bundle_dir.with_name(f"{bundle_dir.name}-pcee")
+        if (exported / MANIFEST_NAME).is_file():
+            return f"{bundle_dir} is a model directory, not a bundle; its exported bundle is {exported}: pass that"
+        return f"{bundle_dir} is a model directory, not a bundle; export it first: pcee-export {bundle_dir}"
+    return f"{bundle_dir} is not a pcee bundle: no {MANIFEST_NAME}; create one with pcee-export MODEL_DIR"
 
 
 # -- the one read-merge-write of a bundle's manifest -------------------------------------------------

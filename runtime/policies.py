@@ -40,6 +40,12 @@ CONFIDENCE_SIGNALS = {
         Signal("confidence_score", confident_below=False, unit_interval=False, description="learned score"),
     )
 }
+# The exit outputs by the names a prediction reports them under (`exit_signal_name`).
+SIGNAL_NAMES = {
+    "entropy": "normalized_entropy",
+    "max_probability": "max_probability",
+    "confidence_score": "learned_score",
+}
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,11 @@ class ExitPolicy:
     def exit_confidence(self, exits: ExitRecord, rows: np.ndarray) -> np.ndarray:
         return exits.entropy[rows]
 
+    @property
+    def exit_signal_name(self) -> str:
+        """What `exit_confidence` returns, as predictions name it."""
+        return SIGNAL_NAMES["entropy"]
+
 
 @dataclass(frozen=True)
 class PatientConfidentPolicy(ExitPolicy):
@@ -197,6 +208,10 @@ class PatientConfidentPolicy(ExitPolicy):
 
     def exit_confidence(self, exits, rows):
         return getattr(exits, self.signal)[rows]
+
+    @property
+    def exit_signal_name(self) -> str:
+        return SIGNAL_NAMES[self.signal]
 
 
 @dataclass(frozen=True)

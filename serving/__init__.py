@@ -6,30 +6,33 @@
 Torch-free like the runtime: it imports `pcee.runtime` only, never a backend module.
 """
 
-from .app import create_app
-from .errors import (
-    BadRequest,
-    GatewayTimeout,
-    NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    ServingError,
-    Unauthorized,
-    Unavailable,
-)
-from .service import InferenceService
-from .settings import ServerSettings
+from __future__ import annotations
 
-__all__ = [
-    "create_app",
-    "InferenceService",
-    "ServerSettings",
-    "BadRequest",
-    "GatewayTimeout",
-    "NotFound",
-    "PayloadTooLarge",
-    "RequestTimeout",
-    "ServingError",
-    "Unauthorized",
-    "Unavailable",
-]
+import importlib
+
+# Imported on first use, so `pcee-serve` can name the missing extra before starlette is needed.
+MODULE_OF = {
+    "create_app": "app",
+    "InferenceService": "service",
+    "ServerSettings": "settings",
+    **{
+        name: "errors"
+        for name in (
+            "BadRequest",
+            "GatewayTimeout",
+            "NotFound",
+            "PayloadTooLarge",
+            "RequestTimeout",
+            "ServingError",
+            "Unauthorized",
+            "Unavailable",
+        )
+    },
+}
+__all__ = list(MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{MODULE_OF[name]}", __name__), name)

@@ -276,7 +276,9 @@ def test_plot_without_matplotlib_fails_before_any_timing(bundle, data_csv, tmp_p
 
 
 def test_a_missing_bundle_gets_one_line(data_csv, tmp_path):
-    assert "manifest.json" in single_error_line(run_bench(tmp_path / "nowhere", data_csv))
+    assert "nowhere does not exist; pass a bundle directory" in single_error_line(
+        run_bench(tmp_path / "nowhere", data_csv)
+    )
 
 
 # ------------------------------------------------------------------ 7. the batch-1 profile

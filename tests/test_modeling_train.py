@@ -104,10 +104,11 @@ def generic_arguments(backbone, files, output):
     ]
 
 
-def test_cli_trains_saves_and_reports_every_exit(tiny_backbone, generic_files, tmp_path):
+def test_cli_trains_saves_and_reports_every_exit(tiny_backbone, generic_files, tmp_path, monkeypatch):
     output = tmp_path / "model"
+    monkeypatch.chdir(tiny_backbone.parent)  # the backbone given relative, as a user types it
     result = run_train(
-        *generic_arguments(tiny_backbone, generic_files, output),
+        *generic_arguments(tiny_backbone.name, generic_files, output),
         "--epochs",
         "1",
         "--max-seq-len",
@@ -121,6 +122,7 @@ def test_cli_trains_saves_and_reports_every_exit(tiny_backbone, generic_files, t
     assert results["metric"] == "accuracy" and all(0 <= row["accuracy"] <= 1 for row in results["exits"])
     config = json.loads((output / "config.json").read_text())
     assert config["pcee"]["max_seq_len"] == 24 and config["pcee"]["label_names"] == ["0", "1"]
+    assert config["_name_or_path"] == tiny_backbone.name  # as given, never resolved into this machine
     assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
     assert "Per-exit results" in result.output
 

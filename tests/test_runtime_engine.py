@@ -100,6 +100,25 @@ def test_full_model_policy_equals_pytorch_last_exit(bundle, runtime, tmp_path):
     assert [row.label_index for row in result.predictions] == list(expected.argmax(-1))
 
 
+@pytest.mark.parametrize(
+    ("point", "name", "output"),
+    [
+        (OperatingPoint("pcee", tau=0.9, patience=1), "normalized_entropy", "entropy"),
+        (OperatingPoint("pcee-maxprob", tau=0.1, patience=1), "max_probability", "max_probability"),
+        (OperatingPoint("full"), "normalized_entropy", "entropy"),
+    ],
+)
+def test_each_row_names_the_signal_its_policy_judged(runtime, point, name, output):
+    texts = ["the movie was good", "a dull story"]
+    rows = runtime.predict(texts, operating_point=point).predictions
+    exits = runtime.run_all_exits(runtime.tokenizer.encode_texts(texts))
+    for index, row in enumerate(rows):
+        assert row.exit_signal_name == name
+        assert row.exit_signal == pytest.approx(
+            float(getattr(exits, output)[index, row.exit_layer - 1]), abs=1e-5
+        )
+
+
 def test_call_statistics_follow_equation_four(runtime, varied_point):
     result = runtime.predict(SENTENCES, operating_point=varied_point)
     layers = [row.exit_layer for row in result.predictions]
@@ -256,7 +275,15 @@ def test_predict_cli_writes_json_lines(bundle, tmp_path):
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 3 and rows[1] == {"line": 2, "error": "blank line: nothing to classify"}
     assert rows[0]["exit_layer"] == rows[2]["exit_layer"] == 2
-    assert set(rows[0]) == {"label", "label_index", "probabilities", "exit_layer", "confidence", "truncated"}
+    assert set(rows[0]) == {
+        "label",
+        "label_index",
+        "probabilities",
+        "exit_layer",
+        "exit_signal",
+        "exit_signal_name",
+        "truncated",
+    }
 
 
 def test_predict_cli_bad_policy_is_a_clear_error(bundle):

@@ -52,7 +52,8 @@ def test_predictions_equal_the_chain_at_the_full_point(bundle, runtime):
     for got, want in zip(served.predictions, expected.predictions):
         np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
         assert (got.label, got.exit_layer) == (want.label, want.exit_layer)
-        assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
+        assert got.exit_signal == pytest.approx(want.exit_signal, abs=1e-5)
+        assert got.exit_signal_name == want.exit_signal_name
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def test_the_compiled_graph_exits_where_the_chain_exits_for_every_policy(runtime
                 got.probabilities, expected.probabilities, atol=1e-6, err_msg=point.describe()
             )
             np.testing.assert_allclose(
-                got.confidence, expected.confidence, atol=1e-6, err_msg=point.describe()
+                got.exit_signal, expected.exit_signal, atol=1e-6, err_msg=point.describe()
             )
         exit_layers.update(prediction.exit_layer for prediction in compiled)
     assert exit_layers == {1, 2, 3, 4}  # the points really exercise every branch
