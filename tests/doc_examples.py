@@ -1,6 +1,6 @@
 """The README's and docs' examples, read out of the markdown and run on the demo's output layout.
 
-Shared by tests/test_readme.py and tests/test_docs.py. The layout stands in for what `pcee-demo` writes,
+Shared by tests/test_docs_readme.py and tests/test_docs.py. The layout stands in for what `pcee-demo` writes,
 in a scratch directory: a tiny random SST-2 model at `runs/demo/sst2`, its bundle at
 `runs/demo/sst2-pcee` with the demo's own ladder of points (saved by the demo's `save_ladder`, so
 `full`, `speedup-0.50`, `speedup-0.75` and their calibration reports), `runs/demo/reviews.txt` as the

@@ -1,4 +1,4 @@
-"""The docs' examples run as written on the demo's output, like the README's (tests/test_readme.py).
+"""The docs' examples run as written on the demo's output, like the README's (tests/test_docs_readme.py).
 
 Each doc's paths are the demo's (`runs/demo/sst2`, `runs/demo/sst2-pcee`), and each saved point it
 names is one the demo creates (or the doc's own pcee-calibrate lines do). On the layout of
