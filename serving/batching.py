@@ -8,9 +8,11 @@ and hands each job exactly its rows. One batch runs at a time: rows that arrive 
 the next, larger batch.
 
 A job leaves the queue without running when its deadline passes (the server's
---max-queue-wait-ms or the request's own timeout), when its client disconnects, or when a drain
-runs out of time; each is answered (or, for a departed client, just dropped) and counted in
-`pcee_requests_dropped_total{reason}`.
+--max-queue-wait-ms or the request's own timeout, both counted from the request's arrival), when
+its client disconnects, or when a drain runs out of time; each is answered (or, for a departed
+client, just dropped) and counted in `pcee_requests_dropped_total{reason}`. A request whose
+deadline has passed before it is queued is refused the same way, and one whose deadline passes
+while the event loop is late to fire its timer is never taken into a batch.
 """
 
 from __future__ import annotations
@@ -43,21 +45,24 @@ QUEUE_WAIT, REQUEST_TIMEOUT, CLIENT_DISCONNECTED, SHUTDOWN = (
 
 @dataclass(frozen=True)
 class Deadline:
-    """When a job must have started running, and why (which limit set it)."""
+    """When a job must have started running (counted from the request's arrival), and why (which limit set it)."""
 
     at: float  # time.monotonic()
     reason: str  # QUEUE_WAIT or REQUEST_TIMEOUT
     limit_ms: float
 
+    def passed(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.at
+
     def expired_error(self) -> ServingError:
         if self.reason == QUEUE_WAIT:
             return Unavailable(
-                f"overloaded: the request waited {self.limit_ms:g} ms in the queue without starting "
+                f"overloaded: the request did not start running within {self.limit_ms:g} ms of its arrival "
                 "(--max-queue-wait-ms); retry shortly"
             )
         return GatewayTimeout(
-            f"the request's own timeout ({self.limit_ms:g} ms) passed before its rows could start; "
-            "nothing ran for it"
+            f"the request's own timeout ({self.limit_ms:g} ms from its arrival) passed before its rows "
+            "could start; nothing ran for it"
         )
 
 
@@ -133,6 +138,12 @@ class Batcher:
                 f"overloaded: {self.queued_rows} rows are waiting (--max-queue {self.max_queue_rows}); retry shortly"
             )
 
+    def check_deadline(self, deadline: Deadline | None) -> None:
+        """Refuse (and count) a request whose deadline passed before it could join the queue."""
+        if deadline is not None and deadline.passed():
+            self.metrics.requests_dropped.labels(reason=deadline.reason).inc()
+            raise deadline.expired_error()
+
     async def submit(
         self,
         rows: EncodedBatch,
@@ -146,6 +157,7 @@ class Batcher:
         `departed()` returns an awaitable that completes when the client has gone away.
         """
         self.check_room(len(rows))
+        self.check_deadline(deadline)
         job = Job(rows, point, paired, asyncio.get_running_loop().create_future(), deadline)
         self._enqueue(job)
         if departed is None:
@@ -264,7 +276,13 @@ class Batcher:
         return sum(job.count for job in self._pending if job.group == group)
 
     def _take(self, group) -> list[Job]:
-        """The oldest jobs of `group` up to max_batch_size rows (at least one job, however large)."""
+        """The oldest jobs of `group` up to max_batch_size rows (at least one job, however large).
+
+        A job whose deadline has passed is dropped here even if its timer has not fired yet.
+        """
+        now = time.monotonic()
+        for job in [job for job in self._pending if job.deadline is not None and job.deadline.passed(now)]:
+            self._expire(job)
         taken, rows, kept = [], 0, deque()
         for job in self._pending:
             fits = not taken or rows + job.count <= self.max_batch_size

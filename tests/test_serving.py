@@ -1003,6 +1003,56 @@ def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
         assert rows_classified(live) == 1, "the departed client's 3 rows never ran"
 
 
+def send_slowly(port: int, parts: list[bytes], pause_s: float) -> bytes:
+    """One request sent in `parts`, `pause_s` apart, on a fresh connection; its reply (the server closes or answers)."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=10) as client:
+        for index, part in enumerate(parts):
+            if index:
+                time.sleep(pause_s)
+            client.sendall(part)
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < content_length(reply):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def content_length(reply: bytes) -> int:
+    for line in reply.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def classify_request(texts: list[str], *headers: str) -> bytes:
+    body = json.dumps({"texts": texts}).encode()
+    head = ["POST /v1/classify HTTP/1.1", "Host: x", "Content-Type: application/json", *headers]
+    return ("\r\n".join([*head, f"Content-Length: {len(body)}"]) + "\r\n\r\n").encode() + body
+
+
+def test_deadlines_count_from_the_first_bytes_of_the_request(bundle):
+    """The queue deadline and the request's own timeout run from when the request's first bytes reached
+    the connection layer, not from admission: a request whose head or body took longer than its deadline
+    to arrive is answered at once without running, on an idle server (issue 17, overload)."""
+    with serving(bundle, limits=ConnectionLimits(), max_queue_wait_ms=400) as live:
+        request = classify_request(SENTENCES[:2])
+        on_time = send_slowly(live.port, [request[:20], request[20:]], pause_s=0.05)
+        assert on_time.startswith(b"HTTP/1.1 200"), on_time[:300]
+        head, body = request.split(b"\r\n\r\n", 1)
+        late_body = send_slowly(live.port, [head + b"\r\n\r\n", body], pause_s=0.6)
+        assert late_body.startswith(b"HTTP/1.1 503") and "of its arrival" in json_error(late_body)
+        late_head = send_slowly(live.port, [request[:10], request[10:]], pause_s=0.6)
+        assert late_head.startswith(b"HTTP/1.1 503")
+        hurried = classify_request(SENTENCES[:2], "X-Request-Timeout-Ms: 150")
+        timed_out = send_slowly(live.port, [hurried[:30], hurried[30:]], pause_s=0.3)
+        assert timed_out.startswith(b"HTTP/1.1 504") and "150 ms from its arrival" in json_error(timed_out)
+        assert dropped(live, "queue_wait") == 2 and dropped(live, "request_timeout") == 1
+        assert rows_classified(live) == 2, "only the request that arrived in time ran"
+
+
 # -- the connection layer: head size, head and idle timeouts, connection limit, protocol errors ----
 GUARDED = ConnectionLimits(
     max_header_bytes=8192, header_timeout_s=0.5, keep_alive_timeout_s=0.5, max_connections=50
