@@ -294,6 +294,36 @@ def test_infer_parameters_pick_a_saved_point_and_outputs_select_tensors(server):
     ]
 
 
+def test_infer_takes_texts_shaped_rows_by_1_as_triton_batched_models_declare(server, pair_server):
+    """[N, 1] inputs (pcee-triton's and any Triton model's with max_batch_size > 0), data flat or one
+    list per row: the rows of the [N] form, with per-row outputs shaped [N, 1] likewise."""
+    texts = SENTENCES[:3]
+    flat = post(server, f"/v2/models/{MODEL}/infer", infer_body(texts)).json()
+    for data in (texts, [[text] for text in texts]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3, 1], "data": data}]}
+        reply = post(server, f"/v2/models/{MODEL}/infer", body)
+        assert reply.status_code == 200, reply.text
+        outputs = {output["name"]: output for output in reply.json()["outputs"]}
+        assert outputs["label"]["shape"] == [3, 1] and outputs["exit_layer"]["shape"] == [3, 1]
+        assert outputs["probabilities"]["shape"] == [3, 2]
+        assert [output["data"] for output in reply.json()["outputs"]] == [
+            output["data"] for output in flat["outputs"]
+        ]
+    pairs = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [2, 1], "data": SENTENCES[:2]},
+            {"name": "text_pair", "datatype": "BYTES", "shape": [2, 1], "data": SENTENCES[2:4]},
+        ]
+    }
+    assert post(pair_server, f"/v2/models/{MODEL}/infer", pairs).status_code == 200
+    for shape in ([3, 2], [1, 3], [3, 1, 1]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": texts}]}
+        refused = post(server, f"/v2/models/{MODEL}/infer", body)
+        assert refused.status_code == 400 and "must be [3] or [3, 1]" in refused.json()["error"]
+    declared = get(server, f"/v2/models/{MODEL}").json()["inputs"][0]["shape"]
+    assert declared == [-1] and get(server, f"/v2/models/{MODEL}/config").json()["input"][0]["dims"] == [-1]
+
+
 def test_classify_returns_the_rows_of_pcee_predict(server, reference):
     reply = post(server, "/v1/classify", {"texts": SENTENCES[:5]}).json()
     assert_same_rows(reply["predictions"], expected_rows(reference, SENTENCES[:5]))
