@@ -588,8 +588,9 @@ def test_admin_is_off_without_a_token(pair_server):
 class HeldRuntime:
     """Loads the bundle, then (once `hold()` is called) makes every predict wait for `release()`."""
 
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, seconds_per_call: float = 0.0):
         self.bundle = bundle
+        self.seconds_per_call = seconds_per_call
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -601,6 +602,7 @@ class HeldRuntime:
         def held_predict(*args, **kwargs):
             self.entered.set()
             assert self.gate.wait(timeout=20), "the test never released the runtime"
+            time.sleep(self.seconds_per_call)
             return predict_encoded(*args, **kwargs)
 
         runtime.predict_encoded = held_predict
@@ -1008,6 +1010,40 @@ def test_queue_and_request_deadlines_answer_without_running(bundle):
         assert dropped(live, "queue_wait") == 1 and dropped(live, "request_timeout") == 2
         assert rows_classified(live) == 1, "only the held request's row ran"
         assert live.service.batcher.queued_rows == 0
+
+
+def test_a_request_the_queue_ahead_would_keep_past_its_deadline_is_refused_at_once(bundle):
+    """Rows queued ahead x the recent seconds per row past the deadline: a fast 503 (or 504 for the
+    request's own timeout) at admission, instead of a slow one when the deadline passes in the queue."""
+    held = HeldRuntime(bundle, seconds_per_call=0.5)
+    with (
+        serving(bundle, load=held, max_batch_size=1, max_wait_ms=0, max_queue_wait_ms=2000) as live,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        assert post(live, "/v1/classify", {"texts": ["learn the pace"]}).status_code == 200
+        held.hold()
+        running = [pool.submit(post, live, "/v1/classify", {"texts": ["running"]})]
+        assert held.entered.wait(10)
+        for expected_rows in (1, 2, 3):  # about 0.5 s ahead of the next one for each
+            running.append(pool.submit(post, live, "/v1/classify", {"texts": ["queued"]}))
+            wait_for(lambda rows=expected_rows: live.service.batcher.queued_rows == rows)
+        started = time.monotonic()
+        hurried = post(live, "/v1/classify", {"texts": ["x"]}, headers={"X-Request-Timeout-Ms": "1000"})
+        assert hurried.status_code == 504 and "would pass before" in hurried.json()["error"]
+        running.append(pool.submit(post, live, "/v1/classify", {"texts": ["fits, 1.5 s ahead"]}))
+        wait_for(lambda: live.service.batcher.queued_rows == 4)
+        refused = post(live, "/v1/classify", {"texts": ["2 s ahead"]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert (
+            "would not start" in refused.json()["error"] and "--max-queue-wait-ms" in refused.json()["error"]
+        )
+        assert time.monotonic() - started < 1.0, "both were refused at once, not when their deadlines passed"
+        held.gate.set()
+        statuses = [future.result().status_code for future in running]
+        assert statuses[:4] == [200] * 4 and statuses[4] in (200, 503)
+        assert rows_classified(live) == 1 + statuses.count(200), "the refused requests never ran"
+        assert dropped(live, "request_timeout") == 1
+        assert dropped(live, "queue_wait") == 1 + statuses.count(503)
 
 
 def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
