@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
@@ -45,11 +45,13 @@ class ServerCounts:
     rows_classified: int
     dropped: dict[str, int]
     queued_rows: int = 0
+    # /v1/classify answers (any status) the server itself timed, arrival to answer, at most each bucket's seconds
+    answers_within_s: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def scrape(cls, url: str) -> ServerCounts:
         text = httpx.get(url + "/metrics", timeout=30).text
-        rows, dropped, queued = 0, Counter(), 0
+        rows, dropped, queued, within = 0, Counter(), 0, {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "pcee_rows_total":
@@ -58,7 +60,12 @@ class ServerCounts:
                     dropped[sample.labels["reason"]] += int(sample.value)
                 elif sample.name == "pcee_queue_rows":
                     queued = int(sample.value)
-        return cls(rows, dict(dropped), queued)
+                elif (
+                    sample.name == "pcee_request_duration_seconds_bucket"
+                    and sample.labels["route"] == "classify"
+                ):
+                    within[sample.labels["le"]] = int(sample.value)
+        return cls(rows, dict(dropped), queued, within)
 
     @classmethod
     def settled(cls, url: str, within_s: float = 120.0) -> ServerCounts:
@@ -78,6 +85,9 @@ class ServerCounts:
             {
                 reason: self.dropped.get(reason, 0) - earlier.dropped.get(reason, 0)
                 for reason in sorted(reasons)
+            },
+            answers_within_s={
+                le: count - earlier.answers_within_s.get(le, 0) for le, count in self.answers_within_s.items()
             },
         )
 
@@ -157,6 +167,8 @@ def format_report(report: OverloadReport) -> str:
             f" outcomes: {report.outcomes}",
             f"     rows: {report.server.rows_classified} classified by the server, {report.rows_answered} answered",
             f"  dropped: {report.server.dropped or 'none'} (answered without running, or client gone)",
+            f"   server: answers it timed (arrival to answer, any status) within each bucket's seconds: "
+            f"{report.server.answers_within_s}",
         ]
     )
 
