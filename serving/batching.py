@@ -157,7 +157,7 @@ class Batcher:
         if deadline is None:
             return
         now, ahead = time.monotonic(), self.queued_ahead_seconds()
-        if deadline.passed(now) or deadline.passed(now + ahead):
+        if deadline.passed(now + ahead):
             self.metrics.requests_dropped.labels(reason=deadline.reason).inc()
             raise deadline.expired_error(None if deadline.passed(now) else ahead)
 

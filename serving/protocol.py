@@ -42,9 +42,8 @@ class InferRequest:
     request_id: str | None
     outputs: tuple[str, ...]
     timeout_ms: float | None = None
-    batched: bool = (
-        False  # the texts came as [rows, 1] (Triton's batched form): answer per-row outputs so too
-    )
+    # the texts came shaped [rows, 1] (Triton's batched form): the per-row outputs are answered so too
+    batched: bool = False
 
 
 def parse_json(body: bytes) -> object:
