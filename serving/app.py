@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pcee.runtime import InputError, PceeError, PolicyError
 
 from .batching import REQUEST_TIMEOUT, Deadline
+from .connections import ARRIVED_AT
 from .errors import BadRequest, ClientClosedRequest, NotFound, PayloadTooLarge, RequestTimeout, ServingError
 from .metrics import ServingMetrics
 from .protocol import (
@@ -141,15 +142,21 @@ def refuse_binary_tensors(request: Request, body: bytes) -> None:
 TIMEOUT_HEADER = "x-request-timeout-ms"
 
 
+def arrival(request: Request) -> float:
+    """When the request's first bytes arrived (`time.monotonic()`): what every deadline counts from."""
+    return request.scope[ARRIVED_AT]
+
+
 def request_timeout(request: Request, timeout_ms: float | None = None) -> Deadline | None:
-    """The request's own deadline: the X-Request-Timeout-Ms header, or OIP's `timeout` parameter (the shorter)."""
+    """The request's own deadline, from its arrival: the X-Request-Timeout-Ms header, or OIP's `timeout`
+    parameter (the shorter)."""
     header = request.headers.get(TIMEOUT_HEADER)
     if header is not None:
         given = header_milliseconds(header)
         timeout_ms = given if timeout_ms is None or given is None else min(timeout_ms, given)
     if timeout_ms is None:
         return None
-    return Deadline(time.monotonic() + timeout_ms / 1000.0, REQUEST_TIMEOUT, timeout_ms)
+    return Deadline(arrival(request) + timeout_ms / 1000.0, REQUEST_TIMEOUT, timeout_ms)
 
 
 def header_milliseconds(header: str) -> float | None:
@@ -230,7 +237,9 @@ async def infer(request: Request) -> Response:
     refuse_binary_tensors(request, body)
     parsed = parse_infer(body, runtime.takes_pairs)
     timeout = request_timeout(request, parsed.timeout_ms)
-    result = await service.classify(parsed.rows, timeout, functools.partial(client_departed, request))
+    result = await service.classify(
+        parsed.rows, arrival(request), timeout, functools.partial(client_departed, request)
+    )
     return JSONResponse(infer_response(service.settings.model_name, parsed, result))
 
 
@@ -239,7 +248,7 @@ async def classify(request: Request) -> Response:
     runtime = service.serving_runtime()
     parsed = parse_classify(await read_body(request, service.settings), runtime.takes_pairs)
     result = await service.classify(
-        parsed, request_timeout(request), functools.partial(client_departed, request)
+        parsed, arrival(request), request_timeout(request), functools.partial(client_departed, request)
     )
     return JSONResponse(classify_response(result))
 
@@ -334,6 +343,9 @@ def request_id_of(scope: Scope) -> str:
 class RequestLog:
     """ASGI middleware: echoes X-Request-ID (made when absent), counts and times every answer by route
     and status (404s and 500s too), and writes one access-log line per request when that log is on.
+
+    Times count from the request's arrival (`ARRIVED_AT`, set by pcee-serve's connection layer; under
+    another ASGI server, from when the request reaches this middleware).
     """
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics, echo_request_id: bool = True):
@@ -345,7 +357,7 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        arrived, status = scope.setdefault(ARRIVED_AT, time.monotonic()), 500
         request_id = request_id_of(scope)
         scope.setdefault("state", {})["request_id"] = request_id
 
@@ -360,7 +372,7 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - started
+            seconds = time.monotonic() - arrived
             self.metrics.observe_request(route_label(scope), status, seconds)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(

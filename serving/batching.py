@@ -8,9 +8,12 @@ and hands each job exactly its rows. One batch runs at a time: rows that arrive 
 the next, larger batch.
 
 A job leaves the queue without running when its deadline passes (the server's
---max-queue-wait-ms or the request's own timeout), when its client disconnects, or when a drain
-runs out of time; each is answered (or, for a departed client, just dropped) and counted in
-`pcee_requests_dropped_total{reason}`.
+--max-queue-wait-ms or the request's own timeout, both counted from the request's arrival), when
+its client disconnects, or when a drain runs out of time; each is answered (or, for a departed
+client, just dropped) and counted in `pcee_requests_dropped_total{reason}`. A request whose
+deadline has passed when it is admitted, or will have before the rows queued ahead of it have run
+(at the recent batches' seconds per row), is refused the same way at once; one whose deadline
+passes while the event loop is late to fire its timer is never taken into a batch.
 """
 
 from __future__ import annotations
@@ -41,23 +44,37 @@ QUEUE_WAIT, REQUEST_TIMEOUT, CLIENT_DISCONNECTED, SHUTDOWN = (
 )
 
 
+ROW_SECONDS_WEIGHT = 0.2  # of the newest batch in the moving average of seconds per row
+
+
 @dataclass(frozen=True)
 class Deadline:
-    """When a job must have started running, and why (which limit set it)."""
+    """When a job must have started running (counted from the request's arrival), and why (which limit set it)."""
 
     at: float  # time.monotonic()
     reason: str  # QUEUE_WAIT or REQUEST_TIMEOUT
     limit_ms: float
 
-    def expired_error(self) -> ServingError:
+    def passed(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.at
+
+    def expired_error(self, queued_ahead_s: float | None = None) -> ServingError:
+        """The answer to a request this deadline stops; `queued_ahead_s`: refused at once, because the
+        rows queued ahead of it would take that long, past the deadline."""
+        when = "did not start" if queued_ahead_s is None else "would not start"
+        ahead = (
+            ""
+            if queued_ahead_s is None
+            else f" (the rows queued ahead take about {queued_ahead_s * 1000:.0f} ms)"
+        )
         if self.reason == QUEUE_WAIT:
             return Unavailable(
-                f"overloaded: the request waited {self.limit_ms:g} ms in the queue without starting "
+                f"overloaded: the request {when} running within {self.limit_ms:g} ms of its arrival{ahead} "
                 "(--max-queue-wait-ms); retry shortly"
             )
         return GatewayTimeout(
-            f"the request's own timeout ({self.limit_ms:g} ms) passed before its rows could start; "
-            "nothing ran for it"
+            f"the request's own timeout ({self.limit_ms:g} ms from its arrival) {'would pass' if ahead else 'passed'} "
+            f"before its rows could start{ahead}; nothing ran for it"
         )
 
 
@@ -106,6 +123,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.accepting = True
         self.queued_rows = 0
+        self.row_seconds: float | None = None  # recent batches' run time per row
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
         self._arrived = asyncio.Event()
@@ -133,6 +151,20 @@ class Batcher:
                 f"overloaded: {self.queued_rows} rows are waiting (--max-queue {self.max_queue_rows}); retry shortly"
             )
 
+    def check_deadline(self, deadline: Deadline | None) -> None:
+        """Refuse (and count) a request whose deadline has passed, or will have before the rows queued
+        ahead of it are done (at the rate recent batches ran): a fast 503/504 instead of a slow one."""
+        if deadline is None:
+            return
+        now, ahead = time.monotonic(), self.queued_ahead_seconds()
+        if deadline.passed(now + ahead):
+            self.metrics.requests_dropped.labels(reason=deadline.reason).inc()
+            raise deadline.expired_error(None if deadline.passed(now) else ahead)
+
+    def queued_ahead_seconds(self) -> float:
+        """How long the rows now queued would take to run, at the recent seconds per row (0 before any batch)."""
+        return self.queued_rows * (self.row_seconds or 0.0)
+
     async def submit(
         self,
         rows: EncodedBatch,
@@ -146,6 +178,7 @@ class Batcher:
         `departed()` returns an awaitable that completes when the client has gone away.
         """
         self.check_room(len(rows))
+        self.check_deadline(deadline)
         job = Job(rows, point, paired, asyncio.get_running_loop().create_future(), deadline)
         self._enqueue(job)
         if departed is None:
@@ -264,7 +297,13 @@ class Batcher:
         return sum(job.count for job in self._pending if job.group == group)
 
     def _take(self, group) -> list[Job]:
-        """The oldest jobs of `group` up to max_batch_size rows (at least one job, however large)."""
+        """The oldest jobs of `group` up to max_batch_size rows (at least one job, however large).
+
+        A job whose deadline has passed is dropped here even if its timer has not fired yet.
+        """
+        now = time.monotonic()
+        for job in [job for job in self._pending if job.deadline is not None and job.deadline.passed(now)]:
+            self._expire(job)
         taken, rows, kept = [], 0, deque()
         for job in self._pending:
             fits = not taken or rows + job.count <= self.max_batch_size
@@ -295,11 +334,19 @@ class Batcher:
             outcomes: list[PredictionResult | Exception] = [error] * len(batch)
         else:
             self.metrics.observe_batch(result)
+            self._note_row_seconds((time.monotonic() - started) / len(result.predictions))
             outcomes = split_rows(result, [job.count for job in batch])
         self._running = []
         for job, outcome in zip(batch, outcomes):
             self._settle(job, outcome)
         self._note_if_idle()
+
+    def _note_row_seconds(self, seconds: float) -> None:
+        """A moving average over the last batches: what admission expects a queued row to cost."""
+        previous = self.row_seconds
+        self.row_seconds = (
+            seconds if previous is None else previous + ROW_SECONDS_WEIGHT * (seconds - previous)
+        )
 
     @staticmethod
     def _settle(job: Job, outcome: PredictionResult | Exception) -> None:

@@ -224,7 +224,7 @@ option = functools.partial(click.option, show_envvar=True)
     "--max-queue-wait-ms",
     default=5000.0,
     type=click.FloatRange(min=0),
-    help="A request not started within this time of its admission gets 503 with Retry-After and never runs (0: no limit). "
+    help="A request not started within this time of its arrival (its first bytes) gets 503 with Retry-After and never runs (0: no limit). "
     "A request may ask for less: header X-Request-Timeout-Ms, or OIP's parameters.timeout in microseconds (then 504).",
 )
 @option(
@@ -261,7 +261,7 @@ option = functools.partial(click.option, show_envvar=True)
 @option(
     "--slo-p99-ms",
     type=click.FloatRange(min=0, min_open=True),
-    help="Adaptive: the p99 latency target (admission to answer) the controller holds. Needs --adaptive-points.",
+    help="Adaptive: the p99 latency target (arrival to answer) the controller holds. Needs --adaptive-points.",
 )
 @option(
     "--adaptive-points",

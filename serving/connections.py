@@ -9,7 +9,9 @@ per connection:
 - a head timeout: a connection that has not sent a complete request head within `header_timeout_s`
   of connecting (or of starting its next request) is closed, with a 408 if part of a head came;
 - a connection limit: past `max_connections` open connections, a new one gets 503 and is closed;
-- every protocol-level error answered as `{"error": ...}` JSON.
+- every protocol-level error answered as `{"error": ...}` JSON;
+- each request's arrival: the monotonic time its first bytes were read, in the ASGI scope under
+  `ARRIVED_AT`, so the app's deadlines count the time a request waited before the app saw it.
 
 Idle keep-alive connections are closed after uvicorn's own `timeout_keep_alive`.
 """
@@ -20,12 +22,16 @@ import asyncio
 import http
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("pcee.serving")
+
+# The ASGI scope key of a request's arrival (time.monotonic() when its first bytes were read).
+ARRIVED_AT = "pcee.arrived_at"
 
 
 class HeadTooLarge(Exception):
@@ -85,6 +91,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.read_at = time.monotonic()  # a request that begins in this read arrived now
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_timer is None:
@@ -113,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self.head_size = 0
         super().on_message_begin()
+        self.scope[ARRIVED_AT] = self.read_at  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
         self.grow_head(len(url))

@@ -1,7 +1,7 @@
 """The latency controller: serve the most accurate saved point that holds the p99 target, on its own.
 
 A ladder of saved points runs from most accurate to fastest. Every tick the controller looks at
-the rolling p99 of request latency (admission to answer) and at how long the oldest queued
+the rolling p99 of request latency (arrival to answer) and at how long the oldest queued
 request has waited. It steps one point faster when either passes `step_down_at` x target,
 and one point more accurate when both are under `step_up_below` x target. The gap between the
 two ratios is the hysteresis. After a switch it holds for `dwell_s`, and it judges the new point

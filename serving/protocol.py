@@ -42,6 +42,8 @@ class InferRequest:
     request_id: str | None
     outputs: tuple[str, ...]
     timeout_ms: float | None = None
+    # the texts came shaped [rows, 1] (Triton's batched form): the per-row outputs are answered so too
+    batched: bool = False
 
 
 def parse_json(body: bytes) -> object:
@@ -176,8 +178,8 @@ def parse_infer(body: bytes, takes_pairs: bool) -> InferRequest:
         raise BadRequest(
             f"this model takes inputs {list(expected)}, got {sorted(tensors)}" + pairing_hint(takes_pairs)
         )
-    texts = bytes_tensor(tensors[TEXT_INPUT], TEXT_INPUT)
-    pairs = bytes_tensor(tensors[PAIR_INPUT], PAIR_INPUT) if takes_pairs else None
+    texts, batched = bytes_tensor(tensors[TEXT_INPUT], TEXT_INPUT)
+    pairs = bytes_tensor(tensors[PAIR_INPUT], PAIR_INPUT)[0] if takes_pairs else None
     check_same_length(texts, pairs, f'"{PAIR_INPUT}" elements')
     parameters = require_object(data.get("parameters") or {}, '"parameters"')
     request_id = data.get("id")
@@ -192,6 +194,7 @@ def parse_infer(body: bytes, takes_pairs: bool) -> InferRequest:
         positive_milliseconds(
             parameters.get(TIMEOUT_PARAMETER), f'parameters["{TIMEOUT_PARAMETER}"] (microseconds)', 1000.0
         ),
+        batched,
     )
 
 
@@ -214,21 +217,29 @@ def named_tensors(tensors: list, where: str) -> dict[str, dict]:
     return named
 
 
-def bytes_tensor(tensor: dict, name: str) -> list[str]:
-    """A BYTES tensor of shape [N] whose data are N strings."""
+def bytes_tensor(tensor: dict, name: str) -> tuple[list[str], bool]:
+    """The N strings of a BYTES tensor of shape [N], or [N, 1] (what a Triton model with max_batch_size > 0
+    declares, as pcee-triton's does), and whether it was [N, 1]. Its data: N strings, flat or one per row."""
     if tensor.get("datatype") != "BYTES":
         raise BadRequest(f'input {name!r} must have datatype "BYTES", got {tensor.get("datatype")!r}')
     if "data" not in tensor:
         raise BadRequest(
             f'input {name!r} needs "data" (the binary tensor extension is not supported; send JSON data)'
         )
-    texts = string_list(tensor["data"], f"input {name!r} data")
-    shape = tensor.get("shape")
-    if shape != [len(texts)]:
+    texts = string_list(flat_rows(tensor["data"]), f"input {name!r} data")
+    shape, count = tensor.get("shape"), len(texts)
+    if shape not in ([count], [count, 1]):
         raise BadRequest(
-            f"input {name!r} has {len(texts)} elements, so its shape must be [{len(texts)}], got {shape!r}"
+            f"input {name!r} has {count} elements, so its shape must be [{count}] or [{count}, 1], got {shape!r}"
         )
-    return texts
+    return texts, len(shape) == 2
+
+
+def flat_rows(data: object) -> object:
+    """`[["a"], ["b"]]` (OIP allows a tensor's data nested by rows) as `["a", "b"]`; anything else as it is."""
+    if isinstance(data, list) and data and all(isinstance(row, list) and len(row) == 1 for row in data):
+        return [row[0] for row in data]
+    return data
 
 
 def requested_outputs(outputs: object) -> tuple[str, ...]:
@@ -263,7 +274,8 @@ def model_config(model_name: str, takes_pairs: bool, num_labels: int, max_queue_
     """`GET /v2/models/{name}/config` in the shape Triton answers it (what perf_analyzer reads).
 
     `max_batch_size` 0: in Triton's terms the inputs carry no batch dimension; each is a 1-D tensor
-    of N texts, batched across requests by the server itself.
+    of N texts, batched across requests by the server itself. Inputs shaped [N, 1], as clients of a
+    Triton model with a batch dimension send them, are accepted as well (the answer is shaped alike).
     """
     metadata = model_metadata(model_name, takes_pairs, num_labels)
 
@@ -289,13 +301,14 @@ def model_config(model_name: str, takes_pairs: bool, num_labels: int, max_queue_
 
 def infer_response(model_name: str, request: InferRequest, result: PredictionResult) -> dict:
     rows = result.predictions
+    per_row = [len(rows), 1] if request.batched else [len(rows)]
     tensors = {
-        "label": ([len(rows)], [row.label for row in rows]),
+        "label": (per_row, [row.label for row in rows]),
         "probabilities": (
             [len(rows), len(rows[0].probabilities)],
             [float(p) for row in rows for p in row.probabilities],
         ),
-        "exit_layer": ([len(rows)], [row.exit_layer for row in rows]),
+        "exit_layer": (per_row, [row.exit_layer for row in rows]),
     }
     response = {
         "model_name": model_name,

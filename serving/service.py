@@ -28,9 +28,6 @@ from .shadow import ShadowWatch
 log = logging.getLogger("pcee.serving")
 
 WARM_UP_TEXT = "warm-up"
-# Requests with at most this many characters are tokenized on the event loop (a thread hop costs
-# more); larger ones in the tokenizer's own thread, beside the batch running in the batcher's.
-INLINE_TOKENIZE_CHARS = 512
 FULL_MODEL = OperatingPoint(FULL_POLICY)
 RuntimeLoader = Callable[[], EarlyExitRuntime]
 
@@ -204,42 +201,48 @@ class InferenceService:
     async def classify(
         self,
         request: ClassifyRequest,
+        arrived_at: float | None = None,
         timeout: Deadline | None = None,
         departed: Callable[[], Awaitable[None]] | None = None,
     ) -> PredictionResult:
         """Admit (point resolved, texts validated and tokenized, room checked), queue, and wait for the rows.
 
-        `timeout`: the request's own deadline; `departed()`: completes when the client goes away.
+        `arrived_at`: when the request arrived (`time.monotonic()`; default now), which the queue
+        deadline counts from, so time spent before admission counts against it too; `timeout`: the
+        request's own deadline; `departed()`: completes when the client goes away.
         """
+        arrived_at = time.monotonic() if arrived_at is None else arrived_at
         runtime = self.serving_runtime()
         point = (
             runtime.operating_point
             if request.point_name is None
             else runtime.make_policy(request.point_name).point
         )
-        started = time.perf_counter()
         self.batcher.check_room(request.rows)
-        deadline = earliest(self._queue_deadline(), timeout)
+        deadline = earliest(self._queue_deadline(arrived_at), timeout)
+        self.batcher.check_deadline(deadline)  # a request that waited too long to be read is not tokenized
         rows = await self._encode(runtime, request)
         result = await self.batcher.submit(rows, point, request.text_pairs is not None, deadline, departed)
         if self.controller is not None and request.point_name is None:  # it judges the live point only
-            self.controller.observe(time.perf_counter() - started)
+            self.controller.observe(time.monotonic() - arrived_at)
         if self.shadow is not None:
             self.shadow.offer(request, [row.label_index for row in result.predictions])
         return result
 
-    def _queue_deadline(self) -> Deadline | None:
+    def _queue_deadline(self, arrived_at: float) -> Deadline | None:
         limit_ms = self.settings.max_queue_wait_ms
         if not limit_ms:
             return None
-        return Deadline(time.monotonic() + limit_ms / 1000.0, QUEUE_WAIT, limit_ms)
+        return Deadline(arrived_at + limit_ms / 1000.0, QUEUE_WAIT, limit_ms)
 
     async def _encode(self, runtime: EarlyExitRuntime, request: ClassifyRequest) -> EncodedBatch:
-        """The request's rows validated and tokenized, once, before they may share a batch (a bad text is a 400 here)."""
+        """The request's rows validated and tokenized, once, before they may share a batch (a bad text is a 400 here).
+
+        Always in the tokenizer's thread, even for one short text: the tokenizer lets go of the GIL,
+        and on the event loop each call then waits to get it back from the batch thread (up to
+        Python's switch interval), which under load starved the loop of reading requests at all.
+        """
         encode = functools.partial(runtime.tokenizer.encode_texts, request.texts, request.text_pairs)
-        size = sum(map(len, request.texts)) + sum(map(len, request.text_pairs or ()))
-        if size <= INLINE_TOKENIZE_CHARS:
-            return encode()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
 
     # -- admin ------------------------------------------------------------------------------------

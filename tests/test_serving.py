@@ -294,6 +294,36 @@ def test_infer_parameters_pick_a_saved_point_and_outputs_select_tensors(server):
     ]
 
 
+def test_infer_takes_texts_shaped_rows_by_1_as_triton_batched_models_declare(server, pair_server):
+    """[N, 1] inputs (pcee-triton's and any Triton model's with max_batch_size > 0), data flat or one
+    list per row: the rows of the [N] form, with per-row outputs shaped [N, 1] likewise."""
+    texts = SENTENCES[:3]
+    flat = post(server, f"/v2/models/{MODEL}/infer", infer_body(texts)).json()
+    for data in (texts, [[text] for text in texts]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3, 1], "data": data}]}
+        reply = post(server, f"/v2/models/{MODEL}/infer", body)
+        assert reply.status_code == 200, reply.text
+        outputs = {output["name"]: output for output in reply.json()["outputs"]}
+        assert outputs["label"]["shape"] == [3, 1] and outputs["exit_layer"]["shape"] == [3, 1]
+        assert outputs["probabilities"]["shape"] == [3, 2]
+        assert [output["data"] for output in reply.json()["outputs"]] == [
+            output["data"] for output in flat["outputs"]
+        ]
+    pairs = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [2, 1], "data": SENTENCES[:2]},
+            {"name": "text_pair", "datatype": "BYTES", "shape": [2, 1], "data": SENTENCES[2:4]},
+        ]
+    }
+    assert post(pair_server, f"/v2/models/{MODEL}/infer", pairs).status_code == 200
+    for shape in ([3, 2], [1, 3], [3, 1, 1]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": texts}]}
+        refused = post(server, f"/v2/models/{MODEL}/infer", body)
+        assert refused.status_code == 400 and "must be [3] or [3, 1]" in refused.json()["error"]
+    declared = get(server, f"/v2/models/{MODEL}").json()["inputs"][0]["shape"]
+    assert declared == [-1] and get(server, f"/v2/models/{MODEL}/config").json()["input"][0]["dims"] == [-1]
+
+
 def test_classify_returns_the_rows_of_pcee_predict(server, reference):
     reply = post(server, "/v1/classify", {"texts": SENTENCES[:5]}).json()
     assert_same_rows(reply["predictions"], expected_rows(reference, SENTENCES[:5]))
@@ -558,8 +588,9 @@ def test_admin_is_off_without_a_token(pair_server):
 class HeldRuntime:
     """Loads the bundle, then (once `hold()` is called) makes every predict wait for `release()`."""
 
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, seconds_per_call: float = 0.0):
         self.bundle = bundle
+        self.seconds_per_call = seconds_per_call
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -571,6 +602,7 @@ class HeldRuntime:
         def held_predict(*args, **kwargs):
             self.entered.set()
             assert self.gate.wait(timeout=20), "the test never released the runtime"
+            time.sleep(self.seconds_per_call)
             return predict_encoded(*args, **kwargs)
 
         runtime.predict_encoded = held_predict
@@ -980,6 +1012,40 @@ def test_queue_and_request_deadlines_answer_without_running(bundle):
         assert live.service.batcher.queued_rows == 0
 
 
+def test_a_request_the_queue_ahead_would_keep_past_its_deadline_is_refused_at_once(bundle):
+    """Rows queued ahead x the recent seconds per row past the deadline: a fast 503 (or 504 for the
+    request's own timeout) at admission, instead of a slow one when the deadline passes in the queue."""
+    held = HeldRuntime(bundle, seconds_per_call=0.5)
+    with (
+        serving(bundle, load=held, max_batch_size=1, max_wait_ms=0, max_queue_wait_ms=2000) as live,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        assert post(live, "/v1/classify", {"texts": ["learn the pace"]}).status_code == 200
+        held.hold()
+        running = [pool.submit(post, live, "/v1/classify", {"texts": ["running"]})]
+        assert held.entered.wait(10)
+        for expected_rows in (1, 2, 3):  # about 0.5 s ahead of the next one for each
+            running.append(pool.submit(post, live, "/v1/classify", {"texts": ["queued"]}))
+            wait_for(lambda rows=expected_rows: live.service.batcher.queued_rows == rows)
+        started = time.monotonic()
+        hurried = post(live, "/v1/classify", {"texts": ["x"]}, headers={"X-Request-Timeout-Ms": "1000"})
+        assert hurried.status_code == 504 and "would pass before" in hurried.json()["error"]
+        running.append(pool.submit(post, live, "/v1/classify", {"texts": ["fits, 1.5 s ahead"]}))
+        wait_for(lambda: live.service.batcher.queued_rows == 4)
+        refused = post(live, "/v1/classify", {"texts": ["2 s ahead"]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert (
+            "would not start" in refused.json()["error"] and "--max-queue-wait-ms" in refused.json()["error"]
+        )
+        assert time.monotonic() - started < 1.0, "both were refused at once, not when their deadlines passed"
+        held.gate.set()
+        statuses = [future.result().status_code for future in running]
+        assert statuses[:4] == [200] * 4 and statuses[4] in (200, 503)
+        assert rows_classified(live) == 1 + statuses.count(200), "the refused requests never ran"
+        assert dropped(live, "request_timeout") == 1
+        assert dropped(live, "queue_wait") == 1 + statuses.count(503)
+
+
 def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
     held = HeldRuntime(bundle)
     port = None
@@ -1001,6 +1067,56 @@ def test_a_departed_clients_request_is_dropped_before_it_runs(bundle):
         held.gate.set()
         assert running.result().status_code == 200
         assert rows_classified(live) == 1, "the departed client's 3 rows never ran"
+
+
+def send_slowly(port: int, parts: list[bytes], pause_s: float) -> bytes:
+    """One request sent in `parts`, `pause_s` apart, on a fresh connection; its reply (the server closes or answers)."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=10) as client:
+        for index, part in enumerate(parts):
+            if index:
+                time.sleep(pause_s)
+            client.sendall(part)
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < content_length(reply):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def content_length(reply: bytes) -> int:
+    for line in reply.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def classify_request(texts: list[str], *headers: str) -> bytes:
+    body = json.dumps({"texts": texts}).encode()
+    head = ["POST /v1/classify HTTP/1.1", "Host: x", "Content-Type: application/json", *headers]
+    return ("\r\n".join([*head, f"Content-Length: {len(body)}"]) + "\r\n\r\n").encode() + body
+
+
+def test_deadlines_count_from_the_first_bytes_of_the_request(bundle):
+    """The queue deadline and the request's own timeout run from when the request's first bytes reached
+    the connection layer, not from admission: a request whose head or body took longer than its deadline
+    to arrive is answered at once without running, on an idle server (issue 17, overload)."""
+    with serving(bundle, limits=ConnectionLimits(), max_queue_wait_ms=400) as live:
+        request = classify_request(SENTENCES[:2])
+        on_time = send_slowly(live.port, [request[:20], request[20:]], pause_s=0.05)
+        assert on_time.startswith(b"HTTP/1.1 200"), on_time[:300]
+        head, body = request.split(b"\r\n\r\n", 1)
+        late_body = send_slowly(live.port, [head + b"\r\n\r\n", body], pause_s=0.6)
+        assert late_body.startswith(b"HTTP/1.1 503") and "of its arrival" in json_error(late_body)
+        late_head = send_slowly(live.port, [request[:10], request[10:]], pause_s=0.6)
+        assert late_head.startswith(b"HTTP/1.1 503")
+        hurried = classify_request(SENTENCES[:2], "X-Request-Timeout-Ms: 150")
+        timed_out = send_slowly(live.port, [hurried[:30], hurried[30:]], pause_s=0.3)
+        assert timed_out.startswith(b"HTTP/1.1 504") and "150 ms from its arrival" in json_error(timed_out)
+        assert dropped(live, "queue_wait") == 2 and dropped(live, "request_timeout") == 1
+        assert rows_classified(live) == 2, "only the request that arrived in time ran"
 
 
 # -- the connection layer: head size, head and idle timeouts, connection limit, protocol errors ----
