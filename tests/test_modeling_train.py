@@ -184,7 +184,7 @@ def test_cli_unsupported_architecture_lists_supported(tmp_path, generic_files):
     assert result.exit_code != 0 and "bert, distilbert, roberta" in result.output
 
 
-def test_cli_glue_task_directory(tiny_backbone, tmp_path):
+def test_cli_glue_task_directory_records_the_task_and_label_names(tiny_backbone, tmp_path):
     glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
     result = run_train(
         "--backbone",
@@ -200,6 +200,10 @@ def test_cli_glue_task_directory(tiny_backbone, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m" / "eval_results.json").read_text())["task"] == "sst2"
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["pcee"]["label_names"] == ["negative", "positive"]
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}
 
 
 class NotAWeight:
@@ -226,24 +230,3 @@ def test_cli_turns_any_pcee_error_into_one_line(monkeypatch, tmp_path):
     result = run_train("--backbone", tmp_path, "--task", "sst2", "--output-dir", tmp_path / "out")
     assert result.exit_code != 0
     assert result.output.strip() == "Error: something deliberate went wrong"
-
-
-def test_cli_records_glue_label_names(tiny_backbone, tmp_path):
-    glue = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
-    result = run_train(
-        "--backbone",
-        tiny_backbone,
-        "--task",
-        "sst2",
-        "--data-dir",
-        glue,
-        "--output-dir",
-        tmp_path / "m",
-        "--epochs",
-        "1",
-    )
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["pcee"]["label_names"] == ["negative", "positive"]
-    assert config["id2label"] == {"0": "negative", "1": "positive"}
-    assert config["label2id"] == {"negative": 0, "positive": 1}
