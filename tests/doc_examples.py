@@ -14,6 +14,7 @@ import io
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,12 @@ def python_snippets(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
-def shell_commands(text: str) -> list[str]:
-    """Every command of the shell examples, in order: the indented code blocks and the ```bash / ``` fenced
-    ones. A command continued by a trailing backslash or an open quote is joined into one; comments stay
-    (shlex drops them)."""
+def shell_commands(text: str, indented: bool = True) -> list[str]:
+    """Every command of the shell examples, in order: the indented code blocks (unless not `indented`) and
+    the ```bash / ``` fenced ones. A command continued by a trailing backslash or an open quote is joined
+    into one; comments stay (shlex drops them)."""
     commands, pending = [], ""
-    for line in shell_example_lines(text):
+    for line in shell_example_lines(text, indented):
         pending = f"{pending}\n{line}" if pending else line.strip()
         if pending.endswith("\\"):
             pending = pending[:-1].rstrip() + " "
@@ -62,16 +63,24 @@ def shell_commands(text: str) -> list[str]:
     return commands
 
 
-def shell_example_lines(text: str) -> list[str]:
+def shell_example_lines(text: str, indented: bool = True) -> list[str]:
     lines, fence = [], None
     for line in text.splitlines():
         if line.startswith("```"):
             fence = None if fence is not None else line[3:].strip()
         elif fence in ("", "bash", "sh", "console"):
             lines.append(line)
-        elif fence is None and line.startswith("    ") and line.strip():
+        elif indented and fence is None and line.startswith("    ") and line.strip():
             lines.append(line.strip())
     return lines
+
+
+def on_test_ports(text: str, addresses: dict[int, str]) -> str:
+    """`text` with each `localhost:PORT` whose PORT is a key of `addresses` (a server's documented default
+    port) pointed at the test's `host:port` for it: a test serves on free ports, not the defaults."""
+    return re.sub(
+        r"\b(?:localhost|127\.0\.0\.1):(\d+)\b", lambda match: addresses.get(int(match[1]), match[0]), text
+    )
 
 
 def program_of(command: str) -> str:
@@ -141,3 +150,10 @@ def run_command(command: str, commands: dict | None = None) -> str:
     result = CliRunner().invoke((commands or COMMANDS)[program], arguments)
     assert result.exit_code == 0, f"{command}\n{result.output}"
     return result.output
+
+
+def run_shell(command: str) -> str:
+    """A shell line as written, in the current directory; fails the test with its output unless it exits 0."""
+    completed = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"{command}\n{completed.stdout}{completed.stderr}"
+    return completed.stdout

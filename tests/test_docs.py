@@ -31,19 +31,21 @@ from doc_examples import (
     build_demo_layout,
     commands_of,
     doc_text,
+    on_test_ports,
     point_names_created,
     point_names_used,
     program_of,
     python_snippets,
     run_command,
     run_paths,
+    run_shell,
     shell_commands,
 )
 
 DOCS = [f"docs/{name}" for name in ("SERVING.md", "CALIBRATION.md", "GPU.md", "TRITON.md")]
 DOCS = [doc for doc in DOCS if (ROOT / doc).is_file()]
 SERVED_DOCS = ["README.md", "docs/SERVING.md"]
-DOC_PORT = "8000"
+DOC_PORT = 8000
 LOAD_TEST = "pcee.benchmarks.serve_load"
 
 
@@ -107,7 +109,10 @@ def test_python_snippets_run_as_written(doc, index, demo_layout):
     if "from ray" in snippet:
         pytest.skip("needs a Ray cluster and a shared file system")
     if "tritonclient" in snippet:
-        pytest.skip("talks to a running server: test_served_examples_answer runs it")
+        pytest.skip(
+            "talks to a running server: test_served_examples_answer runs it against pcee-serve, and "
+            "tests/test_triton.py's test_triton_md_runs_as_written against tritonserver"
+        )
     # In its own process: a snippet may register a policy or set globals that later tests must not see.
     completed = subprocess.run(
         [sys.executable, "-c", snippet], cwd=demo_layout[0], capture_output=True, text=True, timeout=300
@@ -132,7 +137,7 @@ def server_arguments(command: str) -> list[str]:
 
 
 def on_test_server(command: str, url: str) -> str:
-    return re.sub(rf"(http://)?(localhost|127\.0\.0\.1):{DOC_PORT}", url, command)
+    return on_test_ports(command, {DOC_PORT: url.removeprefix("http://")})
 
 
 def load_test_command(command: str, url: str) -> list[str]:
@@ -150,12 +155,6 @@ def load_test_command(command: str, url: str) -> list[str]:
         "20",
         *words[1:],
     ]
-
-
-def run_shell(command: str) -> str:
-    completed = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, f"{command}\n{completed.stdout}{completed.stderr}"
-    return completed.stdout
 
 
 @pytest.mark.parametrize("doc", SERVED_DOCS)
@@ -185,7 +184,7 @@ def run_client_examples(text: str, url: str) -> None:
     for snippet in python_snippets(text):
         if "tritonclient" in snippet:
             exec(
-                compile(on_test_server(snippet, url.removeprefix("http://")), "tritonclient snippet", "exec"),
+                compile(on_test_server(snippet, url), "tritonclient snippet", "exec"),
                 {},
             )
     for command in commands_of(text, "python", "python3"):

@@ -2,18 +2,25 @@
 
 The server runs in its own Python environment (numpy < 2), built by `deploy/triton-env.sh`; `.ci/run`
 builds it first, and the fixture below builds it when missing, so these tests never skip. Clients
-are NVIDIA's tritonclient, over HTTP and gRPC, on free loopback ports.
+are NVIDIA's tritonclient, over HTTP and gRPC, on free loopback ports. Last, docs/TRITON.md's commands
+and snippet run as written on the demo's output (tests/doc_examples.py), against the server its
+launcher line starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
+import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +30,18 @@ import tritonclient.grpc as grpc_client
 import tritonclient.http as http_client
 from bundles import SENTENCES
 from click.testing import CliRunner
+from doc_examples import (
+    DEMO_BUNDLE,
+    build_demo_layout,
+    commands_of,
+    doc_text,
+    on_test_ports,
+    program_of,
+    python_snippets,
+    run_command,
+    run_shell,
+    shell_commands,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -154,22 +173,21 @@ def repository(tmp_path_factory, bundle, pair_bundle) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def server(tritonserver, repository, tmp_path_factory):
+@contextlib.contextmanager
+def running_tritonserver(command: list[str], log: Path, cwd: Path = REPO_ROOT) -> Iterator[TritonServer]:
+    """`command` (a tritonserver launcher and its options) on free HTTP, gRPC and metrics ports, ready;
+    stopped on leaving. A short exit timeout: the test's requests are all answered by then."""
     ports = free_ports(3)
-    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    command = [
-        str(tritonserver),
-        f"--model-repository={repository}",
+    ports_and_exit = [
         f"--http-port={ports[0]}",
         f"--grpc-port={ports[1]}",
         f"--metrics-port={ports[2]}",
-        "--model-control-mode=explicit",
         "--exit-timeout-secs=5",
-        *(f"--load-model={name}" for name in [*MODELS, "pairs"]),
     ]
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*command, *ports_and_exit], cwd=cwd, stdout=output, stderr=subprocess.STDOUT
+        )
     live = TritonServer(process, ports, log)
     try:
         live.wait_ready()
@@ -181,6 +199,18 @@ def server(tritonserver, repository, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tritonserver, repository, tmp_path_factory):
+    command = [
+        str(tritonserver),
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={name}" for name in [*MODELS, "pairs"]),
+    ]
+    with running_tritonserver(command, tmp_path_factory.mktemp("triton-log") / "tritonserver.log") as live:
+        yield live
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -196,7 +226,10 @@ def infer(client, model: str, texts: list[str], pairs=None, point: str | None = 
     if pairs is not None:
         inputs.append(rows_input(module, "text_pair", pairs))
     parameters = None if point is None else {"operating_point": point}
-    result = client.infer(model, inputs, parameters=parameters)
+    return answers_of(client.infer(model, inputs, parameters=parameters))
+
+
+def answers_of(result) -> dict:
     return {
         "label": [label.decode() for label in result.as_numpy("label").reshape(-1)],
         "probabilities": result.as_numpy("probabilities"),
@@ -469,3 +502,86 @@ def test_one_load_client_measures_triton_and_pcee_serve(server, bundle):
         for row, reference in zip(report["concurrencies"], report["in_process"]):
             assert row["errors"] == 0 and row["requests"] > 0 and row["rows_per_s"] > 0
             assert row["fraction_of_in_process"] == pytest.approx(row["rows_per_s"] / reference["rows_per_s"])
+
+
+# -- docs/TRITON.md as written, on the demo's output ------------------------------------------------
+TRITON_DOC = "docs/TRITON.md"
+LAUNCHER = ".triton-venv/bin/tritonserver"
+# The doc uses Triton's default ports; the test's server listens on free ones, and the doc's lines and
+# snippet are pointed at them (as tests/test_docs.py does with pcee-serve's port 8000).
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+RUN = ("pcee-triton", "bash", LAUNCHER, "curl")
+NOT_RUNNABLE = {"docker": "needs Docker and a GPU: the doc lists NVIDIA's container as not verified here"}
+
+
+@pytest.fixture
+def demo_checkout(tmp_path, monkeypatch, tritonserver) -> Path:
+    """The demo's output in a scratch directory that stands in for the checkout, the current directory.
+    Its deploy/, pyproject.toml and .triton-venv/ are the checkout's (links), so the doc's
+    `bash deploy/triton-env.sh` finds the environment the `tritonserver` fixture built, and returns at
+    once, as the doc says a later run does."""
+    build_demo_layout(tmp_path)
+    for name in ("deploy", "pyproject.toml", ".triton-venv"):
+        (tmp_path / name).symlink_to(REPO_ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_triton_md_runs_as_written(demo_checkout):
+    """pcee-triton and the env script, then the documented server; the snippet and the curl lines
+    against it answer as the in-process runtime does, and the metrics count those answers."""
+    text = doc_text(TRITON_DOC)
+    for command in shell_commands(text, indented=False):  # the indented blocks show a folder and PromQL
+        program = program_of(command)
+        assert program in (*RUN, *NOT_RUNNABLE), (
+            f"{TRITON_DOC}: this test neither runs nor leaves out {command}"
+        )
+    for command in commands_of(text, "pcee-triton"):
+        run_command(command, {"pcee-triton": triton_cli})
+    for command in commands_of(text, "bash"):
+        run_shell(command)
+    (server_line,) = commands_of(text, LAUNCHER)
+    log = demo_checkout / "tritonserver.log"
+    with running_tritonserver(shlex.split(server_line), log, cwd=demo_checkout) as server:
+        ports = {HTTP_PORT: server.http_url, GRPC_PORT: server.grpc_url, METRICS_PORT: server.metrics_url}
+        with EarlyExitRuntime.from_bundle(demo_checkout / DEMO_BUNDLE) as reference:
+            exits = check_the_snippet(text, ports, reference) + check_the_curl_request(text, ports, reference)
+        check_the_curl_metrics(text, ports, exits)
+
+
+def check_the_snippet(text: str, ports: dict[int, str], reference: EarlyExitRuntime) -> list[int]:
+    (snippet,) = [snippet for snippet in python_snippets(text) if "tritonclient" in snippet]
+    names, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(on_test_ports(snippet, ports), f"{TRITON_DOC}'s tritonclient snippet", "exec"), names)
+    texts = re.findall(r'b"([^"]*)"', snippet)
+    (point,) = re.findall(r'"operating_point": "([^"]+)"', snippet)
+    served, wanted = answers_of(names["result"]), expected(reference, texts, point=point)
+    assert_same_answers(served, wanted)
+    assert all(label in printed.getvalue() for label in wanted["label"]), printed.getvalue()
+    return served["exit_layer"]
+
+
+def check_the_curl_request(text: str, ports: dict[int, str], reference: EarlyExitRuntime) -> list[int]:
+    (request,) = [command for command in commands_of(text, "curl") if "/infer" in command]
+    answer = json.loads(run_shell(on_test_ports(request, ports)))
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    texts = json.loads(shlex.split(request)[-1])["inputs"][0]["data"]
+    wanted = expected(reference, texts)
+    assert outputs["label"] == wanted["label"] and outputs["exit_layer"] == wanted["exit_layer"], answer
+    return outputs["exit_layer"]
+
+
+def check_the_curl_metrics(text: str, ports: dict[int, str], exits: list[int]) -> None:
+    """The model's counters, as the doc's grep shows them, count the rows the examples were answered."""
+    (scrape,) = [command for command in commands_of(text, "curl") if "/metrics" in command]
+    lines = run_shell(on_test_ports(scrape, ports)).splitlines()
+    assert lines and all(line.startswith("pcee_") for line in lines), lines
+    samples = {
+        (sample.name, sample.labels.get("exit_layer") or sample.labels.get("kind")): sample.value
+        for family in text_string_to_metric_families("\n".join(lines) + "\n")
+        for sample in family.samples
+    }
+    for layer in set(exits):
+        assert samples[("pcee_rows_total", str(layer))] == exits.count(layer), samples
+    assert samples[("pcee_layers_total", "run")] == sum(exits), samples
