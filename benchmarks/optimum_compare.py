@@ -1,0 +1,230 @@
+"""pcee against Optimum's ONNX Runtime exports of the same weights, reproducibly.
+
+`build` writes the pcee-train model's backbone as a plain Hugging Face BertModel checkpoint, has
+Optimum export it (plain, O2, O3, and int8: O3 quantized with the avx512_vnni config) in Optimum's
+own virtualenv, and appends the model's last exit head to each graph. `time` times those graphs with
+onnxruntime alone next to pcee bundles at saved points, in this environment, through pcee-bench's
+contenders and interleaved measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pcee.runtime import EarlyExitRuntime, PceeError, replace_directory, staging_directory_for
+
+from .bench import BenchmarkError, chunks_of, measure, runtime_contender, single_graph_contender, summarize
+from .machine import cpu_description, describe_cpu
+
+BACKBONE_PREFIX = "backbone."
+CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json")
+VARIANTS = ("plain", "O2", "O3", "int8")  # the order Optimum builds them in; plain is every ratio's reference
+OPTIMUM_PREFIX = "optimum_"
+GRAPH_WITH_HEAD = "model_with_head.onnx"
+OPTIMUM_INT8_BASE = "O3"
+
+# Run in Optimum's venv (its transformers < 4.58): argv = checkpoint dir, output dir.
+OPTIMUM_SCRIPT = """
+import sys
+from pathlib import Path
+from onnx import TensorProto
+from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTOptimizer, ORTQuantizer
+from optimum.onnxruntime import quantization as optimum_quantization
+from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
+
+checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = ORTModelForFeatureExtraction.from_pretrained(checkpoint, export=True)
+model.save_pretrained(out / "plain")
+for level in ("O2", "O3"):
+    optimizer = ORTOptimizer.from_pretrained(out / "plain")
+    config = getattr(AutoOptimizationConfig, level)()
+    optimizer.optimize(save_dir=out / level, optimization_config=config)
+# Optimized graphs carry fused nodes whose outputs have no inferred type: without a default the
+# quantizer stops with "Unable to find data type for weight_name". ORTQuantizer builds the options
+# itself, so its quantizer class gets the default.
+class TypedQuantizer(optimum_quantization.ONNXQuantizer):
+    def __init__(self, *args, extra_options=None, **kwargs):
+        super().__init__(*args, extra_options={**(extra_options or {}), "DefaultTensorType": TensorProto.FLOAT}, **kwargs)
+
+optimum_quantization.ONNXQuantizer = TypedQuantizer
+quantizer = ORTQuantizer.from_pretrained(out / "O3", file_name="model_optimized.onnx")
+config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+quantizer.quantize(save_dir=out / "int8", quantization_config=config)
+"""
+
+
+class OptimumCompareError(BenchmarkError):
+    """The comparison cannot run as asked; the message says what to do."""
+
+
+# -- the checkpoint Optimum exports ------------------------------------------------------------------
+
+
+def write_hf_checkpoint(model_dir: Path, destination: Path) -> dict:
+    """The backbone of a pcee-train output as a HF BertModel checkpoint, and its last exit head.
+
+    The exit heads are a linear layer over the MASKED MEAN of the layer's hidden states, which
+    BertForSequenceClassification (a linear over dense + tanh of the first token) cannot express;
+    so Optimum exports the encoder (feature extraction) and `append_exit_head` adds the exact head.
+    Returns the head: {"weight": [K, H], "bias": [K]}.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    config = read_model_config(model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    last = config["num_hidden_layers"] - 1
+    head_keys = (f"classifiers.{last}.weight", f"classifiers.{last}.bias")
+    if config["pcee"].get("exit_pooling") != "mean" or any(key not in weights for key in head_keys):
+        raise OptimumCompareError(
+            f"{model_dir}: expected a mean-pooled exit head at classifiers.{last} "
+            f"(exit_pooling {config['pcee'].get('exit_pooling')!r}); only mean pooling is converted"
+        )
+    backbone = {
+        key[len(BACKBONE_PREFIX) :]: value for key, value in weights.items() if key.startswith(BACKBONE_PREFIX)
+    }
+    destination.mkdir(parents=True, exist_ok=True)
+    save_file(backbone, destination / "model.safetensors", metadata={"format": "pt"})
+    hf_config = {key: value for key, value in config.items() if key not in ("pcee", "dtype")}
+    hf_config["architectures"] = ["BertModel"]
+    (destination / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(model_dir / name, destination / name)
+    return {"weight": weights[head_keys[0]], "bias": weights[head_keys[1]]}
+
+
+def read_model_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise OptimumCompareError(f"{path}: cannot read a pcee-train config ({error})") from None
+    if config.get("model_type") != "bert" or "pcee" not in config:
+        raise OptimumCompareError(
+            f"{model_dir} is not a pcee-train output of a BERT backbone "
+            f"(model_type {config.get('model_type')!r}); give the directory pcee-train wrote"
+        )
+    return config
+
+
+def append_exit_head(graph: Path, head: dict, destination: Path) -> None:
+    """`graph` (last_hidden_state out) with the exit head appended: masked mean, then linear, out as "logits"."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(graph)
+    hidden = next(output.name for output in model.graph.output if output.name == "last_hidden_state")
+    nodes = [
+        helper.make_node("Cast", ["attention_mask"], ["head_mask"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["head_mask", "head_last_axis"], ["head_mask_3d"]),
+        helper.make_node("Mul", [hidden, "head_mask_3d"], ["head_masked"]),
+        helper.make_node("ReduceSum", ["head_masked", "head_token_axis"], ["head_sum"], keepdims=0),
+        helper.make_node("ReduceSum", ["head_mask_3d", "head_token_axis"], ["head_count"], keepdims=0),
+        helper.make_node("Max", ["head_count", "head_one"], ["head_count_clamped"]),
+        helper.make_node("Div", ["head_sum", "head_count_clamped"], ["head_pooled"]),
+        helper.make_node("Gemm", ["head_pooled", "head_weight", "head_bias"], ["logits"], transB=1),
+    ]
+    constants = {
+        "head_last_axis": np.array([-1], dtype=np.int64),
+        "head_token_axis": np.array([1], dtype=np.int64),
+        "head_one": np.array([1.0], dtype=np.float32),
+        "head_weight": head["weight"].astype(np.float32),
+        "head_bias": head["bias"].astype(np.float32),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    model.graph.node.extend(nodes)
+    del model.graph.output[:]
+    model.graph.output.append(
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", len(head["bias"])])
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, destination)
+
+
+def exported_graph(variant_dir: Path) -> Path:
+    """The one .onnx file Optimum wrote into a variant's directory."""
+    graphs = sorted(path for path in variant_dir.glob("*.onnx") if path.name != GRAPH_WITH_HEAD)
+    if len(graphs) != 1:
+        raise OptimumCompareError(f"{variant_dir}: expected one ONNX graph from Optimum, found {graphs}")
+    return graphs[0]
+
+
+def run_optimum(python: Path, checkpoint: Path, out_dir: Path) -> None:
+    try:
+        subprocess.run([str(python), "-c", OPTIMUM_SCRIPT, str(checkpoint), str(out_dir)], check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise OptimumCompareError(
+            f"Optimum's export in {python} failed ({error}); its output is above"
+        ) from None
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """pcee against Optimum (ONNX Runtime) on the same weights: build Optimum's graphs, then time them.
+
+    \b
+    Optimum's exporters need transformers < 4.58 while pcee needs 5.x, so `build` drives
+    Optimum in its own virtualenv (made once, e.g.):
+      python -m venv runs/optimum-venv
+      runs/optimum-venv/bin/pip install "optimum-onnx[onnxruntime]" "transformers<4.58" torch==2.13.0
+    \b
+    Then, in pcee's environment:
+      python -m benchmarks.optimum_compare build runs/sst2 -o runs/optimum-sst2
+      python -m benchmarks.optimum_compare time runs/optimum-sst2 \\
+          --bundle runs/sst2-pcee --bundle runs/sst2-int8 \\
+          --points speedup-0.5,speedup-0.75 --data data/glue/SST-2/dev.tsv
+    """
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the checkpoint and Optimum's graphs go (replaced whole, atomically).",
+)
+@click.option(
+    "--optimum-python",
+    default=Path("runs/optimum-venv/bin/python"),
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The python of the virtualenv Optimum is installed in (see `--help` of the group).",
+)
+def build(model_dir: Path, output_dir: Path, optimum_python: Path) -> None:
+    """Export MODEL_DIR (a pcee-train output) with Optimum: plain, O2, O3 and int8 graphs.
+
+    \b
+    MODEL_DIR's backbone is written as a HF BertModel checkpoint (checkpoint/); Optimum exports it
+    for feature extraction (plain/), optimizes that at O2 and O3 (O2/, O3/; O3 adds GELU
+    approximation) and quantizes O3 dynamically with its avx512_vnni config (int8/). The model's
+    last exit head (masked mean pooling, then linear: what pcee's bundle runs at its last layer)
+    is appended to each graph as model_with_head.onnx, so every graph outputs the same logits.
+    """
+    try:
+        if not optimum_python.is_file():
+            raise OptimumCompareError(
+                f"--optimum-python {optimum_python} does not exist; make Optimum's virtualenv first "
+                "(see `python -m benchmarks.optimum_compare --help`)"
+            )
+        staging = staging_directory_for(output_dir)
+        head = write_hf_checkpoint(model_dir, staging / "checkpoint")
+        run_optimum(optimum_python.absolute(), staging / "checkpoint", staging)
+        for variant in VARIANTS:
+            append_exit_head(exported_graph(staging / variant), head, staging / variant / GRAPH_WITH_HEAD)
+        replace_directory(staging, output_dir)
+    except PceeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Wrote Optimum's {', '.join(VARIANTS)} graphs of {model_dir} to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()
