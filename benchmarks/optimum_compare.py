@@ -16,10 +16,13 @@ from pathlib import Path
 
 import click
 import numpy as np
+from tqdm.auto import tqdm
 
-from pcee.runtime import EarlyExitRuntime, PceeError, replace_directory, staging_directory_for
+from pcee.calibration.cli import data_options, labelled_data, open_labelled_data
+from pcee.runtime import Manifest, PceeError, SingleGraphSession, replace_directory, staging_directory_for
 
-from .bench import BenchmarkError, chunks_of, measure, runtime_contender, single_graph_contender, summarize
+from .bench import CLOCKS, BenchmarkError, chunks_of, measure, single_graph_contender, summarize
+from .cli import BatchSizes, PointNames, check_same_model, open_chain
 from .machine import cpu_description, describe_cpu
 
 BACKBONE_PREFIX = "backbone."
@@ -27,7 +30,7 @@ CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json")
 VARIANTS = ("plain", "O2", "O3", "int8")  # the order Optimum builds them in; plain is every ratio's reference
 OPTIMUM_PREFIX = "optimum_"
 GRAPH_WITH_HEAD = "model_with_head.onnx"
-OPTIMUM_INT8_BASE = "O3"
+PLAIN_OPTIMUM = OPTIMUM_PREFIX + "plain"
 
 # Run in Optimum's venv (its transformers < 4.58): argv = checkpoint dir, output dir.
 OPTIMUM_SCRIPT = """
@@ -86,7 +89,9 @@ def write_hf_checkpoint(model_dir: Path, destination: Path) -> dict:
             f"(exit_pooling {config['pcee'].get('exit_pooling')!r}); only mean pooling is converted"
         )
     backbone = {
-        key[len(BACKBONE_PREFIX) :]: value for key, value in weights.items() if key.startswith(BACKBONE_PREFIX)
+        key[len(BACKBONE_PREFIX) :]: value
+        for key, value in weights.items()
+        if key.startswith(BACKBONE_PREFIX)
     }
     destination.mkdir(parents=True, exist_ok=True)
     save_file(backbone, destination / "model.safetensors", metadata={"format": "pt"})
@@ -224,6 +229,137 @@ def build(model_dir: Path, output_dir: Path, optimum_python: Path) -> None:
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"Wrote Optimum's {', '.join(VARIANTS)} graphs of {model_dir} to {output_dir}")
+
+
+@main.command("time")
+@click.argument("optimum_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--bundle",
+    "bundles",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A pcee bundle of the same model (repeatable: float and int8). Read in place, never written.",
+)
+@data_options
+@click.option(
+    "--points",
+    type=PointNames(),
+    required=True,
+    help="Saved operating points to time every bundle at, comma-separated, e.g. speedup-0.5,speedup-0.75.",
+)
+@click.option("--batch-sizes", type=BatchSizes(), default="1,32", help="Batch sizes, comma-separated.")
+@click.option(
+    "--repeats", default=3, type=click.IntRange(min=1), help="Interleaved passes; the median is reported."
+)
+@click.option("--max-rows", type=click.IntRange(min=1), help="Only the first N rows of --data: a quick look.")
+@click.option(
+    "--clock",
+    type=click.Choice(sorted(CLOCKS)),
+    default="cpu",
+    help="cpu: the measuring thread's CPU time (every session runs one thread, so it leaves out waits for a "
+    "core on a loaded machine); wall: elapsed time.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars (stderr).")
+def time_graphs(optimum_dir: Path, bundles: tuple[Path, ...], **options) -> None:
+    """Time OPTIMUM_DIR's graphs (from `build`) next to pcee bundles, one thread each, interleaved.
+
+    \b
+    Every contender runs the same tokenized rows in data order, chunk by chunk, in one process:
+      optimum_plain / _O2 / _O3 / _int8   Optimum's graphs with the exit head, onnxruntime alone
+      runtime_all_layers@BUNDLE           the bundle's chain, no early exit
+      runtime_point_NAME@BUNDLE           the bundle at saved point NAME
+    Each row of the table gives rows/s as a multiple of optimum_plain's (versus_optimum_plain) per
+    batch size, and each Optimum graph's accuracy on the rows (it must match the model's). The
+    header names the CPU and the flags int8 speed depends on (avx512_vnni, amx).
+    """
+    options["intra_op_threads"] = 1
+    try:
+        report = compare(optimum_dir, bundles, options)
+    except PceeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(report, indent=2) if options["as_json"] else format_table(report))
+
+
+def compare(optimum_dir: Path, bundles: tuple[Path, ...], options: dict) -> dict:
+    _, dataset, labels = open_labelled_data(bundles[0], labelled_data(options))
+    check_same_model(Manifest.load(bundles[0], verify_hashes=False), bundles[1:])
+    graphs = {OPTIMUM_PREFIX + variant: optimum_dir / variant / GRAPH_WITH_HEAD for variant in VARIANTS}
+    missing = [str(path) for path in graphs.values() if not path.is_file()]
+    if missing:
+        raise OptimumCompareError(
+            f"{optimum_dir} lacks {', '.join(missing)}; write it with `python -m benchmarks.optimum_compare build`"
+        )
+    chains = [open_chain(bundle, f"@{bundle.name}", options) for bundle in bundles]
+    runtime = chains[0].runtime
+    batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
+    if options["max_rows"]:
+        batch = batch.select(np.arange(min(options["max_rows"], len(batch))))
+        labels = labels[: len(batch)]
+    optimum = [
+        single_graph_contender(path, 1, name, "int8" if name.endswith("int8") else "fp32")
+        for name, path in graphs.items()
+    ]
+    accuracy = {
+        contender.name: graph_accuracy(graphs[contender.name], batch, labels) for contender in optimum
+    }
+    results = {}
+    for batch_size in options["batch_sizes"]:
+        contenders = optimum + [contender for chain in chains for contender in chain.contenders(batch_size)]
+        chunks = chunks_of(batch, batch_size)
+        with tqdm(
+            total=options["repeats"] * len(contenders),
+            desc=f"batch size {batch_size}",
+            unit="pass",
+            disable=options["no_progress"],
+        ) as bar:
+            timings = measure(contenders, chunks, options["repeats"], bar, options["clock"])
+        figures = summarize(
+            timings, contenders, len(batch), batch_size, runtime.num_layers, reference=PLAIN_OPTIMUM
+        )
+        plain = timings[PLAIN_OPTIMUM].total_seconds()
+        results[str(batch_size)] = {
+            name: {**entry, "versus_optimum_plain": round(plain / timings[name].total_seconds(), 4)}
+            for name, entry in figures.items()
+            if isinstance(entry, dict)
+        }
+    return {
+        "optimum_dir": str(optimum_dir),
+        "bundles": [str(bundle) for bundle in bundles],
+        "cpu": cpu_description(),
+        "rows": len(batch),
+        "repeats": options["repeats"],
+        "clock": options["clock"],
+        "intra_op_threads": 1,
+        "optimum_accuracy": accuracy,
+        "results": results,
+    }
+
+
+def graph_accuracy(path: Path, batch, labels: np.ndarray) -> float:
+    session = SingleGraphSession(path, 1)
+    predicted = np.concatenate([session.logits(chunk).argmax(axis=1) for chunk in chunks_of(batch, 64)])
+    return round(float((predicted == labels).mean()), 4)
+
+
+def format_table(report: dict) -> str:
+    sizes = list(report["results"])
+    names = list(report["results"][sizes[0]])
+    width = max(len(name) for name in names)
+    lines = [
+        f"CPU: {describe_cpu(report['cpu'])}; {report['rows']} rows, one thread, {report['clock']} clock, "
+        f"median of {report['repeats']} interleaved passes",
+        f"{'rows/s vs ' + PLAIN_OPTIMUM:<{width}}  " + "  ".join(f"{'batch ' + size:>9}" for size in sizes),
+    ]
+    for name in names:
+        ratios = "  ".join(f"{report['results'][size][name]['versus_optimum_plain']:>9.2f}" for size in sizes)
+        lines.append(f"{name:<{width}}  {ratios}")
+    lines.append(
+        "Optimum accuracy: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in report["optimum_accuracy"].items())
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
