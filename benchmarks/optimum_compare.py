@@ -283,14 +283,14 @@ def time_graphs(optimum_dir: Path, bundles: tuple[Path, ...], **options) -> None
 
 
 def compare(optimum_dir: Path, bundles: tuple[Path, ...], options: dict) -> dict:
-    _, dataset, labels = open_labelled_data(bundles[0], labelled_data(options))
-    check_same_model(Manifest.load(bundles[0], verify_hashes=False), bundles[1:])
     graphs = {OPTIMUM_PREFIX + variant: optimum_dir / variant / GRAPH_WITH_HEAD for variant in VARIANTS}
     missing = [str(path) for path in graphs.values() if not path.is_file()]
     if missing:
         raise OptimumCompareError(
             f"{optimum_dir} lacks {', '.join(missing)}; write it with `python -m benchmarks.optimum_compare build`"
         )
+    _, dataset, labels = open_labelled_data(bundles[0], labelled_data(options))
+    check_same_model(Manifest.load(bundles[0], verify_hashes=False), bundles[1:])
     chains = [open_chain(bundle, f"@{bundle.name}", options) for bundle in bundles]
     runtime = chains[0].runtime
     batch = runtime.tokenizer.encode_texts(dataset.texts, dataset.text_pairs)
