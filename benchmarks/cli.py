@@ -405,7 +405,12 @@ def closest_pabee(runtime: EarlyExitRuntime, exits, target: float) -> OperatingP
 
 
 def measure_batch_size(
-    contenders: list[Contender], batch, batch_size: int, num_layers: int, options: dict
+    contenders: list[Contender],
+    batch,
+    batch_size: int,
+    num_layers: int,
+    options: dict,
+    reference: str | None = None,
 ) -> dict:
     with tqdm(
         total=options["repeats"] * len(contenders),
@@ -414,7 +419,7 @@ def measure_batch_size(
         disable=options["no_progress"],
     ) as bar:
         timings = measure(contenders, chunks_of(batch, batch_size), options["repeats"], bar, options["clock"])
-    return summarize(timings, contenders, len(batch), batch_size, num_layers)
+    return summarize(timings, contenders, len(batch), batch_size, num_layers, reference)
 
 
 def format_report(report: dict) -> str:

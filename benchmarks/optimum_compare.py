@@ -16,13 +16,12 @@ from pathlib import Path
 
 import click
 import numpy as np
-from tqdm.auto import tqdm
 
 from pcee.calibration.cli import data_options, labelled_data, open_labelled_data
 from pcee.runtime import Manifest, PceeError, SingleGraphSession, replace_directory, staging_directory_for
 
-from .bench import CLOCKS, BenchmarkError, chunks_of, measure, single_graph_contender, summarize
-from .cli import BatchSizes, PointNames, check_same_model, open_chain
+from .bench import CLOCKS, BenchmarkError, chunks_of, single_graph_contender
+from .cli import BatchSizes, PointNames, check_same_model, measure_batch_size, open_chain
 from .machine import cpu_description, describe_cpu
 
 BACKBONE_PREFIX = "backbone."
@@ -307,20 +306,12 @@ def compare(optimum_dir: Path, bundles: tuple[Path, ...], options: dict) -> dict
     results = {}
     for batch_size in options["batch_sizes"]:
         contenders = optimum + [contender for chain in chains for contender in chain.contenders(batch_size)]
-        chunks = chunks_of(batch, batch_size)
-        with tqdm(
-            total=options["repeats"] * len(contenders),
-            desc=f"batch size {batch_size}",
-            unit="pass",
-            disable=options["no_progress"],
-        ) as bar:
-            timings = measure(contenders, chunks, options["repeats"], bar, options["clock"])
-        figures = summarize(
-            timings, contenders, len(batch), batch_size, runtime.num_layers, reference=PLAIN_OPTIMUM
+        figures = measure_batch_size(
+            contenders, batch, batch_size, runtime.num_layers, options, reference=PLAIN_OPTIMUM
         )
-        plain = timings[PLAIN_OPTIMUM].total_seconds()
+        plain = figures[PLAIN_OPTIMUM]["seconds_per_pass"]
         results[str(batch_size)] = {
-            name: {**entry, "versus_optimum_plain": round(plain / timings[name].total_seconds(), 4)}
+            name: {**entry, "versus_optimum_plain": round(plain / entry["seconds_per_pass"], 4)}
             for name, entry in figures.items()
             if isinstance(entry, dict)
         }
