@@ -189,9 +189,9 @@ def main() -> None:
       runs/optimum-venv/bin/pip install "optimum-onnx[onnxruntime]" "transformers<4.58" torch==2.13.0
     \b
     Then, in pcee's environment:
-      python -m benchmarks.optimum_compare build runs/sst2 -o runs/optimum-sst2
-      python -m benchmarks.optimum_compare time runs/optimum-sst2 \\
-          --bundle runs/sst2-pcee --bundle runs/sst2-int8 \\
+      python -m pcee.benchmarks.optimum_compare build runs/sst2 -o runs/optimum-sst2
+      python -m pcee.benchmarks.optimum_compare time runs/optimum-sst2 \\
+          --bundle runs/sst2-pcee --bundle runs/sst2-pcee-int8 \\
           --points speedup-0.5,speedup-0.75 --data data/glue/SST-2/dev.tsv
     """
 
@@ -225,7 +225,7 @@ def build(model_dir: Path, output_dir: Path, optimum_python: Path) -> None:
         if not optimum_python.is_file():
             raise OptimumCompareError(
                 f"--optimum-python {optimum_python} does not exist; make Optimum's virtualenv first "
-                "(see `python -m benchmarks.optimum_compare --help`)"
+                "(see `python -m pcee.benchmarks.optimum_compare --help`)"
             )
         staging = staging_directory_for(output_dir)
         head = write_hf_checkpoint(model_dir, staging / "checkpoint")
@@ -295,7 +295,7 @@ def compare(optimum_dir: Path, bundles: tuple[Path, ...], options: dict) -> dict
     missing = [str(path) for path in graphs.values() if not path.is_file()]
     if missing:
         raise OptimumCompareError(
-            f"{optimum_dir} lacks {', '.join(missing)}; write it with `python -m benchmarks.optimum_compare build`"
+            f"{optimum_dir} lacks {', '.join(missing)}; write it with `python -m pcee.benchmarks.optimum_compare build`"
         )
     _, dataset, labels = open_labelled_data(bundles[0], labelled_data(options))
     check_same_model(Manifest.load(bundles[0], verify_hashes=False), bundles[1:])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.optimum_compare import (
+from pcee.benchmarks.optimum_compare import (
     OptimumCompareError,
     append_exit_head,
     main,
