@@ -207,7 +207,13 @@ def test_points_measure_every_chain_at_each_saved_point(bundle_with_single_graph
 
 @pytest.mark.parametrize(
     "document",
-    ["docs/RESULTS.md", "benchmarks/cli.py", "benchmarks/glue_study.py", "benchmarks/profile_batch1.py"],
+    [
+        "docs/RESULTS.md",
+        "benchmarks/cli.py",
+        "benchmarks/glue_study.py",
+        "benchmarks/profile_batch1.py",
+        "benchmarks/optimum_compare.py",
+    ],
 )
 def test_docs_use_paths_relative_to_the_project(document):
     text = (REPOSITORY / document).read_text()
