@@ -166,6 +166,13 @@ def exported_graph(variant_dir: Path) -> Path:
     return graphs[0]
 
 
+def write_optimum_graphs(model_dir: Path, optimum_python: Path, out_dir: Path) -> None:
+    head = write_hf_checkpoint(model_dir, out_dir / "checkpoint")
+    run_optimum(optimum_python.absolute(), out_dir / "checkpoint", out_dir)
+    for variant in VARIANTS:
+        append_exit_head(exported_graph(out_dir / variant), head, out_dir / variant / GRAPH_WITH_HEAD)
+
+
 def run_optimum(python: Path, checkpoint: Path, out_dir: Path) -> None:
     try:
         subprocess.run([str(python), "-c", OPTIMUM_SCRIPT, str(checkpoint), str(out_dir)], check=True)
@@ -228,11 +235,11 @@ def build(model_dir: Path, output_dir: Path, optimum_python: Path) -> None:
                 "(see `python -m pcee.benchmarks.optimum_compare --help`)"
             )
         staging = staging_directory_for(output_dir)
-        head = write_hf_checkpoint(model_dir, staging / "checkpoint")
-        run_optimum(optimum_python.absolute(), staging / "checkpoint", staging)
-        for variant in VARIANTS:
-            append_exit_head(exported_graph(staging / variant), head, staging / variant / GRAPH_WITH_HEAD)
-        replace_directory(staging, output_dir)
+        try:
+            write_optimum_graphs(model_dir, optimum_python, staging)
+            replace_directory(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful replace
     except PceeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"Wrote Optimum's {', '.join(VARIANTS)} graphs of {model_dir} to {output_dir}")
