@@ -920,13 +920,15 @@ def test_sigterm_with_a_deep_queue_answers_everyone_and_exits_within_the_drain_t
     process = start_slow_cli(
         bundle,
         port,
-        0.02,
+        0.2,
         "--max-batch-size",
         "4",
         "--max-wait-ms",
         "0",
         "--drain-timeout-s",
         str(drain_timeout),
+        "--max-queue-wait-ms",
+        "600000",
     )
     late = {}
 
@@ -937,7 +939,7 @@ def test_sigterm_with_a_deep_queue_answers_everyone_and_exits_within_the_drain_t
             rows = next(
                 float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pcee_queue_rows ")
             )
-            if rows >= 400:
+            if rows >= 300:
                 late["pcee_queue_rows"] = rows
             assert time.monotonic() < deadline, "the queue never got deep"
             await asyncio.sleep(0.02)
