@@ -16,6 +16,7 @@ import numpy as np
 
 from pcee.runtime import (
     ATTENTION_BIAS,
+    BUDGETED_POLICY,
     FULL_POLICY,
     HIDDEN_STATES,
     NEXT_HIDDEN_STATES,
@@ -24,10 +25,13 @@ from pcee.runtime import (
     GraphChain,
     OperatingPoint,
     PceeError,
+    compose_truncated_model,
+    layer_speedup,
     open_cpu_session,
 )
 
 from .bench import CLOCKS, BenchmarkError, quantized_copy, single_graph_contender
+from .truncation import truncated_layers
 
 Step = Callable[[EncodedBatch], object]
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -56,15 +60,21 @@ def bundle_and_sentences(command):
     help="Interleaved passes; the median pass is reported.",
 )
 @click.option(
+    "--point",
+    help="The saved operating point to profile (its name). Default: the bundle's default point.",
+)
+@click.option(
     "--single-graph",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The reference graph. Default: the bundle's own (pcee-export --with-full-graph). pcee-bench keeps the "
-    "ones it exports under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx.",
+    help="The reference graph. Default: the bundle's own (pcee-export --with-full-graph), else the bundle's "
+    "graphs composed into one. pcee-bench keeps the ones it exports under its --cache-dir, in "
+    "single-graph/HASH[-fused]/full_model.onnx.",
 )
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    help="Quantize the reference graph first, as pcee-bench --quantize does (the reference for an int8 bundle).",
+    help="Quantize the --single-graph reference first, as pcee-bench --quantize does (the reference for an "
+    "int8 bundle).",
 )
 @click.option(
     "--truncated",
@@ -88,6 +98,7 @@ def main(
     data: Path,
     rows: int,
     repeats: int,
+    point: str | None,
     single_graph: Path | None,
     quantize: str | None,
     truncated: Path | None,
@@ -95,7 +106,7 @@ def main(
     clock: str,
     as_json: bool,
 ) -> None:
-    """Take the batch-1 cost of the early-exit chain apart, next to the single graph.
+    """Take the batch-1 cost of the early-exit chain apart, next to the single graph and the truncated model.
 
     \b
     Each step adds one thing to the one before, over the same rows, one row per
@@ -107,25 +118,40 @@ def main(
       backend                   the runtime's backend over the same graphs
       runtime_all_layers        EarlyExitRuntime.predict_encoded at the full point,
                                 through the chain of sessions
-      runtime_operating_point   the same at the bundle's default point
+      runtime_operating_point   the same at the operating point
       compiled_all_layers       predict_encoded at the full point as it serves one
                                 row: the compiled single-row graph, one call
-      compiled_operating_point  the same at the bundle's default point
+      compiled_operating_point  the same at the operating point
       truncated                 with --truncated: the model cut to fewer layers
       sessions_onnxruntime_defaults
                                 `sessions` on onnxruntime's own settings, not the
                                 runtime's (per-session arenas, every fusion)
 
     \b
-    Example (an int8 bundle, against the fused single graph pcee-bench exported
-    and cached, quantized the way pcee-bench quantizes it):
+    Then the operating point against its limit, k = round(L x (1 - S)) layers for
+    the point's layer speed-up S on these rows (the truncation pcee-bench uses);
+    each step adds one thing to the one before:
+      truncated_bundle_graphs   the bundle's own graphs cut to k layers, composed
+                                into one plain graph (no control flow)
+      compiled_fixed_depth      every row leaving at layer k (budgeted exit): the
+                                truncation's work through the compiled graph
+      compiled_row_depths_grouped
+                                every row leaving at the layer the point exits it
+                                at, the rows of each depth together: the point's
+                                work, without its decisions
+      compiled_row_depths       the same in the rows' own order, as a server
+                                meets them
+      compiled_operating_point  the point's own decisions
+    limit_ratio: the truncation's ms per row over the step's.
+
+    \b
+    Example (an int8 bundle at its saved point speedup-0.5):
       python -m pcee.benchmarks.profile_batch1 runs/sst2-pcee-int8 \\
-          --data data/glue/SST-2/dev.tsv --quantize int8 \\
-          --single-graph ~/.cache/pcee/single-graph/HASH-fused/full_model.onnx
+          --data data/glue/SST-2/dev.tsv --point speedup-0.5 --clock cpu
     """
     try:
         report = profile(
-            bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated, clock
+            bundle_dir, data, rows, repeats, single_graph, quantize, intra_op_threads, truncated, clock, point
         )
     except PceeError as error:
         raise click.ClickException(str(error)) from None
@@ -142,25 +168,74 @@ def profile(
     threads: int,
     truncated: Path | None = None,
     clock: str = "wall",
+    point: str | None = None,
 ) -> dict:
-    runtime = EarlyExitRuntime.from_bundle(bundle_dir, backend="onnxruntime-cpu", intra_op_threads=threads)
-    reference = single_graph or own_single_graph(bundle_dir, runtime)
+    runtime = EarlyExitRuntime.from_bundle(
+        bundle_dir, backend="onnxruntime-cpu", operating_point=point, intra_op_threads=threads
+    )
     singles = one_row_batches(runtime, data, rows)
     chain = runtime.manifest.graph_chain(bundle_dir)
+    depths = [runtime.predict_encoded(row).predictions[0].exit_layer for row in singles]
+    limit_layers = truncated_layers(
+        runtime.num_layers, layer_speedup(sum(depths), len(depths), runtime.num_layers)
+    )
+    with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:  # sessions keep what they load
+        workdir = Path(workdir)
+        reference = reference_graph(bundle_dir, runtime, single_graph, quantize, workdir)
+        steps = {"single_graph": single_graph_contender(reference, threads).run}
+        steps.update(chain_steps(runtime, chain, threads, workdir))
+        if truncated is not None:
+            cut = quantized_copy(truncated, workdir / "truncated.int8.onnx") if quantize else truncated
+            steps["truncated"] = single_graph_contender(cut, threads).run
+        limit_graph = workdir / f"truncated_{limit_layers}.onnx"
+        limit_graph.write_bytes(compose_truncated_model(chain, limit_layers))
+        steps["truncated_bundle_graphs"] = single_graph_contender(limit_graph, threads).run
+    steps.update(depth_steps(runtime, limit_layers, singles, depths))
+    by_depth = sorted(range(len(singles)), key=lambda index: depths[index])
+    milliseconds = time_steps(steps, singles, repeats, clock, {"compiled_row_depths_grouped": by_depth})
+    base, limit = milliseconds["single_graph"], milliseconds["truncated_bundle_graphs"]
+    return {
+        "bundle": str(bundle_dir),
+        "single_graph": str(single_graph or reference.name),
+        "rows": len(singles),
+        "repeats": repeats,
+        "intra_op_threads": threads,
+        "clock": clock,
+        "operating_point": runtime.operating_point.to_dict(),
+        "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
+        "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
+        "exit_layers": np.bincount(depths, minlength=runtime.num_layers + 1)[1:].tolist(),
+        "limit_layers": limit_layers,
+        "limit_ratio": {name: round(limit / milliseconds[name], 4) for name in LIMIT_STEPS},
+    }
+
+
+def reference_graph(
+    bundle_dir: Path, runtime: EarlyExitRuntime, given: Path | None, quantize: str | None, workdir: Path
+) -> Path:
+    """The single graph to compare with: the one given or the bundle's own (quantized with --quantize), else
+    the bundle's graphs composed into one, at the bundle's own precision."""
+    full_graph = runtime.manifest.full_graph
+    reference = given or (None if full_graph is None else bundle_dir / full_graph.file)
+    if reference is not None:
+        return quantized_copy(reference, workdir / "single_graph.int8.onnx") if quantize else reference
+    if quantize:
+        raise BenchmarkError(
+            f"{bundle_dir} holds no single graph for --quantize to quantize: pass --single-graph PATH (pcee-bench "
+            "--model-dir keeps one under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx), or drop "
+            "--quantize to compare with the bundle's own graphs composed into one, at the bundle's precision"
+        )
+    composed = workdir / "bundle_graphs_composed.onnx"
+    composed.write_bytes(
+        compose_truncated_model(runtime.manifest.graph_chain(bundle_dir), runtime.num_layers)
+    )
+    return composed
+
+
+def chain_steps(runtime: EarlyExitRuntime, chain: GraphChain, threads: int, workdir: Path) -> dict[str, Step]:
     embeddings = open_cpu_session(chain.embeddings.path, threads)
-    with tempfile.TemporaryDirectory(
-        prefix="pcee-profile-"
-    ) as workdir:  # sessions keep what they load; the files may go
-        headless = [
-            open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, Path(workdir))
-        ]
-        graph = quantized_copy(reference, Path(workdir) / "single_graph.int8.onnx") if quantize else reference
-        single = single_graph_contender(graph, threads)
-        if truncated is not None and quantize:
-            truncated = quantized_copy(truncated, Path(workdir) / "truncated.int8.onnx")
-        cut = None if truncated is None else single_graph_contender(truncated, threads)
-    steps = {
-        "single_graph": single.run,
+    headless = [open_cpu_session(path, threads) for path in layers_without_exit_heads(chain, workdir)]
+    return {
         "sessions_no_exit_heads": chain_step(embeddings, headless, chain),
         "sessions": chain_step(embeddings, [open_cpu_session(g.path, threads) for g in chain.layers], chain),
         "backend": backend_step(runtime.backend),  # the very sessions the runtime steps below call
@@ -174,30 +249,34 @@ def profile(
             chain,
         ),
     }
-    if cut is not None:
-        steps["truncated"] = cut.run
-    milliseconds = time_steps(steps, singles, repeats, clock)
-    base = milliseconds["single_graph"]
-    return {
-        "bundle": str(bundle_dir),
-        "single_graph": str(reference),
-        "rows": len(singles),
-        "repeats": repeats,
-        "intra_op_threads": threads,
-        "clock": clock,
-        "operating_point": runtime.operating_point.to_dict(),
-        "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
-        "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
+
+
+LIMIT_STEPS = [
+    "truncated_bundle_graphs",
+    "compiled_fixed_depth",
+    "compiled_row_depths_grouped",
+    "compiled_row_depths",
+    "compiled_operating_point",
+]
+
+
+def depth_steps(
+    runtime: EarlyExitRuntime, limit_layers: int, rows: list[EncodedBatch], depths: list[int]
+) -> dict[str, Step]:
+    """predict_encoded with budgeted exits: every row at the truncation's depth, or each at its own exit layer."""
+    at_layer = {
+        layer: OperatingPoint(BUDGETED_POLICY, layer=layer) for layer in range(1, runtime.num_layers + 1)
     }
+    point_of = {id(row): at_layer[depth] for row, depth in zip(rows, depths)}
 
+    def own_depth(row: EncodedBatch) -> None:
+        runtime.predict_encoded(row, point_of[id(row)])
 
-def own_single_graph(bundle_dir: Path, runtime: EarlyExitRuntime) -> Path:
-    if runtime.manifest.full_graph is None:
-        raise BenchmarkError(
-            f"{bundle_dir} holds no single-graph model to compare against: pass --single-graph PATH (pcee-bench --model-dir "
-            "keeps one under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx) or re-export with --with-full-graph"
-        )
-    return bundle_dir / runtime.manifest.full_graph.file
+    return {
+        "compiled_fixed_depth": lambda row: runtime.predict_encoded(row, at_layer[limit_layers]),
+        "compiled_row_depths_grouped": own_depth,
+        "compiled_row_depths": own_depth,
+    }
 
 
 def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:
@@ -275,21 +354,27 @@ def backend_step(backend) -> Step:
 
 
 def time_steps(
-    steps: dict[str, Step], rows: list[EncodedBatch], repeats: int, clock: str = "wall"
+    steps: dict[str, Step],
+    rows: list[EncodedBatch],
+    repeats: int,
+    clock: str = "wall",
+    orders: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Median ms per row of each step; repeat r runs every step before repeat r+1, so drift hits all alike.
 
     clock "cpu" counts the calling thread's CPU time only (onnxruntime on one intra-op thread runs
-    in it): on a machine other jobs load, time spent waiting for a core is left out.
+    in it): on a machine other jobs load, time spent waiting for a core is left out. `orders` gives a
+    step its own order of the rows (indices); the others take them as given.
     """
     now = CLOCKS[clock]
+    ordered = {name: [rows[index] for index in (orders or {}).get(name, range(len(rows)))] for name in steps}
     for step in steps.values():
         step(rows[0])
     passes: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             started = now()
-            for row in rows:
+            for row in ordered[name]:
                 step(row)
             passes[name].append((now() - started) / len(rows) * 1000)
     return {name: statistics.median(values) for name, values in passes.items()}
@@ -316,9 +401,20 @@ def format_report(report: dict) -> str:
         f"{'step':<31}{'ms/row':>9}{'x single':>10}{'added':>9}  to",
     ]
     for name, value in milliseconds.items():
+        if name in LIMIT_STEPS[:-1]:
+            continue
         before = COMPARED_WITH.get(name)
         added = f"{value - milliseconds[before]:>+9.3f}  {before}" if before else ""
         lines.append(f"{name:<31}{value:>9.3f}{report['versus_single_graph'][name]:>10.3f}{added}")
+    lines += [
+        "",
+        f"the point against the model cut to {report['limit_layers']} layers "
+        f"(rows leaving at layers 1..: {report['exit_layers']})",
+        f"{'step':<31}{'ms/row':>9}{'limit_ratio':>12}{'added':>9}",
+    ]
+    for before, name in zip([None, *LIMIT_STEPS], LIMIT_STEPS):
+        added = f"{milliseconds[name] - milliseconds[before]:>+9.3f}" if before else ""
+        lines.append(f"{name:<31}{milliseconds[name]:>9.3f}{report['limit_ratio'][name]:>12.3f}{added}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pcee.runtime import EarlyExitRuntime, OperatingPoint, PceeError
+from pcee.runtime import BUDGETED_POLICY, EarlyExitRuntime, OperatingPoint, PceeError
 
 from .profile_batch1 import CONTEXT, bundle_and_sentences, encoded_sentences
 
@@ -79,7 +79,7 @@ def points_to_check(runtime: EarlyExitRuntime, batch) -> list[OperatingPoint]:
             score = float(np.quantile(sample.confidence_score, quantile, method="nearest"))
             points.append(OperatingPoint("pcee-learned", tau=score, patience=1))
     points += [OperatingPoint("pabee", patience=p) for p in range(1, layers)]
-    points += [OperatingPoint("budgeted", layer=layer) for layer in range(1, layers)]
+    points += [OperatingPoint(BUDGETED_POLICY, layer=layer) for layer in range(1, layers)]
     return points + [OperatingPoint("full")]
 
 

@@ -20,6 +20,7 @@ from .exits import ExitRecord, RowSelect, softmax
 DEFAULT_POLICY = "pcee"  # the paper's rule: a new operating point's policy unless one is named
 FULL_POLICY = "full"  # every row runs every layer
 PABEE_POLICY = "pabee"  # the patience-only baseline the benchmarks compare PCEE with
+BUDGETED_POLICY = "budgeted"  # every row leaves at one chosen layer
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,12 @@ for registered in (
         table_rank=3,
     ),
     PolicySpec(
-        "budgeted", "Budgeted exit", FixedLayerPolicy, None, (Knob("layer", one, every_layer),), table_rank=1
+        BUDGETED_POLICY,
+        "Budgeted exit",
+        FixedLayerPolicy,
+        None,
+        (Knob("layer", one, every_layer),),
+        table_rank=1,
     ),
     PolicySpec(
         FULL_POLICY,

@@ -88,6 +88,45 @@ def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelPro
     return model
 
 
+def compose_truncated_graph(chain: GraphChain, layers: int) -> onnx.ModelProto:
+    """The chain cut after `layers` layers, as one graph with no control flow: embeddings, the layers and the
+    last one's exit outputs (logits, ...) under their own names, the very nodes the chain runs. The model a
+    user would deploy instead of early exit."""
+    if not 1 <= layers <= len(chain.layers):
+        raise ValueError(f"a truncation keeps 1 to {len(chain.layers)} layers, not {layers}")
+    embeddings = onnx.load(str(chain.embeddings.path))
+    kept = [onnx.load(str(layer.path)) for layer in chain.layers[:layers]]
+    exits = [output for output in kept[-1].graph.output if output.name != graphs.NEXT_HIDDEN_STATES]
+    main = helper.make_graph([], f"pcee_truncated_{layers}", list(embeddings.graph.input), exits)
+    shared = SharedNodes()
+    shared.inline(embeddings.graph, main, "emb/", {})
+    hidden, bias = "emb/" + graphs.HIDDEN_STATES, "emb/" + graphs.ATTENTION_BIAS
+    for index, layer in enumerate(kept, start=1):
+        prefix = f"l{index}/"
+        shared.inline(layer.graph, main, prefix, {graphs.HIDDEN_STATES: hidden, graphs.ATTENTION_BIAS: bias})
+        hidden = prefix + graphs.NEXT_HIDDEN_STATES
+    main.node.extend(helper.make_node("Identity", [prefix + output.name], [output.name]) for output in exits)
+    keep_only_what_outputs_need(main)
+    model = helper.make_model(main, opset_imports=merged_opsets([embeddings, *kept]))
+    model.ir_version = max(graph_model.ir_version for graph_model in [embeddings, *kept])
+    return model
+
+
+def keep_only_what_outputs_need(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and weights no output depends on (here: the exit heads of the layers before the last)."""
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    weights = [weight for weight in graph.initializer if weight.name in needed]
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+
+
 class SharedNodes:
     """Inlines graphs; a node that computes from the attention bias and small constants alone, the same
     way as a node inlined before, is dropped and its outputs read the earlier node's."""

@@ -324,6 +324,10 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         "compiled_all_layers",
         "compiled_operating_point",
         "sessions_onnxruntime_defaults",
+        "truncated_bundle_graphs",
+        "compiled_fixed_depth",
+        "compiled_row_depths_grouped",
+        "compiled_row_depths",
     ]
     assert (
         list(report["ms_per_row"]) == steps
@@ -331,13 +335,24 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         and report["versus_single_graph"]["single_graph"] == 1
     )
     assert all(value > 0 for value in report["ms_per_row"].values())
+    assert sum(report["exit_layers"]) == 5 and 1 <= report["limit_layers"] <= len(report["exit_layers"])
+    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 5
 
 
-def test_the_batch1_profile_without_a_single_graph_says_how_to_give_one(bundle, tmp_path):
+def test_the_batch1_profile_composes_the_bundle_graphs_when_it_has_no_single_graph(bundle, tmp_path):
     from pcee.benchmarks.profile_batch1 import main as profile_cli
 
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in SENTENCES))
+    options = [str(bundle), "--data", str(data), "--rows", "3", "--repeats", "1", "--point", "default"]
+    result = CliRunner().invoke(profile_cli, [*options, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (
+        report["single_graph"] == "bundle_graphs_composed.onnx"
+        and report["operating_point"]["name"] == "default"
+    )
+    assert "the point against the model cut to" in CliRunner().invoke(profile_cli, options).output
     assert "--single-graph" in single_error_line(
-        CliRunner().invoke(profile_cli, [str(bundle), "--data", str(data)])
+        CliRunner().invoke(profile_cli, [*options, "--quantize", "int8"])
     )

@@ -124,3 +124,34 @@ def test_the_real_data_check_compares_every_point_and_finds_no_difference(runtim
         label.startswith("pcee-learned") for label in report["per_point"]
     )  # the tiny model has a score
     assert len(report["per_point"]) == report["points"]
+
+
+@pytest.mark.parametrize("layers", [1, 3, 4])
+def test_the_truncated_graph_gives_the_chains_exit_at_its_last_layer(runtime, layers):
+    import onnxruntime as ort
+
+    from pcee.runtime import compose_truncated_model
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    session = ort.InferenceSession(compose_truncated_model(chain, layers), providers=["CPUExecutionProvider"])
+    batch = runtime.tokenizer.encode_texts(SENTENCES)
+    expected = runtime.run_all_exits(batch)
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    outputs = dict(
+        zip(
+            [output.name for output in session.get_outputs()],
+            session.run(None, {name: getattr(batch, name) for name in names}),
+        )
+    )
+    assert set(outputs) == {"logits", "normalized_entropy", "max_probability", "confidence_score"}
+    np.testing.assert_allclose(outputs["logits"], expected.logits[:, layers - 1], atol=1e-5)
+    np.testing.assert_allclose(outputs["normalized_entropy"], expected.entropy[:, layers - 1], atol=1e-5)
+
+
+def test_a_truncation_keeps_one_to_all_layers(runtime):
+    from pcee.runtime import compose_truncated_model
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    for layers in (0, runtime.num_layers + 1):
+        with pytest.raises(ValueError, match=f"1 to {runtime.num_layers} layers, not {layers}"):
+            compose_truncated_model(chain, layers)

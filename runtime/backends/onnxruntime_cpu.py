@@ -219,3 +219,11 @@ def compose_single_row_graph(chain, rule):
     from ..single_row_compose import compose_single_row_graph as compose
 
     return compose(chain, rule)
+
+
+def compose_truncated_model(chain: GraphChain, layers: int) -> bytes:
+    """The chain cut after `layers` layers as one serialized plain ONNX graph of the bundle's own nodes (needs
+    `onnx`): the truncated model an early-exit point at that depth is measured against."""
+    from ..single_row_compose import compose_truncated_graph
+
+    return compose_truncated_graph(chain, layers).SerializeToString()
