@@ -13,7 +13,9 @@ graph inputs, so every operating point of a rule runs on one graph:
     max probability > tau                      pcee-maxprob, shallow-deep
     learned confidence score > tau             pcee-learned
     argmax equal to the layer before's         pabee
-    the layer number >= patience               budgeted, full
+
+A rule that leaves every row at one layer (budgeted, full) needs no decisions: its graph is the
+chain cut after that layer, with no `If` at all (one graph per layer used).
 
 A rule's graph is composed in memory when the runtime first serves a single row under it (this
 needs the `onnx` package; without it the chain serves single rows as before). Its exits equal the chain's: the
@@ -44,10 +46,12 @@ PABEE_TEST, LAYER_TEST = "same_argmax", "layer"
 @dataclass(frozen=True)
 class ExitRule:
     """What a composed graph tests after each layer: a signal against tau (the graph.ENTROPY, MAX_PROBABILITY
-    or CONFIDENCE_SCORE output), the argmax against the layer before's (pabee), or the layer number (budgeted)."""
+    or CONFIDENCE_SCORE output) or the argmax against the layer before's (pabee); or, for LAYER_TEST, no
+    test: every row leaves at `layer`."""
 
     test: str
     ensemble: bool = False
+    layer: int | None = None
 
 
 def exit_rule(policy: ExitPolicy) -> tuple[ExitRule, float, int] | None:
@@ -57,26 +61,29 @@ def exit_rule(policy: ExitPolicy) -> tuple[ExitRule, float, int] | None:
     if type(policy) is PatienceBasedPolicy:
         return ExitRule(PABEE_TEST), 0.0, policy.point.patience
     if type(policy) is FixedLayerPolicy:
-        return ExitRule(LAYER_TEST), 0.0, policy.fixed_exit_layer()
+        layer = policy.fixed_exit_layer()
+        return ExitRule(LAYER_TEST, layer=layer), 0.0, layer
     return None
 
 
 class SingleRowGraph:
     """One onnxruntime session over a graph composed for one exit rule; `run` gives a one-row batch its outcome."""
 
-    def __init__(self, session, token_input_names: list[str]):
+    def __init__(self, session, token_input_names: list[str], fixed_layer: int | None = None):
         self.session = session
         self.token_input_names = token_input_names
         self.output_names = [output.name for output in session.get_outputs()]
+        self.fixed_layer = fixed_layer  # a truncated graph: no thresholds in, every row leaves here
 
     def run(
         self, policy: ExitPolicy, tau: float, patience: int, batch: EncodedBatch, num_labels: int
     ) -> BatchOutcome:
         """The outcome the chain gives this one row under `policy` (whose rule this graph was composed for)."""
         feeds = {name: getattr(batch, name) for name in self.token_input_names}
-        # float32, as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
-        feeds[TAU] = np.array([tau], dtype=np.float32)
-        feeds[PATIENCE] = np.array([patience], dtype=np.int64)
+        if self.fixed_layer is None:
+            # float32, as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
+            feeds[TAU] = np.array([tau], dtype=np.float32)
+            feeds[PATIENCE] = np.array([patience], dtype=np.int64)
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         record = ExitRecord(
             logits=outputs[graphs.LOGITS],
@@ -88,7 +95,8 @@ class SingleRowGraph:
         probabilities = outputs[STREAK] / patience if satisfied_ensemble else softmax(record.logits)
         outcome = BatchOutcome.empty(1, num_labels)
         rows = np.zeros(1, dtype=np.int64)
-        outcome.record(rows, int(outputs[EXIT_LAYER][0]), probabilities, policy.exit_confidence(record, rows))
+        exit_layer = self.fixed_layer or int(outputs[EXIT_LAYER][0])
+        outcome.record(rows, exit_layer, probabilities, policy.exit_confidence(record, rows))
         return outcome
 
 
@@ -126,5 +134,5 @@ class SingleRowGraphs:
         except ImportError:  # no onnx package
             return None
         return SingleRowGraph(
-            self.open_session(model.SerializeToString()), self.chain.embeddings.spec.input_names
+            self.open_session(model.SerializeToString()), self.chain.embeddings.spec.input_names, rule.layer
         )

@@ -27,7 +27,10 @@ SHAREABLE_WEIGHT_ELEMENTS = 1024  # a node reading a larger weight is never shar
 
 
 def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelProto:
-    """The chain as one graph that exits under `rule` (its tau and patience are the inputs exit_tau, exit_patience)."""
+    """The chain as one graph that exits under `rule` (its tau and patience are the inputs exit_tau, exit_patience);
+    for a rule that leaves every row at one layer, the chain cut there (no inputs but the tokens)."""
+    if rule.test == LAYER_TEST:
+        return compose_truncated_graph(chain, rule.layer)
     embeddings = onnx.load(str(chain.embeddings.path))
     layers = [onnx.load(str(layer.path)) for layer in chain.layers]
     learned = graphs.CONFIDENCE_SCORE in graph_output_names(layers[0].graph)
@@ -254,11 +257,6 @@ def decision_nodes(
     """After `layer`: is it confident under `rule`, the counter of confident layers in a row, exit or not."""
     counter, argmax, streak = state
     p = f"d{layer}/"
-    if rule.test == LAYER_TEST:  # budgeted exit: leave at layer `patience`
-        return [
-            constant(p + "layer", TensorProto.INT64, [1], [layer]),
-            helper.make_node("GreaterOrEqual", [p + "layer", PATIENCE], [p + "exit"]),
-        ]
     nodes = confident_nodes(rule.test, p, exits, argmax)
     nodes += [
         helper.make_node("Add", [counter, "start/one"], [p + "counter_plus_one"]),

@@ -155,3 +155,19 @@ def test_a_truncation_keeps_one_to_all_layers(runtime):
     for layers in (0, runtime.num_layers + 1):
         with pytest.raises(ValueError, match=f"1 to {runtime.num_layers} layers, not {layers}"):
             compose_truncated_model(chain, layers)
+
+
+def test_a_fixed_exit_layer_runs_the_chain_cut_there_with_no_decisions(runtime):
+    from pcee.runtime.single_row import LAYER_TEST, ExitRule, exit_rule
+    from pcee.runtime.single_row_compose import compose_single_row_graph
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    for point, layer in [
+        (OperatingPoint("budgeted", layer=2), 2),
+        (OperatingPoint("full"), runtime.num_layers),
+    ]:
+        rule, _, _ = exit_rule(runtime.make_policy(point))
+        assert rule == ExitRule(LAYER_TEST, layer=layer)
+        graph = compose_single_row_graph(chain, rule).graph
+        assert "If" not in {node.op_type for node in graph.node}
+        assert {graph_input.name for graph_input in graph.input} == set(chain.embeddings.spec.input_names)
