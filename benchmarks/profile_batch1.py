@@ -133,15 +133,16 @@ def main(
     each step adds one thing to the one before:
       truncated_bundle_graphs   the bundle's own graphs cut to k layers, composed
                                 into one plain graph (no control flow)
-      compiled_fixed_depth      every row leaving at layer k (budgeted exit): the
-                                truncation's work through the compiled graph
-      compiled_row_depths_grouped
-                                every row leaving at the layer the point exits it
-                                at, the rows of each depth together: the point's
-                                work, without its decisions
-      compiled_row_depths       the same in the rows' own order, as a server
-                                meets them
-      compiled_operating_point  the point's own decisions
+      compiled_fixed_depth      predict_encoded with every row leaving at layer k
+                                (budgeted exit, which runs that very graph): the
+                                runtime's Python around one call
+      row_depths_ideal          predict_encoded with every row leaving at the
+                                layer the point exits it at, through the graph cut
+                                there, the rows of each depth together: the
+                                point's own work with no decisions, no control
+                                flow and warm weights, its ideal
+      compiled_operating_point  the point itself: its decisions, an `If` per layer
+                                run, rows of every depth in turn
     limit_ratio: the truncation's ms per row over the step's.
 
     \b
@@ -192,7 +193,7 @@ def profile(
         steps["truncated_bundle_graphs"] = single_graph_contender(limit_graph, threads).run
     steps.update(depth_steps(runtime, limit_layers, singles, depths))
     by_depth = sorted(range(len(singles)), key=lambda index: depths[index])
-    milliseconds = time_steps(steps, singles, repeats, clock, {"compiled_row_depths_grouped": by_depth})
+    milliseconds = time_steps(steps, singles, repeats, clock, {"row_depths_ideal": by_depth})
     base, limit = milliseconds["single_graph"], milliseconds["truncated_bundle_graphs"]
     return {
         "bundle": str(bundle_dir),
@@ -254,8 +255,7 @@ def chain_steps(runtime: EarlyExitRuntime, chain: GraphChain, threads: int, work
 LIMIT_STEPS = [
     "truncated_bundle_graphs",
     "compiled_fixed_depth",
-    "compiled_row_depths_grouped",
-    "compiled_row_depths",
+    "row_depths_ideal",
     "compiled_operating_point",
 ]
 
@@ -263,19 +263,16 @@ LIMIT_STEPS = [
 def depth_steps(
     runtime: EarlyExitRuntime, limit_layers: int, rows: list[EncodedBatch], depths: list[int]
 ) -> dict[str, Step]:
-    """predict_encoded with budgeted exits: every row at the truncation's depth, or each at its own exit layer."""
+    """predict_encoded with budgeted exits (each runs the chain cut at its layer as one graph): every row at
+    the truncation's depth, or each at the layer the point exits it at."""
     at_layer = {
         layer: OperatingPoint(BUDGETED_POLICY, layer=layer) for layer in range(1, runtime.num_layers + 1)
     }
     point_of = {id(row): at_layer[depth] for row, depth in zip(rows, depths)}
 
-    def own_depth(row: EncodedBatch) -> None:
-        runtime.predict_encoded(row, point_of[id(row)])
-
     return {
         "compiled_fixed_depth": lambda row: runtime.predict_encoded(row, at_layer[limit_layers]),
-        "compiled_row_depths_grouped": own_depth,
-        "compiled_row_depths": own_depth,
+        "row_depths_ideal": lambda row: runtime.predict_encoded(row, point_of[id(row)]),
     }
 
 

@@ -326,8 +326,7 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         "sessions_onnxruntime_defaults",
         "truncated_bundle_graphs",
         "compiled_fixed_depth",
-        "compiled_row_depths_grouped",
-        "compiled_row_depths",
+        "row_depths_ideal",
     ]
     assert (
         list(report["ms_per_row"]) == steps
@@ -336,7 +335,7 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
     )
     assert all(value > 0 for value in report["ms_per_row"].values())
     assert sum(report["exit_layers"]) == 5 and 1 <= report["limit_layers"] <= len(report["exit_layers"])
-    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 5
+    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 4
 
 
 def test_the_batch1_profile_composes_the_bundle_graphs_when_it_has_no_single_graph(bundle, tmp_path):
