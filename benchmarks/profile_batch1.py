@@ -120,8 +120,10 @@ def main(
                                 through the chain of sessions
       runtime_operating_point   the same at the operating point
       compiled_all_layers       predict_encoded at the full point as it serves one
-                                row: the compiled single-row graph, one call
-      compiled_operating_point  the same at the operating point
+                                row: one call of the bundle's graphs composed at
+                                full depth (a fixed exit layer needs no decisions)
+      compiled_operating_point  the same at the operating point: one call of the
+                                graph that decides each exit inside it
       truncated                 with --truncated: the model cut to fewer layers
       sessions_onnxruntime_defaults
                                 `sessions` on onnxruntime's own settings, not the
