@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graphs
+from .errors import PolicyError
 from .graphs import GraphChain
 from .single_row import EXIT_LAYER, LAYER_TEST, PATIENCE, SATISFIED, STREAK, TAU, ExitRule
 
@@ -96,7 +97,7 @@ def compose_truncated_graph(chain: GraphChain, layers: int) -> onnx.ModelProto:
     last one's exit outputs (logits, ...) under their own names, the very nodes the chain runs. The model a
     user would deploy instead of early exit."""
     if not 1 <= layers <= len(chain.layers):
-        raise ValueError(f"a truncation keeps 1 to {len(chain.layers)} layers, not {layers}")
+        raise PolicyError(f"a truncation keeps 1 to {len(chain.layers)} layers, not {layers}")
     embeddings = onnx.load(str(chain.embeddings.path))
     kept = [onnx.load(str(layer.path)) for layer in chain.layers[:layers]]
     exits = [output for output in kept[-1].graph.output if output.name != graphs.NEXT_HIDDEN_STATES]

@@ -149,11 +149,11 @@ def test_the_truncated_graph_gives_the_chains_exit_at_its_last_layer(runtime, la
 
 
 def test_a_truncation_keeps_one_to_all_layers(runtime):
-    from pcee.runtime import compose_truncated_model
+    from pcee.runtime import PolicyError, compose_truncated_model
 
     chain = runtime.manifest.graph_chain(runtime.bundle_dir)
     for layers in (0, runtime.num_layers + 1):
-        with pytest.raises(ValueError, match=f"1 to {runtime.num_layers} layers, not {layers}"):
+        with pytest.raises(PolicyError, match=f"1 to {runtime.num_layers} layers, not {layers}"):
             compose_truncated_model(chain, layers)
 
 
