@@ -787,12 +787,14 @@ def test_shadow_rows_measure_agreement_with_the_full_model(bundle):
 
 
 # -- the CLI, as a process ---------------------------------------------------------------------------
-def start_cli(bundle: Path, port: int, *options: str, env: dict | None = None) -> subprocess.Popen:
+def start_cli(
+    bundle: Path, port: int, *options: str, env: dict | None = None, launcher: tuple = ("-m", "pcee.serving")
+) -> subprocess.Popen:
+    """pcee-serve as a process; `launcher` is what python runs (the module, or `-c` and a script that wraps it)."""
     return subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "pcee.serving",
+            *launcher,
             str(bundle),
             "--port",
             str(port),
@@ -869,23 +871,8 @@ main(prog_name="pcee-serve")
 
 def start_slow_cli(bundle: Path, port: int, seconds_per_batch: float, *options: str) -> subprocess.Popen:
     """pcee-serve itself, in a process whose runtime takes `seconds_per_batch` longer per batch: a deep queue on demand."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SLOW_SERVER.format(seconds=seconds_per_batch),
-            str(bundle),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--shadow-fraction",
-            "0",
-            *options,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    launcher = ("-c", SLOW_SERVER.format(seconds=seconds_per_batch))
+    return start_cli(bundle, port, "--shadow-fraction", "0", *options, launcher=launcher)
 
 
 async def send_all(url: str, bodies: list[dict], on_sent=None) -> list[str]:
