@@ -16,6 +16,7 @@ import hashlib
 
 import numpy as np
 import onnx
+import onnx.utils
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graphs
@@ -87,9 +88,7 @@ def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelPro
         # make_node copied the branch: the next layer goes into the copy the node holds.
         scope = next(attribute.g for attribute in scope.node[-1].attribute if attribute.name == "else_branch")
         scope_outputs = else_outputs
-    model = helper.make_model(main, opset_imports=merged_opsets([embeddings, *layers]))
-    model.ir_version = max(graph_model.ir_version for graph_model in [embeddings, *layers])
-    return model
+    return model_of(main, [embeddings, *layers])
 
 
 def compose_truncated_graph(chain: GraphChain, layers: int) -> onnx.ModelProto:
@@ -110,25 +109,10 @@ def compose_truncated_graph(chain: GraphChain, layers: int) -> onnx.ModelProto:
         shared.inline(layer.graph, main, prefix, {graphs.HIDDEN_STATES: hidden, graphs.ATTENTION_BIAS: bias})
         hidden = prefix + graphs.NEXT_HIDDEN_STATES
     main.node.extend(helper.make_node("Identity", [prefix + output.name], [output.name]) for output in exits)
-    keep_only_what_outputs_need(main)
-    model = helper.make_model(main, opset_imports=merged_opsets([embeddings, *kept]))
-    model.ir_version = max(graph_model.ir_version for graph_model in [embeddings, *kept])
-    return model
-
-
-def keep_only_what_outputs_need(graph: onnx.GraphProto) -> None:
-    """Drop the nodes and weights no output depends on (here: the exit heads of the layers before the last)."""
-    needed = {output.name for output in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    weights = [weight for weight in graph.initializer if weight.name in needed]
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    del graph.initializer[:]
-    graph.initializer.extend(weights)
+    # Only what the outputs need: the exit heads of the layers before the last are dropped.
+    return onnx.utils.Extractor(model_of(main, [embeddings, *kept])).extract_model(
+        [graph_input.name for graph_input in main.input], [output.name for output in exits]
+    )
 
 
 class SharedNodes:
@@ -305,9 +289,12 @@ def copies(result: dict, names: list[str], targets: list[str]) -> list[onnx.Node
     return nodes
 
 
-def merged_opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
+def model_of(graph: onnx.GraphProto, sources: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """A model around `graph`, built from the `sources` graphs: every opset any of them imports, at its highest."""
     versions: dict[str, int] = {}
-    for model in models:
-        for opset in model.opset_import:
+    for source in sources:
+        for opset in source.opset_import:
             versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
-    return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in versions.items()])
+    model.ir_version = max(source.ir_version for source in sources)
+    return model
