@@ -184,14 +184,13 @@ def profile(
     )
     with tempfile.TemporaryDirectory(prefix="pcee-profile-") as workdir:  # sessions keep what they load
         workdir = Path(workdir)
-        reference = reference_graph(bundle_dir, runtime, single_graph, quantize, workdir)
+        reference = reference_graph(bundle_dir, runtime, chain, single_graph, quantize, workdir)
         steps = {"single_graph": single_graph_contender(reference, threads).run}
         steps.update(chain_steps(runtime, chain, threads, workdir))
         if truncated is not None:
             cut = quantized_copy(truncated, workdir / "truncated.int8.onnx") if quantize else truncated
             steps["truncated"] = single_graph_contender(cut, threads).run
-        limit_graph = workdir / f"truncated_{limit_layers}.onnx"
-        limit_graph.write_bytes(compose_truncated_model(chain, limit_layers))
+        limit_graph = truncation_file(chain, limit_layers, workdir / f"truncated_{limit_layers}.onnx")
         steps["truncated_bundle_graphs"] = single_graph_contender(limit_graph, threads).run
     steps.update(depth_steps(runtime, limit_layers, singles, depths))
     by_depth = sorted(range(len(singles)), key=lambda index: depths[index])
@@ -214,7 +213,12 @@ def profile(
 
 
 def reference_graph(
-    bundle_dir: Path, runtime: EarlyExitRuntime, given: Path | None, quantize: str | None, workdir: Path
+    bundle_dir: Path,
+    runtime: EarlyExitRuntime,
+    chain: GraphChain,
+    given: Path | None,
+    quantize: str | None,
+    workdir: Path,
 ) -> Path:
     """The single graph to compare with: the one given or the bundle's own (quantized with --quantize), else
     the bundle's graphs composed into one, at the bundle's own precision."""
@@ -228,11 +232,13 @@ def reference_graph(
             "--model-dir keeps one under its --cache-dir, in single-graph/HASH[-fused]/full_model.onnx), or drop "
             "--quantize to compare with the bundle's own graphs composed into one, at the bundle's precision"
         )
-    composed = workdir / "bundle_graphs_composed.onnx"
-    composed.write_bytes(
-        compose_truncated_model(runtime.manifest.graph_chain(bundle_dir), runtime.num_layers)
-    )
-    return composed
+    return truncation_file(chain, runtime.num_layers, workdir / "bundle_graphs_composed.onnx")
+
+
+def truncation_file(chain: GraphChain, layers: int, path: Path) -> Path:
+    """The chain cut after `layers` layers, composed into one graph, written to `path`."""
+    path.write_bytes(compose_truncated_model(chain, layers))
+    return path
 
 
 def chain_steps(runtime: EarlyExitRuntime, chain: GraphChain, threads: int, workdir: Path) -> dict[str, Step]:
