@@ -16,7 +16,6 @@ import numpy as np
 
 from pcee.runtime import (
     ATTENTION_BIAS,
-    BUDGETED_POLICY,
     FULL_POLICY,
     HIDDEN_STATES,
     NEXT_HIDDEN_STATES,
@@ -25,6 +24,9 @@ from pcee.runtime import (
     GraphChain,
     OperatingPoint,
     PceeError,
+    PolicyError,
+    SingleGraphSession,
+    compose_single_row_model,
     compose_truncated_model,
     layer_speedup,
     open_cpu_session,
@@ -132,19 +134,21 @@ def main(
     \b
     Then the operating point against its limit, k = round(L x (1 - S)) layers for
     the point's layer speed-up S on these rows (the truncation pcee-bench uses);
-    each step adds one thing to the one before:
+    each step adds one thing to the one before (the first four call onnxruntime
+    directly, as the truncation's user would):
       truncated_bundle_graphs   the bundle's own graphs cut to k layers, composed
                                 into one plain graph (no control flow)
-      compiled_fixed_depth      predict_encoded with every row leaving at layer k
-                                (budgeted exit, which runs that very graph): the
-                                runtime's Python around one call
-      row_depths_ideal          predict_encoded with every row leaving at the
-                                layer the point exits it at, through the graph cut
-                                there, the rows of each depth together: the
-                                point's own work with no decisions, no control
-                                flow and warm weights, its ideal
-      compiled_operating_point  the point itself: its decisions, an `If` per layer
-                                run, rows of every depth in turn
+      row_depths_ideal          each row through the graph cut at the layer the
+                                point exits it at, the rows of each depth
+                                together: the point's exit layers and nothing
+                                else (warm weights, no exit heads but the last)
+      row_depths_exit_work      the same with the point's own work: every exit
+                                head and decision up to the row's exit layer,
+                                unrolled into one plain graph per depth
+      compiled_graph_call       the point's compiled graph, rows of every depth in
+                                turn: its control flow (an `If` per layer run)
+      compiled_operating_point  predict_encoded at the point: the runtime's Python
+                                around that call (the served path)
     limit_ratio: the truncation's ms per row over the step's.
 
     \b
@@ -190,11 +194,10 @@ def profile(
         if truncated is not None:
             cut = quantized_copy(truncated, workdir / "truncated.int8.onnx") if quantize else truncated
             steps["truncated"] = single_graph_contender(cut, threads).run
-        limit_graph = truncation_file(chain, limit_layers, workdir / f"truncated_{limit_layers}.onnx")
-        steps["truncated_bundle_graphs"] = single_graph_contender(limit_graph, threads).run
-    steps.update(depth_steps(runtime, limit_layers, singles, depths))
+        steps.update(limit_steps(runtime, chain, limit_layers, singles, depths, threads, workdir))
     by_depth = sorted(range(len(singles)), key=lambda index: depths[index])
-    milliseconds = time_steps(steps, singles, repeats, clock, {"row_depths_ideal": by_depth})
+    orders = {name: by_depth for name in ("row_depths_ideal", "row_depths_exit_work")}
+    milliseconds = time_steps(steps, singles, repeats, clock, orders)
     base, limit = milliseconds["single_graph"], milliseconds["truncated_bundle_graphs"]
     return {
         "bundle": str(bundle_dir),
@@ -208,7 +211,7 @@ def profile(
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
         "exit_layers": np.bincount(depths, minlength=runtime.num_layers + 1)[1:].tolist(),
         "limit_layers": limit_layers,
-        "limit_ratio": {name: round(limit / milliseconds[name], 4) for name in LIMIT_STEPS},
+        "limit_ratio": {name: round(limit / milliseconds[name], 4) for name in LIMIT_STEPS if name in steps},
     }
 
 
@@ -262,26 +265,59 @@ def chain_steps(runtime: EarlyExitRuntime, chain: GraphChain, threads: int, work
 
 LIMIT_STEPS = [
     "truncated_bundle_graphs",
-    "compiled_fixed_depth",
     "row_depths_ideal",
+    "row_depths_exit_work",
+    "compiled_graph_call",
     "compiled_operating_point",
 ]
 
 
-def depth_steps(
-    runtime: EarlyExitRuntime, limit_layers: int, rows: list[EncodedBatch], depths: list[int]
+def limit_steps(
+    runtime: EarlyExitRuntime,
+    chain: GraphChain,
+    limit_layers: int,
+    rows: list[EncodedBatch],
+    depths: list[int],
+    threads: int,
+    workdir: Path,
 ) -> dict[str, Step]:
-    """predict_encoded with budgeted exits (each runs the chain cut at its layer as one graph): every row at
-    the truncation's depth, or each at the layer the point exits it at."""
-    at_layer = {
-        layer: OperatingPoint(BUDGETED_POLICY, layer=layer) for layer in range(1, runtime.num_layers + 1)
+    """The truncation to `limit_layers`, then the point's rows (each exiting at its `depths` entry) with one cost
+    added at a time; a point with no single-row graph gets the truncations only."""
+    depth_of = {id(row): depth for row, depth in zip(rows, depths)}
+    truncated = {
+        layers: SingleGraphSession(
+            truncation_file(chain, layers, workdir / f"truncated_{layers}.onnx"), threads
+        )
+        for layers in {limit_layers, *depths}
     }
-    point_of = {id(row): at_layer[depth] for row, depth in zip(rows, depths)}
+    steps = {
+        "truncated_bundle_graphs": truncated[limit_layers].logits,
+        "row_depths_ideal": lambda row: truncated[depth_of[id(row)]].logits(row),
+    }
+    policy = runtime.make_policy(runtime.operating_point)
+    try:
+        compiled = graph_call(*compose_single_row_model(chain, policy), workdir / "compiled.onnx", threads)
+    except PolicyError:  # its single rows run through the chain
+        return steps
+    unrolled = {
+        layers: graph_call(
+            *compose_single_row_model(chain, policy, unrolled_layers=layers),
+            workdir / f"unrolled_{layers}.onnx",
+            threads,
+        )
+        for layers in set(depths)
+    }
+    steps["row_depths_exit_work"] = lambda row: unrolled[depth_of[id(row)]](row)
+    steps["compiled_graph_call"] = compiled
+    return steps
 
-    return {
-        "compiled_fixed_depth": lambda row: runtime.predict_encoded(row, at_layer[limit_layers]),
-        "row_depths_ideal": lambda row: runtime.predict_encoded(row, point_of[id(row)]),
-    }
+
+def graph_call(model: bytes, thresholds: dict[str, np.ndarray], path: Path, threads: int) -> Step:
+    """One onnxruntime call of a composed graph per row, with its threshold feeds."""
+    path.write_bytes(model)
+    session = open_cpu_session(path, threads)
+    names = [graph_input.name for graph_input in session.get_inputs() if graph_input.name not in thresholds]
+    return lambda row: session.run(None, {name: getattr(row, name) for name in names} | thresholds)
 
 
 def one_row_batches(runtime: EarlyExitRuntime, data: Path, rows: int) -> list[EncodedBatch]:
@@ -417,7 +453,8 @@ def format_report(report: dict) -> str:
         f"(rows leaving at layers 1..: {report['exit_layers']})",
         f"{'step':<31}{'ms/row':>9}{'limit_ratio':>12}{'added':>9}",
     ]
-    for before, name in zip([None, *LIMIT_STEPS], LIMIT_STEPS):
+    measured = [name for name in LIMIT_STEPS if name in milliseconds]
+    for before, name in zip([None, *measured], measured):
         added = f"{milliseconds[name] - milliseconds[before]:>+9.3f}" if before else ""
         lines.append(f"{name:<31}{milliseconds[name]:>9.3f}{report['limit_ratio'][name]:>12.3f}{added}")
     return "\n".join(lines)

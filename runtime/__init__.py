@@ -20,7 +20,7 @@ from .atomic import (
 )
 from .backends import BACKEND_NAMES, create_backend, tensorrt_version_problem
 from .backends.base import Backend
-from .backends.onnxruntime_cpu import compose_truncated_model, open_cpu_session
+from .backends.onnxruntime_cpu import compose_single_row_model, compose_truncated_model, open_cpu_session
 from .backends.onnxruntime_cuda import broken_gpu_wheel, cuda_provider_problems
 from .backends.single_graph import SingleGraphSession
 from .engine import EarlyExitRuntime, PredictionResult, RowPrediction
@@ -126,6 +126,7 @@ __all__ = [
     "create_backend",
     "open_cpu_session",
     "SingleGraphSession",
+    "compose_single_row_model",
     "compose_truncated_model",
     "broken_gpu_wheel",
     "cuda_provider_problems",

@@ -66,6 +66,12 @@ def exit_rule(policy: ExitPolicy) -> tuple[ExitRule, float, int] | None:
     return None
 
 
+def threshold_feeds(tau: float, patience: int) -> dict[str, np.ndarray]:
+    """A composed graph's threshold inputs (a rule that leaves every row at one layer takes none)."""
+    # float32, as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
+    return {TAU: np.array([tau], dtype=np.float32), PATIENCE: np.array([patience], dtype=np.int64)}
+
+
 class SingleRowGraph:
     """One onnxruntime session over a graph composed for one exit rule; `run` gives a one-row batch its outcome."""
 
@@ -81,9 +87,7 @@ class SingleRowGraph:
         """The outcome the chain gives this one row under `policy` (whose rule this graph was composed for)."""
         feeds = {name: getattr(batch, name) for name in self.token_input_names}
         if self.fixed_layer is None:
-            # float32, as numpy compares the chain's float32 exit outputs with a Python float (NEP 50).
-            feeds[TAU] = np.array([tau], dtype=np.float32)
-            feeds[PATIENCE] = np.array([patience], dtype=np.int64)
+            feeds.update(threshold_feeds(tau, patience))
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         record = ExitRecord(
             logits=outputs[graphs.LOGITS],

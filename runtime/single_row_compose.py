@@ -28,13 +28,22 @@ SIGNAL_OUTPUTS = {"max_probability": graphs.MAX_PROBABILITY, "confidence_score":
 SHAREABLE_WEIGHT_ELEMENTS = 1024  # a node reading a larger weight is never shared (it is a layer's own)
 
 
-def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelProto:
+def compose_single_row_graph(
+    chain: GraphChain, rule: ExitRule, unrolled_layers: int | None = None
+) -> onnx.ModelProto:
     """The chain as one graph that exits under `rule` (its tau and patience are the inputs exit_tau, exit_patience);
-    for a rule that leaves every row at one layer, the chain cut there (no inputs but the tokens)."""
+    for a rule that leaves every row at one layer, the chain cut there (no inputs but the tokens).
+
+    `unrolled_layers`: instead, the nodes that graph runs for a row leaving after that many layers (every
+    exit head and decision up to there) in one plain graph with no `If`, reporting as that row would: the
+    point's work without control flow, for profiling.
+    """
     if rule.test == LAYER_TEST:
-        return compose_truncated_graph(chain, rule.layer)
+        return compose_truncated_graph(chain, unrolled_layers or rule.layer)
+    if unrolled_layers is not None and not 1 <= unrolled_layers <= len(chain.layers):
+        raise PolicyError(f"an unrolled graph runs 1 to {len(chain.layers)} layers, not {unrolled_layers}")
     embeddings = onnx.load(str(chain.embeddings.path))
-    layers = [onnx.load(str(layer.path)) for layer in chain.layers]
+    layers = [onnx.load(str(layer.path)) for layer in chain.layers[:unrolled_layers]]
     learned = graphs.CONFIDENCE_SCORE in graph_output_names(layers[0].graph)
     num_labels = layers[0].graph.output[1].type.tensor_type.shape.dim[1].dim_value
     names = output_names(learned)
@@ -64,31 +73,41 @@ def compose_single_row_graph(chain: GraphChain, rule: ExitRule) -> onnx.ModelPro
         if index == len(layers):
             scope.node.extend(copies(result, names, scope_outputs))
             break
-        then_outputs = [f"then{index}/{name}" for name in names]
-        else_outputs = [f"else{index}/{name}" for name in names]
-        then_branch = helper.make_graph(
-            copies(result, names, then_outputs),
-            f"exit_after_{index}",
-            [],
-            value_infos(names, then_outputs, types),
-        )
-        else_branch = helper.make_graph(
-            [], f"continue_after_{index}", [], value_infos(names, else_outputs, types)
-        )
-        scope.node.append(
-            helper.make_node(
-                "If",
-                [f"d{index}/exit"],
-                scope_outputs,
-                name=f"if{index}",
-                then_branch=then_branch,
-                else_branch=else_branch,
-            )
-        )
-        # make_node copied the branch: the next layer goes into the copy the node holds.
-        scope = next(attribute.g for attribute in scope.node[-1].attribute if attribute.name == "else_branch")
-        scope_outputs = else_outputs
+        if unrolled_layers is None:
+            scope, scope_outputs = branch_on_exit(scope, index, result, names, scope_outputs, types)
     return model_of(main, [embeddings, *layers])
+
+
+def branch_on_exit(
+    scope: onnx.GraphProto, index: int, result: dict, names: list[str], outputs: list[str], types: dict
+) -> tuple[onnx.GraphProto, list[str]]:
+    """An `If` on layer `index`'s exit decision writing `outputs`: `then` reports `result`, `else` (returned,
+    with its output names, for the next layer to go into) is empty yet."""
+    then_outputs = [f"then{index}/{name}" for name in names]
+    else_outputs = [f"else{index}/{name}" for name in names]
+    then_branch = helper.make_graph(
+        copies(result, names, then_outputs),
+        f"exit_after_{index}",
+        [],
+        value_infos(names, then_outputs, types),
+    )
+    else_branch = helper.make_graph(
+        [], f"continue_after_{index}", [], value_infos(names, else_outputs, types)
+    )
+    scope.node.append(
+        helper.make_node(
+            "If",
+            [f"d{index}/exit"],
+            outputs,
+            name=f"if{index}",
+            then_branch=then_branch,
+            else_branch=else_branch,
+        )
+    )
+    # make_node copied the branch: the next layer goes into the copy the node holds.
+    return next(
+        attribute.g for attribute in scope.node[-1].attribute if attribute.name == "else_branch"
+    ), else_outputs
 
 
 def compose_truncated_graph(chain: GraphChain, layers: int) -> onnx.ModelProto:

@@ -325,8 +325,9 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         "compiled_operating_point",
         "sessions_onnxruntime_defaults",
         "truncated_bundle_graphs",
-        "compiled_fixed_depth",
         "row_depths_ideal",
+        "row_depths_exit_work",
+        "compiled_graph_call",
     ]
     assert (
         list(report["ms_per_row"]) == steps
@@ -335,7 +336,7 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
     )
     assert all(value > 0 for value in report["ms_per_row"].values())
     assert sum(report["exit_layers"]) == 5 and 1 <= report["limit_layers"] <= len(report["exit_layers"])
-    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 4
+    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 5
 
 
 def test_the_batch1_profile_composes_the_bundle_graphs_when_it_has_no_single_graph(bundle, tmp_path):

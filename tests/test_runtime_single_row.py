@@ -171,3 +171,57 @@ def test_a_fixed_exit_layer_runs_the_chain_cut_there_with_no_decisions(runtime):
         graph = compose_single_row_graph(chain, rule).graph
         assert "If" not in {node.op_type for node in graph.node}
         assert {graph_input.name for graph_input in graph.input} == set(chain.embeddings.spec.input_names)
+
+
+def run_model(model: bytes, thresholds: dict, batch) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    feeds = {name: getattr(batch, name) for name in names if hasattr(batch, name)} | thresholds
+    return dict(zip([output.name for output in session.get_outputs()], session.run(None, feeds)))
+
+
+@pytest.mark.parametrize(
+    "point", [OperatingPoint("pcee", tau=0.5, patience=2, ensemble=True), OperatingPoint("pabee", patience=2)]
+)
+def test_the_unrolled_graph_reports_what_the_compiled_one_does_for_a_row_leaving_at_its_depth(runtime, point):
+    import onnx
+
+    from pcee.runtime import compose_single_row_model
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    policy = runtime.make_policy(point)
+    compiled, thresholds = compose_single_row_model(chain, policy)
+    assert set(thresholds) == {"exit_tau", "exit_patience"}
+    compared = 0
+    for text in SENTENCES:
+        row = runtime.tokenizer.encode_texts([text])
+        expected = run_model(compiled, thresholds, row)
+        depth = int(expected["exit_layer"][0])
+        unrolled, _ = compose_single_row_model(chain, policy, unrolled_layers=depth)
+        assert "If" not in {node.op_type for node in onnx.load_from_string(unrolled).graph.node}
+        got = run_model(unrolled, thresholds, row)
+        assert set(got) == set(expected)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{name} at depth {depth}")
+        compared += 1
+    assert compared == len(SENTENCES)
+
+
+def test_an_unrolled_graph_runs_one_to_all_layers_of_a_policy_that_has_a_graph(runtime):
+    from pcee.runtime import PolicyError, compose_single_row_model
+
+    chain = runtime.manifest.graph_chain(runtime.bundle_dir)
+    policy = runtime.make_policy(OperatingPoint("pcee", tau=0.5, patience=1))
+    for layers in (0, runtime.num_layers + 1):
+        with pytest.raises(PolicyError, match=f"1 to {runtime.num_layers} layers, not {layers}"):
+            compose_single_row_model(chain, policy, unrolled_layers=layers)
+    model, thresholds = compose_single_row_model(
+        chain, runtime.make_policy(OperatingPoint("budgeted", layer=2))
+    )
+    assert thresholds == {}
+    assert run_model(model, thresholds, runtime.tokenizer.encode_texts(SENTENCES[:1]))["logits"].shape == (
+        1,
+        2,
+    )

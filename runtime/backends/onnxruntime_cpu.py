@@ -10,10 +10,11 @@ import numpy as np
 import onnxruntime as ort
 
 from .. import graphs
-from ..errors import BundleError
+from ..errors import BundleError, PolicyError
 from ..exits import ExitRecord
 from ..graphs import GraphChain, GraphSpec, LocatedGraph, TensorSpec
-from ..single_row import SingleRowGraphs
+from ..policies import ExitPolicy
+from ..single_row import LAYER_TEST, SingleRowGraphs, exit_rule, threshold_feeds
 from ..tokenization import EncodedBatch
 from .base import Backend
 
@@ -214,11 +215,11 @@ def longest_unmasked(bias: np.ndarray) -> int:
     return int(attended.shape[1] - np.argmax(attended[:, ::-1].any(axis=0)))
 
 
-def compose_single_row_graph(chain, rule):
+def compose_single_row_graph(chain, rule, unrolled_layers=None):
     """Imported on first use: composing needs the `onnx` package, which a runtime-only install lacks."""
     from ..single_row_compose import compose_single_row_graph as compose
 
-    return compose(chain, rule)
+    return compose(chain, rule, unrolled_layers)
 
 
 def compose_truncated_model(chain: GraphChain, layers: int) -> bytes:
@@ -227,3 +228,20 @@ def compose_truncated_model(chain: GraphChain, layers: int) -> bytes:
     from ..single_row_compose import compose_truncated_graph
 
     return compose_truncated_graph(chain, layers).SerializeToString()
+
+
+def compose_single_row_model(
+    chain: GraphChain, policy: ExitPolicy, unrolled_layers: int | None = None
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The one graph a single row runs under `policy` (each exit decided inside it), serialized, and the threshold
+    feeds it takes besides the token ids (needs `onnx`). `unrolled_layers`: instead, the nodes that graph runs
+    for a row leaving after that many layers, every exit head and decision up to there, with no control flow
+    (what the point's own work costs without `If`, for profiling)."""
+    decision = exit_rule(policy)
+    if decision is None:
+        raise PolicyError(
+            f"policy {policy.point.policy!r} has no single-row graph: its rows run through the chain"
+        )
+    rule, tau, patience = decision
+    model = compose_single_row_graph(chain, rule, unrolled_layers).SerializeToString()
+    return model, {} if rule.test == LAYER_TEST else threshold_feeds(tau, patience)
