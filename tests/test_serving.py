@@ -1268,3 +1268,26 @@ def test_json_logs_have_timestamps_and_the_access_log_has_the_request_id(bundle)
     classify = next(entry for entry in access if entry["path"] == "/v1/classify")
     assert classify["request_id"] == "trace-7" and classify["status"] == 200 and classify["duration_ms"] > 0
     assert any("draining" in entry["message"] for entry in entries)
+
+
+def test_a_lone_row_runs_the_compiled_single_row_graph_and_a_batch_the_chain(bundle, reference):
+    with serving(bundle) as live:
+        compiled = live.service.runtime.backend.single_row
+        answered = []
+        real_outcome = compiled.outcome
+
+        def counted_outcome(*args):
+            answered.append(real_outcome(*args))
+            return answered[-1]
+
+        compiled.outcome = counted_outcome
+        try:
+            lone = post(live, f"/v2/models/{MODEL}/infer", infer_body(SENTENCES[:1])).json()
+            assert len(answered) == 1 and answered[0] is not None  # one row: one call of the compiled graph
+            batch = post(live, f"/v2/models/{MODEL}/infer", infer_body(SENTENCES[:3])).json()
+            assert len(answered) == 1  # three rows: the chain
+        finally:
+            compiled.outcome = real_outcome
+    for reply, texts in ((lone, SENTENCES[:1]), (batch, SENTENCES[:3])):
+        outputs = {output["name"]: output["data"] for output in reply["outputs"]}
+        assert outputs["exit_layer"] == [row.exit_layer for row in reference.predict(texts).predictions]
