@@ -134,7 +134,7 @@ def main(
     \b
     Then the operating point against its limit, k = round(L x (1 - S)) layers for
     the point's layer speed-up S on these rows (the truncation pcee-bench uses);
-    each step adds one thing to the one before (the first four call onnxruntime
+    each step adds one thing to the one before (all but the last call onnxruntime
     directly, as the truncation's user would):
       truncated_bundle_graphs   the bundle's own graphs cut to k layers, composed
                                 into one plain graph (no control flow)
@@ -145,8 +145,11 @@ def main(
       row_depths_exit_work      the same with the point's own work: every exit
                                 head and decision up to the row's exit layer,
                                 unrolled into one plain graph per depth
-      compiled_graph_call       the point's compiled graph, rows of every depth in
-                                turn: its control flow (an `If` per layer run)
+      compiled_graph_by_depth   the point's compiled graph, the rows of each depth
+                                together: its control flow (an `If` per layer run)
+      compiled_graph_call       the same, rows of every depth in turn, as served:
+                                each layer's weights go through the caches as
+                                the rows' depths change
       compiled_operating_point  predict_encoded at the point: the runtime's Python
                                 around that call (the served path)
     limit_ratio: the truncation's ms per row over the step's.
@@ -196,7 +199,9 @@ def profile(
             steps["truncated"] = single_graph_contender(cut, threads).run
         steps.update(limit_steps(runtime, chain, limit_layers, singles, depths, threads, workdir))
     by_depth = sorted(range(len(singles)), key=lambda index: depths[index])
-    orders = {name: by_depth for name in ("row_depths_ideal", "row_depths_exit_work")}
+    orders = {
+        name: by_depth for name in ("row_depths_ideal", "row_depths_exit_work", "compiled_graph_by_depth")
+    }
     milliseconds = time_steps(steps, singles, repeats, clock, orders)
     base, limit = milliseconds["single_graph"], milliseconds["truncated_bundle_graphs"]
     return {
@@ -267,6 +272,7 @@ LIMIT_STEPS = [
     "truncated_bundle_graphs",
     "row_depths_ideal",
     "row_depths_exit_work",
+    "compiled_graph_by_depth",
     "compiled_graph_call",
     "compiled_operating_point",
 ]
@@ -308,7 +314,7 @@ def limit_steps(
         for layers in set(depths)
     }
     steps["row_depths_exit_work"] = lambda row: unrolled[depth_of[id(row)]](row)
-    steps["compiled_graph_call"] = compiled
+    steps["compiled_graph_by_depth"] = steps["compiled_graph_call"] = compiled
     return steps
 
 

@@ -327,6 +327,7 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
         "truncated_bundle_graphs",
         "row_depths_ideal",
         "row_depths_exit_work",
+        "compiled_graph_by_depth",
         "compiled_graph_call",
     ]
     assert (
@@ -336,7 +337,7 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
     )
     assert all(value > 0 for value in report["ms_per_row"].values())
     assert sum(report["exit_layers"]) == 5 and 1 <= report["limit_layers"] <= len(report["exit_layers"])
-    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 5
+    assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 6
 
 
 def test_the_batch1_profile_composes_the_bundle_graphs_when_it_has_no_single_graph(bundle, tmp_path):
