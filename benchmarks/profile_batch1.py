@@ -215,6 +215,8 @@ def profile(
         "ms_per_row": {name: round(value, 4) for name, value in milliseconds.items()},
         "versus_single_graph": {name: round(value / base, 4) for name, value in milliseconds.items()},
         "exit_layers": np.bincount(depths, minlength=runtime.num_layers + 1)[1:].tolist(),
+        "mean_exit_layer": round(float(np.mean(depths)), 4),
+        "token_weighted_exit_layer": token_weighted_mean(depths, singles),
         "limit_layers": limit_layers,
         "limit_ratio": {name: round(limit / milliseconds[name], 4) for name in LIMIT_STEPS if name in steps},
     }
@@ -316,6 +318,12 @@ def limit_steps(
     steps["row_depths_exit_work"] = lambda row: unrolled[depth_of[id(row)]](row)
     steps["compiled_graph_by_depth"] = steps["compiled_graph_call"] = compiled
     return steps
+
+
+def token_weighted_mean(depths: list[int], rows: list[EncodedBatch]) -> float:
+    """The rows' mean exit layer weighted by their token counts: a layer's work grows with a row's length."""
+    tokens = [int(row.attention_mask.sum()) for row in rows]
+    return round(float(np.average(depths, weights=tokens)), 4)
 
 
 def graph_call(model: bytes, thresholds: dict[str, np.ndarray], path: Path, threads: int) -> Step:
@@ -456,7 +464,8 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"the point against the model cut to {report['limit_layers']} layers "
-        f"(rows leaving at layers 1..: {report['exit_layers']})",
+        f"(rows leaving at layers 1..: {report['exit_layers']}; {report['mean_exit_layer']:.2f} layers a row, "
+        f"{report['token_weighted_exit_layer']:.2f} weighted by the row's tokens)",
         f"{'step':<31}{'ms/row':>9}{'limit_ratio':>12}{'added':>9}",
     ]
     measured = [name for name in LIMIT_STEPS if name in milliseconds]

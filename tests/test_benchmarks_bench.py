@@ -337,6 +337,8 @@ def test_the_batch1_profile_takes_every_step_against_the_single_graph(
     )
     assert all(value > 0 for value in report["ms_per_row"].values())
     assert sum(report["exit_layers"]) == 5 and 1 <= report["limit_layers"] <= len(report["exit_layers"])
+    assert 1 <= report["mean_exit_layer"] <= len(report["exit_layers"])
+    assert 1 <= report["token_weighted_exit_layer"] <= len(report["exit_layers"])
     assert report["limit_ratio"]["truncated_bundle_graphs"] == 1 and len(report["limit_ratio"]) == 6
 
 
@@ -357,3 +359,17 @@ def test_the_batch1_profile_composes_the_bundle_graphs_when_it_has_no_single_gra
     assert "--single-graph" in single_error_line(
         CliRunner().invoke(profile_cli, [*options, "--quantize", "int8"])
     )
+
+
+def test_the_token_weighted_exit_layer_weighs_each_row_by_its_tokens():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pcee.benchmarks.profile_batch1 import token_weighted_mean
+
+    rows = [
+        SimpleNamespace(attention_mask=np.array([[1, 1, 0, 0]])),
+        SimpleNamespace(attention_mask=np.ones((1, 6))),
+    ]
+    assert token_weighted_mean([1, 3], rows) == 2.5  # (1 x 2 + 3 x 6) / 8; unweighted it would be 2
