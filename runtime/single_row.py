@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import graphs
-from .exits import BatchOutcome, ExitRecord, softmax
+from .exits import BatchOutcome, ExitRecord
 from .graphs import GraphChain
 from .policies import ExitPolicy, FixedLayerPolicy, PatienceBasedPolicy, PatientConfidentPolicy
 from .tokenization import EncodedBatch
@@ -39,6 +39,7 @@ TAU = "exit_tau"
 PATIENCE = "exit_patience"
 EXIT_LAYER = "exit_layer"
 STREAK = "streak_probabilities"
+PROBABILITIES = "exit_probabilities"  # softmax of the exit's logits, computed in the graph
 SATISFIED = "satisfied"
 PABEE_TEST, LAYER_TEST = "same_argmax", "layer"
 
@@ -96,7 +97,7 @@ class SingleRowGraph:
             confidence_score=outputs.get(graphs.CONFIDENCE_SCORE),
         )
         satisfied_ensemble = policy.point.ensemble and bool(outputs[SATISFIED][0])
-        probabilities = outputs[STREAK] / patience if satisfied_ensemble else softmax(record.logits)
+        probabilities = outputs[STREAK] / patience if satisfied_ensemble else outputs[PROBABILITIES]
         outcome = BatchOutcome.empty(1, num_labels)
         rows = np.zeros(1, dtype=np.int64)
         exit_layer = self.fixed_layer or int(outputs[EXIT_LAYER][0])

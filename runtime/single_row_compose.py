@@ -13,6 +13,7 @@ graph (a handful of operators per layer); its thresholds are inputs.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import graphs
 from .errors import PolicyError
 from .graphs import GraphChain
-from .single_row import EXIT_LAYER, LAYER_TEST, PATIENCE, SATISFIED, STREAK, TAU, ExitRule
+from .single_row import EXIT_LAYER, LAYER_TEST, PATIENCE, PROBABILITIES, SATISFIED, STREAK, TAU, ExitRule
 
 SIGNAL_OUTPUTS = {"max_probability": graphs.MAX_PROBABILITY, "confidence_score": graphs.CONFIDENCE_SCORE}
 SHAREABLE_WEIGHT_ELEMENTS = 1024  # a node reading a larger weight is never shared (it is a layer's own)
@@ -39,7 +40,7 @@ def compose_single_row_graph(
     point's work without control flow, for profiling.
     """
     if rule.test == LAYER_TEST:
-        return compose_truncated_graph(chain, unrolled_layers or rule.layer)
+        return with_probabilities(compose_truncated_graph(chain, unrolled_layers or rule.layer))
     if unrolled_layers is not None and not 1 <= unrolled_layers <= len(chain.layers):
         raise PolicyError(f"an unrolled graph runs 1 to {len(chain.layers)} layers, not {unrolled_layers}")
     embeddings = onnx.load(str(chain.embeddings.path))
@@ -208,7 +209,7 @@ def tensor_digest(tensor: onnx.TensorProto) -> str:
 
 def output_names(learned: bool) -> list[str]:
     names = [EXIT_LAYER, graphs.LOGITS, graphs.ENTROPY, graphs.MAX_PROBABILITY]
-    return names + ([graphs.CONFIDENCE_SCORE] if learned else []) + [STREAK, SATISFIED]
+    return names + ([graphs.CONFIDENCE_SCORE] if learned else []) + [PROBABILITIES, STREAK, SATISFIED]
 
 
 def value_infos(names: list[str], targets: list[str], types: dict[str, tuple]) -> list[onnx.ValueInfoProto]:
@@ -221,6 +222,7 @@ def output_types(num_labels: int, learned: bool) -> dict[str, tuple]:
         graphs.LOGITS: (TensorProto.FLOAT, [1, num_labels]),
         graphs.ENTROPY: (TensorProto.FLOAT, [1]),
         graphs.MAX_PROBABILITY: (TensorProto.FLOAT, [1]),
+        PROBABILITIES: (TensorProto.FLOAT, [1, num_labels]),
         STREAK: (TensorProto.FLOAT, [1, num_labels]),
         SATISFIED: (TensorProto.BOOL, [1]),
     }
@@ -291,21 +293,44 @@ def confident_nodes(test: str, p: str, exits: dict[str, str], previous_argmax: s
 
 def result_values(layer: int, exits: dict[str, str], streak: str, learned: bool) -> dict[str, str | int]:
     """The tensors a row that leaves after `layer` reports, by output name (exit_layer is a number)."""
-    values: dict[str, str | int] = {name: exits[name] for name in exits}
-    values.update({STREAK: streak, SATISFIED: f"d{layer}/exit", EXIT_LAYER: layer})
+    values: dict[str, str | int | SoftmaxOf] = {name: exits[name] for name in exits}
+    values.update(
+        {
+            PROBABILITIES: SoftmaxOf(exits[graphs.LOGITS]),
+            STREAK: streak,
+            SATISFIED: f"d{layer}/exit",
+            EXIT_LAYER: layer,
+        }
+    )
     return values
 
 
+@dataclass(frozen=True)
+class SoftmaxOf:
+    """A result computed where the row exits, not before: the softmax of the tensor `logits`."""
+
+    logits: str
+
+
 def copies(result: dict, names: list[str], targets: list[str]) -> list[onnx.NodeProto]:
-    """Nodes that write `result`'s tensors (or its exit layer number) under the names `targets`."""
+    """Nodes that write `result`'s tensors (its exit layer number, its softmax) under the names `targets`."""
     nodes = []
     for name, target in zip(names, targets):
         source = result[name]
         if isinstance(source, int):
             nodes.append(constant(target, TensorProto.INT64, [1], [source]))
+        elif isinstance(source, SoftmaxOf):
+            nodes.append(helper.make_node("Softmax", [source.logits], [target], axis=-1))
         else:
             nodes.append(helper.make_node("Identity", [source], [target]))
     return nodes
+
+
+def with_probabilities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with one more output: the softmax of its logits, as a single row reports its probabilities."""
+    model.graph.node.append(helper.make_node("Softmax", [graphs.LOGITS], [PROBABILITIES], axis=-1))
+    model.graph.output.append(helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, None))
+    return model
 
 
 def model_of(graph: onnx.GraphProto, sources: list[onnx.ModelProto]) -> onnx.ModelProto:
