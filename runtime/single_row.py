@@ -19,7 +19,9 @@ chain cut after that layer, with no `If` at all (one graph per layer used).
 
 A rule's graph is composed in memory when the runtime first serves a single row under it (this
 needs the `onnx` package; without it the chain serves single rows as before). Its exits equal the chain's: the
-comparisons are the same float32 comparisons on the same layer outputs.
+comparisons are the same float32 comparisons on the same layer outputs. Its probabilities are the
+exit's softmax taken in the graph (no numpy step after the call), within float32 rounding of the
+chain's.
 """
 
 from __future__ import annotations
